@@ -1,0 +1,134 @@
+"""A user's matvec seen by the solvers: flat storage, tree interface, counted calls.
+
+Solvers keep their Krylov bases and iterates as rows of one ``(.., n)`` tensor, so that
+orthogonalizing against a basis is one matrix product rather than one per leaf. The
+matvec never sees that layout: it receives trees whose leaves are views into those
+rows (zero-copy when the tree has one dtype), and only its output is copied into a row.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, List
+
+import torch
+from torch import Tensor
+from torch.utils import _pytree as pytree
+
+from .tree import check_like, check_tree, leaves_with_paths
+
+Tree = Any
+
+
+class _Layout:
+    """Offsets of a tree's leaves inside a flat vector of length ``n``."""
+
+    def __init__(self, like: Tree, *, name: str):
+        check_tree(like, name=name)
+        named, self.spec = leaves_with_paths(like)
+        self.paths = [p for p, _ in named]
+        leaves = [leaf for _, leaf in named]
+        self.shapes = [tuple(leaf.shape) for leaf in leaves]
+        self.dtypes = [leaf.dtype for leaf in leaves]
+        self.sizes = [leaf.numel() for leaf in leaves]
+        self.n = sum(self.sizes)
+        self.device = leaves[0].device
+        for path, leaf in named:
+            if leaf.device != self.device:
+                raise ValueError(
+                    f"{name}{path} is on {leaf.device} but {name}{self.paths[0]} is on "
+                    f"{self.device}; solvers need every leaf on one device"
+                )
+        self.dtype = self.dtypes[0]
+        for dt in self.dtypes[1:]:
+            self.dtype = torch.promote_types(self.dtype, dt)
+
+    def flatten(self, tree: Tree, batch_dims: int = 0) -> Tensor:
+        """Copy a tree (with ``batch_dims`` leading dims per leaf) into ``(*batch, n)``."""
+        leaves = pytree.tree_leaves(tree)
+        lead = tuple(leaves[0].shape[:batch_dims])
+        return torch.cat([leaf.reshape(*lead, -1).to(self.dtype) for leaf in leaves], dim=-1)
+
+    def unflatten(self, vec: Tensor) -> Tree:
+        """Views of ``vec`` (shape ``(*batch, n)``) as a tree with leading dims ``batch``."""
+        lead = tuple(vec.shape[:-1])
+        parts = torch.split(vec, self.sizes, dim=-1)
+        leaves = [
+            part.reshape(lead + shape).to(dtype)
+            for part, shape, dtype in zip(parts, self.shapes, self.dtypes)
+        ]
+        return pytree.tree_unflatten(leaves, self.spec)
+
+
+class _Operator:
+    """Wraps ``matvec`` (tree -> tree) as a counted map on flat vectors.
+
+    The output of the first call is checked against ``like`` (structure, shapes, dtypes),
+    so a matvec that returns something else fails with a message naming the leaf.
+    """
+
+    def __init__(self, matvec: Callable[[Tree], Tree], like: Tree, *, name: str = "v0"):
+        if not callable(matvec):
+            raise TypeError(f"matvec must be callable, got {type(matvec).__name__}")
+        self.matvec = matvec
+        self.like = like
+        self.layout = _Layout(like, name=name)
+        self.n = self.layout.n
+        self.dtype = self.layout.dtype
+        self.device = self.layout.device
+        self.num_matvecs = 0
+        self._checked = False
+
+    def flatten_input(self, tree: Tree, *, name: str) -> Tensor:
+        """Check a user vector against ``like`` and return it flat (a copy)."""
+        check_like(tree, self.like, name=name, like_name="the operator's vectors")
+        return self.layout.flatten(tree)
+
+    def _check_output(self, out: Tree, batch_dims: int) -> None:
+        if not self._checked:
+            check_like(out, self.like, name="matvec(v)", like_name="v", batch_dims=batch_dims)
+            self._checked = True
+
+    def __call__(self, x: Tensor) -> Tensor:
+        out = self.matvec(self.layout.unflatten(x))
+        self._check_output(out, 0)
+        self.num_matvecs += 1
+        return self.layout.flatten(out)
+
+    def batch(self, X: Tensor, *, chunk_size: int | None, bar: Any = None) -> Tensor:
+        """Apply the matvec to every row of ``X`` (``(b, n)``) through ``torch.func.vmap``.
+
+        ``chunk_size`` rows go through one ``vmap`` call (memory grows with it);
+        ``chunk_size=1`` calls the matvec row by row without ``vmap``, for matvecs that
+        do not support it; ``None`` puts all rows through one call. ``bar`` (a
+        ``_Progress``) advances by the rows done after each chunk.
+        """
+        b = X.shape[0]
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
+        step = max(b if chunk_size is None else chunk_size, 1)
+        outs: List[Tensor] = []
+        for start in range(0, b, step):
+            chunk = X[start : start + step]
+            if step == 1:
+                outs.append(self(chunk[0])[None])
+            else:
+                out = torch.func.vmap(self.matvec)(self.layout.unflatten(chunk))
+                self._check_output(out, 1)
+                self.num_matvecs += chunk.shape[0]
+                outs.append(self.layout.flatten(out, batch_dims=1))
+            if bar is not None:
+                bar.update(steps=chunk.shape[0])
+        return torch.cat(outs) if outs else X.clone()
+
+
+def _check_start(x: Tensor, *, name: str) -> None:
+    """A start vector must be finite and nonzero."""
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} has non-finite entries (nan or inf); pass a finite start vector")
+    if not bool((x != 0).any()):
+        raise ValueError(f"{name} is the zero vector; pass a nonzero start vector")
+
+
+def _isfinite(*values: float) -> bool:
+    return all(math.isfinite(v) for v in values)

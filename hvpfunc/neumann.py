@@ -1,0 +1,290 @@
+"""Truncated Neumann series for H⁻¹b, scaled and guarded, and its stochastic form LiSSA."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from types import MappingProxyType
+from typing import Any, Callable, Iterable, NamedTuple, Optional, Union
+
+import torch
+from torch import Tensor
+
+from ._operator import _Operator
+from ._progress import _Progress
+from .power import power_iteration
+from .results import ConvergenceWarning, SolveResult
+
+__all__ = ["neumann", "lissa"]
+
+Tree = Any
+Matvec = Callable[[Tree], Tree]
+
+# A symmetric contraction can only shrink the terms; growth beyond rounding proves the
+# spectral radius is at least one. LiSSA's products are sampled, so its terms may
+# fluctuate upward while the series still converges on average: it tolerates more.
+_NEUMANN_GROWTH = 1.01
+_LISSA_GROWTH = 10.0
+
+
+def neumann(
+    matvec: Matvec,
+    b: Tree,
+    *,
+    alpha: Optional[float] = None,
+    num_terms: int = 100,
+    tol: float = 1e-6,
+    damping: float = 0.0,
+    progress: Any = False,
+) -> SolveResult:
+    """Approximate (H + δI)⁻¹ b by the scaled, truncated Neumann series.
+
+    .. math:: x_J = \\alpha \\sum_{j=0}^{J-1} (I - \\alpha A)^j\\, b, \\qquad A = H + \\delta I
+
+    The series converges if and only if the spectral radius of I − αA is below one,
+    that is 0 < α(λ + δ) < 2 for every eigenvalue λ of H. With α ≈ 1/λ_max it needs
+    about κ·ln(1/tol) terms (CG needs about √κ·ln(2/tol): prefer :func:`hvpfunc.cg`).
+    Any eigenvalue with λ + δ ≤ 0 (a non-convex loss) makes it diverge for every α > 0.
+
+    The residual of the partial sum is the next term, b − A x_J = (I − αA)^J b, so it
+    is known without extra products: the series stops when it is ≤ tol·‖b‖. For symmetric
+    A with spectral radius below one the terms' norms can only decrease, so when a term
+    grows (by more than 1% over the smallest so far) the series is diverging: it stops
+    at once with ``status="diverged"`` and returns the partial sum with the smallest
+    residual, the last one before the growth, never the exploding numbers.
+
+    Args:
+        matvec: ``v -> H v`` on trees shaped like ``b``; H symmetric.
+        b: right-hand side, a finite tree.
+        alpha: the step α > 0. ``None`` (default) estimates ‖H‖ by power iteration
+            started from b (tolerance 1e-3, at most 100 products) and takes
+            α = 1/(‖H‖ + δ), which converges whenever H + δI is positive definite. If
+            the estimate finds a negative eigenvalue with λ + δ ≤ 0, nothing more is
+            computed: ``status="indefinite"``.
+        num_terms: most terms J (one product each). The default 100 is a budget, not a
+            promise: ``converged`` says whether it sufficed.
+        tol: relative residual tolerance.
+        damping: δ ≥ 0 added to the diagonal.
+        progress: ``True`` for a progress bar, or a callable ``progress(step, rel_residual)``.
+
+    Returns:
+        :class:`~hvpfunc.SolveResult` with ``status`` ``"converged"``, ``"max_iters"``
+        (terms exhausted), ``"diverged"`` or ``"indefinite"``; ``message`` says why and
+        what to do; ``stats`` holds ``alpha``, ``terms`` and, when α was estimated,
+        ``alpha_num_matvecs`` and ``norm_estimate``. A
+        :class:`~hvpfunc.ConvergenceWarning` accompanies every status but ``"converged"``.
+
+    Raises:
+        ValueError: non-positive ``alpha``, ``num_terms`` or ``tol``, negative
+            ``damping``, non-finite ``b``, structure mismatches (naming the leaf).
+
+    Example:
+        >>> H = torch.diag(torch.tensor([1.0, 2.0, 3.0]))
+        >>> b = torch.ones(3)
+        >>> neumann(lambda v: H @ v, b, alpha=1.0).status      # α·3 > 2: diverges
+        'diverged'
+        >>> neumann(lambda v: H @ v, b, tol=1e-6).x            # α = 1/3 chosen
+        tensor([1.0000, 0.5000, 0.3333])
+
+    References:
+        Lorraine, Vicol & Duvenaud, "Optimizing millions of hyperparameters by implicit
+        differentiation", AISTATS (2020); Liao et al., "Reviving and improving recurrent
+        back-propagation", ICML (2018).
+    """
+    _check_options(num_terms, tol, damping)
+    if alpha is not None and not alpha > 0:
+        raise ValueError(f"alpha must be positive, got {alpha}")
+    op = _Operator(matvec, b, name="b")
+    bf = _rhs(op, b)
+    stats: dict = {}
+    if alpha is None and bool(bf.any()):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            est = power_iteration(matvec, b, which="LM", tol=1e-3, max_iters=100)
+        lam, res = float(est.eigenvalues[0]), float(est.residuals[0])
+        norm_estimate = math.sqrt(lam * lam + res * res)  # ‖Hq‖ for the unit vector q
+        stats.update(alpha_num_matvecs=est.num_matvecs, norm_estimate=norm_estimate)
+        if bool(est.converged[0]) and lam + damping <= 0:
+            message = (
+                f"H has an eigenvalue λ ≈ {lam:.4g} with λ + damping ≤ 0: the Neumann series "
+                "diverges for every alpha > 0. Add damping above "
+                f"{-lam:.4g}, or use hf.cg (which reports the negative curvature it meets)."
+            )
+            warnings.warn(f"neumann: indefinite: {message}", ConvergenceWarning, stacklevel=2)
+            return SolveResult(
+                op.layout.unflatten(torch.zeros_like(bf)), False, "indefinite",
+                est.num_matvecs, float(torch.linalg.vector_norm(bf)), message,
+                MappingProxyType(stats),
+            )
+        alpha = 1.0 / (norm_estimate + damping)
+    stats["alpha"] = alpha
+    run = _series(op, bf, lambda step: matvec, alpha=alpha, damping=damping,
+                  num_terms=num_terms, tol=tol, growth=_NEUMANN_GROWTH, name="neumann",
+                  progress=progress)
+    return _finish(op, run, stats, "neumann", extra_matvecs=stats.get("alpha_num_matvecs", 0))
+
+
+def lissa(
+    matvecs: Union[Matvec, Iterable[Matvec]],
+    b: Tree,
+    *,
+    scale: float,
+    damping: float = 0.0,
+    num_terms: int = 1000,
+    tol: float = 1e-6,
+    progress: Any = False,
+) -> SolveResult:
+    """LiSSA: the Neumann series with a fresh (e.g. mini-batch) Hessian at every step.
+
+    The recursion of Agarwal et al. as used for influence functions (Koh & Liang),
+
+    .. math:: h_{j+1} = b + (1 - d)\\, h_j - H_j h_j / s, \\qquad x = h / s,
+
+    has the fixed point x = (H + s·d·I)⁻¹ b: the **effective damping is scale × damping**,
+    and the step is α = 1/scale, so it is :func:`neumann` with ``alpha=1/scale``,
+    ``damping=scale*damping`` and a sampled H_j per term. It converges in expectation
+    when 0 < (λ + s·d)/s < 2 for the eigenvalues λ of E[H]: ``scale`` must exceed half of
+    λ_max. Divergence is detected as in :func:`neumann`, with a looser threshold
+    (a term 10× the smallest) since sampled terms fluctuate.
+
+    Args:
+        matvecs: one matvec, or an iterable giving one matvec per step (e.g. a generator
+            of ``model_hvp_fn(model, loss, batch)[0]`` over a data loader); the series
+            stops when it runs out.
+        b: right-hand side.
+        scale: s > 0.
+        damping: d ≥ 0.
+        num_terms: most terms.
+        tol: stops when a term's norm is ≤ tol·‖b‖ (with sampled products, a term's norm
+            estimates the residual, not exactly).
+        progress: ``True`` for a progress bar, or a callable ``progress(step, rel_term)``.
+
+    Returns:
+        :class:`~hvpfunc.SolveResult` as for :func:`neumann`; ``residual_norm`` is the
+        last term's norm.
+
+    References:
+        Agarwal, Bullins & Hazan, "Second-order stochastic optimization for machine
+        learning in linear time", JMLR 18 (2017); Koh & Liang, "Understanding black-box
+        predictions via influence functions", ICML (2017).
+    """
+    _check_options(num_terms, tol, damping)
+    if not scale > 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    if callable(matvecs):
+        first, source = matvecs, None
+    else:
+        source = iter(matvecs)
+        first = next(source, None)
+        if first is None:
+            raise ValueError("matvecs is empty: lissa needs at least one matvec")
+    op = _Operator(first, b, name="b")
+    bf = _rhs(op, b)
+
+    def matvec_at(step: int) -> Optional[Matvec]:
+        if source is None or step == 0:
+            return first
+        return next(source, None)
+
+    run = _series(op, bf, matvec_at, alpha=1.0 / scale, damping=scale * damping,
+                  num_terms=num_terms, tol=tol, growth=_LISSA_GROWTH, name="lissa",
+                  progress=progress)
+    stats = {"alpha": 1.0 / scale, "effective_damping": scale * damping}
+    return _finish(op, run, stats, "lissa", extra_matvecs=0)
+
+
+class _Run(NamedTuple):
+    x: Tensor
+    status: str
+    message: str
+    residual_norm: float
+    terms: int
+
+
+def _check_options(num_terms: int, tol: float, damping: float) -> None:
+    if num_terms < 1:
+        raise ValueError(f"num_terms must be at least 1, got {num_terms}")
+    if not tol > 0:
+        raise ValueError(f"tol must be positive, got {tol}")
+    if not damping >= 0:
+        raise ValueError(f"damping must be non-negative, got {damping}")
+
+
+def _rhs(op: _Operator, b: Tree) -> Tensor:
+    bf = op.layout.flatten(b)
+    if not bool(torch.isfinite(bf).all()):
+        raise ValueError("b has non-finite entries (nan or inf)")
+    return bf
+
+
+def _series(
+    op: _Operator,
+    bf: Tensor,
+    matvec_at: Callable[[int], Optional[Matvec]],
+    *,
+    alpha: float,
+    damping: float,
+    num_terms: int,
+    tol: float,
+    growth: float,
+    name: str,
+    progress: Any,
+) -> _Run:
+    """x = α Σ_j p_j with p_0 = b, p_{j+1} = p_j − α(H_j + δ)p_j; residual of x_J is p_J."""
+    b_norm = float(torch.linalg.vector_norm(bf))
+    target = tol * b_norm
+    floor = 1e3 * torch.finfo(op.dtype).eps * b_norm  # below it, growth is rounding noise
+    x = torch.zeros_like(bf)
+    p, p_norm = bf.clone(), b_norm
+    best_x, best_norm = x, p_norm
+    terms = 0
+    bar = _Progress(progress, total=num_terms, desc=name)
+    try:
+        while p_norm > target:
+            if terms >= num_terms:
+                return _Run(x, "max_iters", (
+                    f"{num_terms} terms did not reach the tolerance: the residual is "
+                    f"{p_norm / b_norm:.3g}·‖b‖. The series needs about κ·ln(1/tol) terms; "
+                    "use more terms, or hf.cg, which needs about √κ·ln(2/tol)."), p_norm, terms)
+            mv = matvec_at(terms)
+            if mv is None:
+                return _Run(x, "max_iters", f"matvecs ran out after {terms} terms", p_norm, terms)
+            op.matvec = mv
+            x = x + alpha * p
+            Ap = op(p)
+            if damping:
+                Ap = Ap + damping * p
+            p = p - alpha * Ap
+            p_norm = float(torch.linalg.vector_norm(p))
+            terms += 1
+            bar.update(p_norm / b_norm)
+            if not math.isfinite(p_norm) or (p_norm > growth * best_norm and p_norm > floor):
+                grew = "became non-finite" if not math.isfinite(p_norm) else (
+                    f"grew from {best_norm:.3g} to {p_norm:.3g}")
+                return _Run(best_x, "diverged", (
+                    f"the series diverged after {terms} terms: its terms' norm {grew}, so the "
+                    "spectral radius of I − α(H + δI) is at least 1 (some eigenvalue λ of H has "
+                    f"α(λ + δ) ≥ 2 or λ + δ ≤ 0; here α = {alpha:.4g}, δ = {damping:.4g}). "
+                    "Returned the partial sum with the smallest residual. Use a smaller alpha "
+                    "(alpha=None picks 1/‖H‖), damping above the magnitude of the most negative "
+                    "eigenvalue, or hf.cg."), best_norm, terms)
+            if p_norm < best_norm:
+                best_x, best_norm = x, p_norm
+    finally:
+        bar.close()
+    return _Run(x, "converged", "", p_norm, terms)
+
+
+def _finish(op: _Operator, run: _Run, stats: dict, name: str, *, extra_matvecs: int) -> SolveResult:
+    converged = run.status == "converged"
+    if not converged:
+        warnings.warn(f"{name}: {run.status}: {run.message}", ConvergenceWarning, stacklevel=3)
+    return SolveResult(
+        x=op.layout.unflatten(run.x),
+        converged=converged,
+        status=run.status,
+        num_matvecs=op.num_matvecs + extra_matvecs,
+        residual_norm=run.residual_norm,
+        message=run.message,
+        stats=MappingProxyType({**stats, "terms": run.terms}),
+    )

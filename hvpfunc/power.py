@@ -1,0 +1,155 @@
+"""Power iteration for one extreme eigenpair, with spectral shifts for the algebraic ends."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable, NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from ._operator import _check_start, _isfinite, _Operator
+from ._progress import _Progress
+from .results import ConvergenceWarning, EigResult
+
+__all__ = ["power_iteration"]
+
+Tree = Any
+
+
+class _Run(NamedTuple):
+    eigenvalue: float
+    vector: Tensor
+    residual: float
+    converged: bool
+    reason: str
+
+
+def power_iteration(
+    matvec: Callable[[Tree], Tree],
+    v0: Tree,
+    *,
+    which: str = "LM",
+    tol: float = 1e-6,
+    max_iters: int = 1000,
+    progress: Any = False,
+) -> EigResult:
+    """One extreme eigenpair of a symmetric operator by power iteration.
+
+    Power iteration q ← Hq / ‖Hq‖ converges to the eigenvector of the eigenvalue of
+    largest **magnitude**, at the rate |λ₂/λ₁| per step, and its Rayleigh quotient
+    λ = qᵀHq keeps its sign. On an indefinite Hessian that eigenvalue may be the most
+    negative one: a negative answer is then correct, not a bug. The algebraic ends come
+    from a shift: with σ = λ_LM, the operator H − σI has all eigenvalues of one sign, and
+    its largest-magnitude eigenvalue is the opposite end of H's spectrum (plus σ).
+
+    The iteration stops when both the residual ‖Hq − λq‖ and the change of λ between
+    steps are at most ``tol · |λ|``, or the rounding level ``100 ε ‖H‖`` for an
+    eigenvalue near zero (the residual bounds the eigenvalue error by ‖r‖²/gap, so the
+    eigenvalue is usually far more accurate than ``tol``).
+
+    Args:
+        matvec: ``v -> H v`` on trees shaped like ``v0``; H must be symmetric.
+        v0: start vector, a nonzero finite tree. It must not be orthogonal to the wanted
+            eigenvector (a random tree almost surely is not).
+        which: ``"LM"`` largest magnitude (with its sign), ``"LA"`` largest algebraic,
+            ``"SA"`` smallest algebraic.
+        tol: relative tolerance (see above).
+        max_iters: most products per run (``"LA"``/``"SA"`` may need two runs: one for
+            the shift, one shifted).
+        progress: ``True`` for a tqdm bar (or a text line without tqdm), or a callable
+            ``progress(step, eigenvalue, residual)``.
+
+    Returns:
+        :class:`~hvpfunc.EigResult` with ``k = 1``. ``converged`` is False when
+        ``max_iters`` was reached or a product was not finite (the last finite estimate
+        is returned); a :class:`~hvpfunc.ConvergenceWarning` is issued then too.
+
+    Raises:
+        ValueError: bad ``which``, ``tol`` or ``max_iters``; zero or non-finite ``v0``; a
+            matvec whose output does not match ``v0`` (the message names the leaf).
+
+    Example:
+        >>> H = torch.diag(torch.tensor([-3.0, 1.0, 2.0]))
+        >>> v0 = torch.ones(3)
+        >>> power_iteration(lambda v: H @ v, v0).eigenvalues            # largest |λ|
+        tensor([-3.0000])
+        >>> power_iteration(lambda v: H @ v, v0, which="LA").eigenvalues
+        tensor([2.0000])
+
+    References:
+        Golub & Van Loan, *Matrix Computations*, 4th ed., §7.3 and §8.2.
+    """
+    if which not in ("LM", "LA", "SA"):
+        raise ValueError(f"which must be 'LM', 'LA' or 'SA', got {which!r}")
+    if not tol > 0:
+        raise ValueError(f"tol must be positive, got {tol}")
+    if max_iters < 1:
+        raise ValueError(f"max_iters must be at least 1, got {max_iters}")
+    op = _Operator(matvec, v0, name="v0")
+    x0 = op.layout.flatten(v0)
+    _check_start(x0, name="v0")
+    bar = _Progress(progress, total=max_iters, desc=f"power iteration ({which})")
+    try:
+        run = _power(op, x0, shift=0.0, tol=tol, max_iters=max_iters, bar=bar)
+        wrong_end = (which == "LA" and run.eigenvalue < 0) or (
+            which == "SA" and run.eigenvalue > 0
+        )
+        if wrong_end and run.converged:
+            first = run
+            run = _power(op, x0, shift=first.eigenvalue, tol=tol, max_iters=max_iters, bar=bar)
+        elif wrong_end:
+            run = run._replace(
+                converged=False,
+                reason="the largest-magnitude eigenvalue, needed as the shift, did not converge",
+            )
+    finally:
+        bar.close()
+    if not run.converged:
+        warnings.warn(
+            f"power_iteration(which={which!r}) did not converge after {op.num_matvecs} "
+            f"products: {run.reason}; residual {run.residual:.3g}",
+            ConvergenceWarning,
+            stacklevel=2,
+        )
+    vector = run.vector / torch.linalg.vector_norm(run.vector)
+    return EigResult(
+        eigenvalues=torch.tensor([run.eigenvalue], dtype=op.dtype, device=op.device),
+        eigenvectors=op.layout.unflatten(vector[None]),
+        converged=torch.tensor([run.converged], device=op.device),
+        residuals=torch.tensor([run.residual], dtype=op.dtype, device=op.device),
+        num_matvecs=op.num_matvecs,
+        which=which,
+    )
+
+
+def _power(
+    op: _Operator, x0: Tensor, *, shift: float, tol: float, max_iters: int, bar: _Progress
+) -> _Run:
+    """Power iteration on H − shift·I; returns the eigenvalue of H (shift added back)."""
+    q = x0 / torch.linalg.vector_norm(x0)
+    best = _Run(math.nan, q, math.inf, False, f"max_iters={max_iters} reached")
+    previous = math.nan
+    eps = torch.finfo(op.dtype).eps
+    norm_estimate = 0.0
+    for _ in range(max_iters):
+        w = op(q)
+        if shift:
+            w = w - shift * q
+        mu = float(torch.dot(q, w))
+        residual = float(torch.linalg.vector_norm(w - mu * q))
+        if not _isfinite(mu, residual):
+            return best._replace(converged=False, reason="a product was not finite")
+        lam = mu + shift
+        bar.update(lam, residual)
+        norm_estimate = max(norm_estimate, abs(lam), abs(shift))
+        scale = max(tol * abs(lam), 100 * eps * norm_estimate)
+        best = _Run(lam, q, residual, False, best.reason)
+        if residual <= scale and abs(lam - previous) <= scale:
+            return best._replace(converged=True, reason="")
+        if residual == 0.0:  # q is an exact eigenvector; w may be zero, so stop here
+            return best._replace(converged=True, reason="")
+        q = w / torch.linalg.vector_norm(w)
+        previous = lam
+    return best

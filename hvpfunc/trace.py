@@ -1,0 +1,165 @@
+"""Stochastic estimates of tr(H) (Hutchinson, Hutch++) and diag(H)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from ._operator import _Operator
+from ._progress import _Progress
+from .results import DiagonalResult, TraceResult
+
+__all__ = ["trace", "diagonal"]
+
+Tree = Any
+_METHODS = ("hutchinson", "hutch++")
+
+
+def trace(
+    matvec: Callable[[Tree], Tree],
+    like: Tree,
+    *,
+    num_probes: int = 100,
+    method: str = "hutch++",
+    generator: Optional[torch.Generator] = None,
+    chunk_size: Optional[int] = 16,
+    progress: Any = False,
+) -> TraceResult:
+    """Estimate tr(H) from ``num_probes`` products with random vectors.
+
+    Hutchinson: for Rademacher z (entries ±1), E[zᵀHz] = tr(H), so the mean of
+    ``num_probes`` samples estimates the trace with variance 2‖H‖_F² − 2Σᵢ Hᵢᵢ² per
+    sample: O(1/ε²) products for relative error ε.
+
+    Hutch++: spend a third of the products on a sketch S, take Q = orth(HS), and add the
+    exact trace of the projected part, tr(QᵀHQ), to Hutchinson's estimate of the trace of
+    the deflated remainder (I − QQᵀ)H(I − QQᵀ). On matrices with decaying spectra (most
+    network Hessians) the remainder is small and O(1/ε) products suffice. On an
+    indefinite operator with a flat spectrum it can lose to plain Hutchinson at equal
+    budget, hence both methods, and the standard error always reported.
+
+    Probes go through ``torch.func.vmap`` over the matvec, ``chunk_size`` at a time.
+
+    Args:
+        matvec: ``v -> H v`` on trees shaped like ``like``.
+        like: a tree giving the vectors' structure, shapes, dtypes, device (the params).
+        num_probes: total products to spend (Hutchinson ≥ 2, Hutch++ ≥ 4).
+        method: ``"hutch++"`` (default) or ``"hutchinson"``.
+        generator: draws the probes; the same generator state gives the same estimate.
+            ``None`` uses PyTorch's global generator.
+        chunk_size: probes per ``vmap`` call (memory grows with it; 16 vectors through
+            one ``vmap`` measured 17–24× a gradient's memory on GPU); ``1`` calls the
+            matvec one probe at a time without ``vmap``; ``None`` all at once.
+        progress: ``True`` for a progress bar, or a callable ``progress(products_done)``
+            called after every chunk.
+
+    Returns:
+        :class:`~hvpfunc.TraceResult`: ``estimate``, ``stderr`` (the standard deviation
+        of the estimate, from the probes' sample variance: a ±2·stderr band holds the
+        trace about 95% of the time), ``num_matvecs``.
+
+    Raises:
+        ValueError: unknown ``method`` or too few probes.
+
+    Example:
+        >>> H = torch.diag(torch.arange(1.0, 11.0))
+        >>> g = torch.Generator().manual_seed(0)
+        >>> trace(lambda v: H @ v, torch.zeros(10), num_probes=30, generator=g).estimate
+        tensor(55.)
+
+    References:
+        Hutchinson, Commun. Stat. Simul. Comput. 19 (1990); Meyer, Musco, Musco &
+        Woodruff, "Hutch++: Optimal stochastic trace estimation", SOSA (2021).
+    """
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    minimum = 2 if method == "hutchinson" else 4
+    if num_probes < minimum:
+        raise ValueError(
+            f"method={method!r} needs num_probes >= {minimum} to report a standard error, "
+            f"got {num_probes}"
+        )
+    op = _Operator(matvec, like, name="like")
+    bar = _Progress(progress, total=num_probes, desc=f"trace ({method})")
+    try:
+        if method == "hutchinson":
+            Z = _probes(op, num_probes, generator)
+            samples = (Z * op.batch(Z, chunk_size=chunk_size, bar=bar)).sum(dim=1)
+            estimate, stderr = samples.mean(), _stderr(samples)
+        else:
+            sketch = num_probes // 3
+            S = _probes(op, sketch, generator)
+            Q, _ = torch.linalg.qr(op.batch(S, chunk_size=chunk_size, bar=bar).T)
+            Q = Q.T  # rows: an orthonormal basis of range(HS)
+            exact = (Q * op.batch(Q, chunk_size=chunk_size, bar=bar)).sum()
+            G = _probes(op, num_probes - 2 * sketch, generator)
+            G = G - (G @ Q.T) @ Q
+            samples = (G * op.batch(G, chunk_size=chunk_size, bar=bar)).sum(dim=1)
+            estimate, stderr = exact + samples.mean(), _stderr(samples)
+    finally:
+        bar.close()
+    return TraceResult(estimate=estimate, stderr=stderr, num_matvecs=op.num_matvecs)
+
+
+def diagonal(
+    matvec: Callable[[Tree], Tree],
+    like: Tree,
+    *,
+    num_probes: int = 100,
+    generator: Optional[torch.Generator] = None,
+    chunk_size: Optional[int] = 16,
+) -> DiagonalResult:
+    """Estimate diag(H), as a tree shaped like ``like``, from Rademacher probes.
+
+    For Rademacher z, E[z ⊙ Hz] = diag(H) (Bekas, Kokiopoulou & Saad 2007): entry i of
+    a sample is Hᵢᵢ + Σ_{j≠i} Hᵢⱼ zᵢzⱼ, so the error of entry i after m probes is about
+    sqrt(Σ_{j≠i} Hᵢⱼ² / m). Exact for diagonal H.
+
+    Args:
+        matvec: ``v -> H v`` on trees shaped like ``like``.
+        like: a tree giving the vectors' structure (the params).
+        num_probes: products to spend, at least 2.
+        generator: draws the probes; ``None`` uses PyTorch's global generator.
+        chunk_size: probes per ``vmap`` call, as in :func:`trace`.
+
+    Returns:
+        :class:`~hvpfunc.DiagonalResult`: ``estimate`` and ``stderr`` trees shaped like
+        ``like``, and ``num_matvecs``.
+
+    Raises:
+        ValueError: fewer than 2 probes.
+
+    References:
+        Bekas, Kokiopoulou & Saad, "An estimator for the diagonal of a matrix",
+        Appl. Numer. Math. 57 (2007).
+    """
+    if num_probes < 2:
+        raise ValueError(f"diagonal needs num_probes >= 2 to report a standard error, got {num_probes}")
+    op = _Operator(matvec, like, name="like")
+    Z = _probes(op, num_probes, generator)
+    samples = Z * op.batch(Z, chunk_size=chunk_size)
+    return DiagonalResult(
+        estimate=op.layout.unflatten(samples.mean(dim=0)),
+        stderr=op.layout.unflatten(_stderr(samples)),
+        num_matvecs=op.num_matvecs,
+    )
+
+
+def _probes(op: _Operator, count: int, generator: Optional[torch.Generator]) -> Tensor:
+    """``count`` Rademacher rows, drawn one row at a time so that the numbers do not
+    depend on how they are later chunked."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    rows = [
+        torch.randint(0, 2, (op.n,), generator=generator, device=device) for _ in range(count)
+    ]
+    if not rows:
+        return torch.zeros(0, op.n, dtype=op.dtype, device=op.device)
+    return torch.stack(rows).to(op.device, op.dtype).mul_(2).sub_(1)
+
+
+def _stderr(samples: Tensor) -> Tensor:
+    """Standard error of the mean along dim 0: sample std (ddof=1) / sqrt(count)."""
+    return samples.std(dim=0, correction=1) / math.sqrt(samples.shape[0])

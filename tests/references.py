@@ -1,0 +1,69 @@
+"""Independent references shared by the tests: operators with known spectra and small
+float64 networks whose dense Hessians torch.func.hessian can form."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+DT = torch.float64
+
+
+def flat(tree: Any) -> Tensor:
+    """Concatenate a tree's leaves (tree order), for comparisons with dense references."""
+    return torch.cat([leaf.reshape(-1) for leaf in torch.utils._pytree.tree_leaves(tree)])
+
+
+def spectrum_operator(
+    eigenvalues: Sequence[float], *, seed: int = 0
+) -> Tuple[Callable[[Any], Any], Any, Tensor]:
+    """A symmetric operator on the tree {"a": (n1,), "b": [(n2, 1)]} with the given
+    eigenvalues in a random orthonormal basis. Returns (matvec, like, dense matrix)."""
+    lam = torch.as_tensor(eigenvalues, dtype=DT)
+    n = lam.numel()
+    gen = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=DT))
+    H = (Q * lam) @ Q.T
+    H = (H + H.T) / 2
+    n1 = max(1, n // 3)
+    like = {"a": torch.zeros(n1, dtype=DT), "b": [torch.zeros(n - n1, 1, dtype=DT)]}
+
+    def matvec(v: Any) -> Any:
+        x = torch.cat([v["a"], v["b"][0].reshape(-1)])
+        y = H @ x
+        return {"a": y[:n1], "b": [y[n1:].reshape(-1, 1)]}
+
+    return matvec, like, H
+
+
+def random_tree(like: Any, seed: int) -> Any:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.utils._pytree.tree_map(
+        lambda t: torch.randn(t.shape, generator=gen, dtype=t.dtype), like
+    )
+
+
+def mlp(sizes: Sequence[int], *, seed: int = 0, act: type = nn.Tanh) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers: list = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(act())
+    return nn.Sequential(*layers).to(DT)
+
+
+def mlp_loss(sizes: Sequence[int], *, batch: int = 32, seed: int = 0):
+    """(f, params, (x, y)) for a float64 tanh MLP regression loss at its initialization."""
+    model = mlp(sizes, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(batch, sizes[0], generator=gen, dtype=DT)
+    y = torch.randn(batch, sizes[-1], generator=gen, dtype=DT)
+    params = {k: p.detach().clone() for k, p in model.named_parameters()}
+
+    def f(p: Any, x: Tensor, y: Tensor) -> Tensor:
+        return ((torch.func.functional_call(model, p, (x,)) - y) ** 2).mean()
+
+    return f, params, (x, y)

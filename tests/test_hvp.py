@@ -1,0 +1,182 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import hvpfunc as hf
+from hvpfunc import tree as T
+from hvpfunc.testing import assert_hvp_matches_hessian, dense_hessian, pytrees, smooth_functions
+from references import DT, flat, mlp_loss, random_tree
+
+MODES = ["forward-over-reverse", "reverse-over-reverse", "reverse-over-reverse-recomputed", "linearize", "auto"]
+
+
+@given(params=pytrees(), f=smooth_functions(), seed=st.integers(0, 1000))
+def test_hvp_agrees_with_dense_hessian(params, f, seed):
+    v = random_tree(params, seed)
+    H = dense_hessian(f, params)
+    assert torch.allclose(flat(hf.hvp(f, params, v)), H @ flat(v), rtol=1e-9, atol=1e-10)
+
+
+@given(params=pytrees(), f=smooth_functions(), seed=st.integers(0, 1000))
+def test_hvp_is_symmetric_and_linear(params, f, seed):
+    u, v = random_tree(params, seed), random_tree(params, seed + 1)
+    hu, hv = hf.hvp(f, params, u), hf.hvp(f, params, v)
+    assert torch.allclose(T.dot(u, hv), T.dot(hu, v), rtol=1e-9, atol=1e-10)
+    combo = hf.hvp(f, params, T.axpy(-2.5, u, v))
+    assert torch.allclose(flat(combo), -2.5 * flat(hu) + flat(hv), rtol=1e-9, atol=1e-10)
+
+
+@given(params=pytrees(max_leaves=3), f=smooth_functions(), seed=st.integers(0, 1000))
+def test_vmap_over_tangents_equals_loop(params, f, seed):
+    vs = [random_tree(params, seed + i) for i in range(3)]
+    batched = torch.func.vmap(lambda v: hf.hvp(f, params, v))(T.stack(vs))
+    for i, v in enumerate(vs):
+        assert torch.allclose(flat(T.index(batched, i)), flat(hf.hvp(f, params, v)), rtol=1e-10, atol=1e-12)
+
+
+@settings(max_examples=8)  # linearize traces the function anew for every example
+@given(params=pytrees(max_leaves=3), f=smooth_functions(), seed=st.integers(0, 1000))
+def test_every_mode_agrees_with_every_other_and_vmaps(params, f, seed):
+    v = random_tree(params, seed)
+    ref = flat(hf.hvp(f, params, v))
+    V = T.stack([v, random_tree(params, seed + 7)])
+    for mode in MODES:
+        mv = hf.hvp_fn(f, params, mode=mode)
+        assert torch.allclose(flat(mv(v)), ref, rtol=1e-9, atol=1e-10), mode
+        batched = torch.func.vmap(mv)(V)
+        assert torch.allclose(flat(T.index(batched, 0)), ref, rtol=1e-9, atol=1e-10), mode
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_modes_on_a_network_match_the_dense_hessian(mode):
+    f, params, (x, y) = mlp_loss([3, 5, 2])
+    assert_hvp_matches_hessian(f, params, x, y, mode=mode)
+
+
+def test_hvp_fn_passes_args_and_kwargs():
+    def f(p, x, *, power):
+        return (p["w"] * x).pow(power).sum()
+
+    params = {"w": torch.tensor([1.0, 2.0], dtype=DT)}
+    x = torch.tensor([3.0, 1.0], dtype=DT)
+    v = {"w": torch.tensor([1.0, 1.0], dtype=DT)}
+    # f = Σ (w x)^4, H = diag(12 w² x⁴)
+    want = 12 * params["w"] ** 2 * x**4
+    for mode in MODES:
+        assert torch.allclose(hf.hvp_fn(f, params, x, power=4, mode=mode)(v)["w"], want)
+    assert torch.allclose(hf.hvp(f, params, v, x, power=4)["w"], want)
+
+
+def test_parameters_that_enter_linearly_or_not_at_all_give_zero_rows():
+    def f(p):
+        return (p["a"] ** 3).sum() + 2.0 * p["lin"].sum()
+
+    params = {"a": torch.tensor([1.0, -1.0], dtype=DT), "lin": torch.ones(3, dtype=DT), "unused": torch.ones(2, dtype=DT)}
+    v = T.random_like(params, generator=torch.Generator().manual_seed(0), kind="gaussian")
+    for mode in MODES:
+        out = hf.hvp_fn(f, params, mode=mode)(v)
+        assert torch.allclose(out["a"], 6 * params["a"] * v["a"])
+        assert torch.count_nonzero(out["lin"]) == 0 and torch.count_nonzero(out["unused"]) == 0
+
+
+def test_auto_reports_its_choice_and_timings():
+    f, params, (x, y) = mlp_loss([4, 8, 1])
+    mv = hf.hvp_fn(f, params, x, y)
+    assert mv.mode in {"reverse-over-reverse", "linearize", "forward-over-reverse"}
+    assert mv.mode in mv.timings and all(t > 0 for t in mv.timings.values())
+
+
+def test_transformer_with_default_attention_kernels_matches_math_backend_double_backward():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, dropout=0.0, batch_first=True)
+    layer.eval()
+    x = torch.randn(3, 5, 8)
+    params = {k: p.detach() for k, p in layer.named_parameters()}
+
+    def f(p):
+        return torch.func.functional_call(layer, p, (x,)).pow(2).mean()
+
+    v = T.random_like(params, generator=torch.Generator().manual_seed(1), kind="gaussian")
+    # Reference: plain double backward with the math kernel forced by the test itself.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    leaves = {k: t.clone().requires_grad_() for k, t in params.items()}
+    with sdpa_kernel([SDPBackend.MATH]):
+        g = torch.autograd.grad(f(leaves), list(leaves.values()), create_graph=True)
+        ref = torch.autograd.grad(g, list(leaves.values()), [v[k] for k in leaves])
+    ref = torch.cat([r.reshape(-1) for r in ref])
+    for mode in MODES:
+        out = flat(hf.hvp_fn(f, params, mode=mode)(v))
+        assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5), mode
+    assert torch.allclose(flat(hf.hvp(f, params, v)), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_tangents_raise_naming_the_leaf():
+    f, params, (x, y) = mlp_loss([2, 3, 1])
+    mv = hf.hvp_fn(f, params, x, y, mode="forward-over-reverse")
+    good = T.zeros_like(params)
+    wrong_shape = dict(good, **{"0.weight": torch.zeros(2, 3, dtype=DT)})
+    with pytest.raises(ValueError, match=r"v\['0.weight'\] has shape \(2, 3\), but params\['0.weight'\] has shape \(3, 2\)"):
+        mv(wrong_shape)
+    with pytest.raises(ValueError, match=r"v\['0.weight'\] has shape"):
+        hf.hvp(f, params, wrong_shape, x, y)
+    with pytest.raises(TypeError, match=r"v\['2.bias'\] has dtype torch.float32, but params\['2.bias'\] has dtype torch.float64"):
+        mv(dict(good, **{"2.bias": torch.zeros(1)}))
+    missing = {k: t for k, t in good.items() if k != "0.bias"}
+    with pytest.raises(ValueError, match=r"missing leaves \[\"\['0.bias'\]\"\]"):
+        mv(missing)
+    if torch.device("meta") != torch.device("cpu"):
+        with pytest.raises(ValueError, match=r"v\['0.bias'\] is on device meta"):
+            mv(dict(good, **{"0.bias": torch.zeros(3, dtype=DT, device="meta")}))
+
+
+def test_non_scalar_function_is_a_clear_error():
+    params = {"w": torch.ones(3, dtype=DT)}
+    with pytest.raises(ValueError, match=r"scalar \(0-dim\) tensor, it returned shape \(3,\)"):
+        hf.hvp(lambda p: p["w"] ** 2, params, params)
+    for mode in MODES:
+        with pytest.raises(ValueError, match="scalar"):
+            hf.hvp_fn(lambda p: p["w"] ** 2, params, mode=mode)(params)
+    with pytest.raises(TypeError, match="returned a float"):
+        hf.hvp(lambda p: 1.0, params, params)
+
+
+def test_bad_params_and_mode_are_clear_errors():
+    with pytest.raises(TypeError, match=r"params\['n'\] has dtype torch.int64"):
+        hf.hvp_fn(lambda p: p["x"].sum(), {"x": torch.ones(2), "n": torch.ones(2, dtype=torch.long)})
+    with pytest.raises(ValueError, match="mode must be one of"):
+        hf.hvp_fn(lambda p: p["x"].sum(), {"x": torch.ones(2)}, mode="fast")
+
+
+def test_float32_params_stay_float32():
+    params = {"w": torch.tensor([1.0, 2.0])}
+    out = hf.hvp_fn(lambda p: (p["w"] ** 3).sum(), params)({"w": torch.ones(2)})
+    assert out["w"].dtype == torch.float32
+    assert torch.allclose(out["w"], torch.tensor([6.0, 12.0]))
+
+
+def test_loss_without_forward_mode_derivative_is_handled():
+    # F.mse_loss(reduction="mean") breaks forward-over-reverse ("ZeroTensors are
+    # immutable", pytorch/pytorch#123996) and crashes linearize's tracing in torch 2.13.
+    X = torch.randn(6, 3, dtype=DT)
+    t = torch.randn(6, dtype=DT)
+
+    def f(p):
+        return nn.functional.mse_loss(torch.tanh(X @ p["w"]), t)
+
+    def f_manual(p):
+        return ((torch.tanh(X @ p["w"]) - t) ** 2).mean()
+
+    params = {"w": torch.tensor([0.3, -0.2, 0.5], dtype=DT)}
+    v = {"w": torch.tensor([1.0, 2.0, -1.0], dtype=DT)}
+    want = dense_hessian(f_manual, params) @ v["w"]
+    assert torch.allclose(hf.hvp(f, params, v)["w"], want)
+    assert torch.allclose(torch.func.vmap(lambda u: hf.hvp(f, params, u))(T.stack([v, v]))["w"][1], want)
+    for mode in ["auto", "reverse-over-reverse", "reverse-over-reverse-recomputed"]:
+        assert torch.allclose(hf.hvp_fn(f, params, mode=mode)(v)["w"], want), mode
+    with pytest.raises(RuntimeError, match="no working forward-mode derivative.*mode='reverse-over-reverse'"):
+        hf.hvp_fn(f, params, mode="forward-over-reverse")(v)
+    with pytest.raises(RuntimeError, match="forward-mode"):
+        hf.hvp_fn(f, params, mode="linearize")
