@@ -52,7 +52,8 @@ def spectral_density(
             Hessians, Ghorbani et al. 2019); capped at the dimension.
         generator: draws the probes; ``None`` uses PyTorch's global generator.
         sigma: standard deviation of the smoothing Gaussian. Default: PyHessian's
-            convention, variance 1e-5 · max(1, λ̂_max − λ̂_min) over the nodes.
+            convention, variance 1e-5 · max(1, λ̂_max − λ̂_min) over the nodes that
+            carry weight.
         num_points: grid points; the grid spans the nodes plus 5σ on each side.
         chunk_size: probes run together (memory: chunk_size · num_iters
             parameter-sized vectors); ``1`` runs them one by one without ``vmap``.
@@ -100,7 +101,10 @@ def spectral_density(
     weights_t = torch.cat(weights)
     if not bool(torch.isfinite(nodes_t).all()):
         raise ValueError("spectral_density: a product was not finite; the operator returned nan or inf")
-    lo, hi = float(nodes_t.min()), float(nodes_t.max())
+    # Probes whose Krylov space became invariant carry padding nodes of zero weight;
+    # they must not stretch the grid.
+    carried = nodes_t[weights_t > 1e-12 * float(weights_t.max())]
+    lo, hi = float(carried.min()), float(carried.max())
     if sigma is None:
         sigma = math.sqrt(1e-5 * max(1.0, hi - lo))
     grid = torch.linspace(lo - 5 * sigma, hi + 5 * sigma, num_points, dtype=torch.float64)

@@ -1,0 +1,118 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import hvpfunc as hf
+from hvpfunc.testing import dense_hessian
+from references import DT, flat, mlp_loss, random_tree, spectrum_operator
+
+
+def _residual(H, x, b, damping=0.0):
+    return float((b - (H @ x + damping * x)).norm())
+
+
+def test_solves_a_positive_definite_system_to_relative_tolerance():
+    matvec, like, H = spectrum_operator(torch.logspace(-2, 2, 40, dtype=DT).tolist())
+    b = random_tree(like, 0)
+    res = hf.cg(matvec, b, tol=1e-10)
+    assert res.converged and res.status == "converged"
+    x = flat(res.x)
+    assert torch.allclose(x, torch.linalg.solve(H, flat(b)), rtol=1e-7)
+    assert _residual(H, x, flat(b)) <= 1e-10 * float(flat(b).norm())
+    assert res.residual_norm == pytest.approx(_residual(H, x, flat(b)), rel=1e-3, abs=1e-14)
+
+
+@settings(max_examples=15)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 30), damping=st.floats(0.0, 2.0))
+def test_random_spd_systems_match_linalg_solve(seed, n, damping):
+    gen = torch.Generator().manual_seed(seed)
+    A = torch.randn(n, n, generator=gen, dtype=DT)
+    H = A @ A.T / n + 0.1 * torch.eye(n, dtype=DT)
+    b = torch.randn(n, generator=gen, dtype=DT)
+    res = hf.cg(lambda v: H @ v, b, damping=damping, tol=1e-11, max_iters=10 * n + 50)
+    assert res.converged
+    want = torch.linalg.solve(H + damping * torch.eye(n, dtype=DT), b)
+    assert torch.allclose(res.x, want, rtol=1e-6, atol=1e-9)
+
+
+def test_damping_makes_an_indefinite_operator_solvable():
+    matvec, like, H = spectrum_operator([-2.0, -0.5, 1.0, 3.0, 6.0])
+    b = random_tree(like, 1)
+    res = hf.cg(matvec, b, damping=2.5, tol=1e-12)
+    assert res.converged
+    assert torch.allclose(flat(res.x), torch.linalg.solve(H + 2.5 * torch.eye(5, dtype=DT), flat(b)), rtol=1e-9)
+
+
+def test_negative_curvature_stops_with_a_finite_iterate_and_says_so():
+    matvec, like, H = spectrum_operator([-4.0, 1.0, 2.0, 3.0, 5.0, 8.0])
+    b = random_tree(like, 2)
+    with pytest.warns(hf.ConvergenceWarning, match="negative_curvature"):
+        res = hf.cg(matvec, b)
+    assert not res.converged and res.status == "negative_curvature"
+    assert "damping" in res.message and "minres" in res.message
+    assert torch.isfinite(flat(res.x)).all()
+    assert res.num_matvecs <= 7
+
+
+def test_zero_rhs_returns_zero_converged_without_products():
+    matvec, like, _ = spectrum_operator([1.0, 2.0])
+    res = hf.cg(matvec, hf.tree.zeros_like(like))
+    assert res.converged and res.num_matvecs == 0 and float(flat(res.x).abs().max()) == 0.0
+
+
+def test_x0_and_max_iters():
+    matvec, like, H = spectrum_operator(torch.logspace(-3, 1, 30, dtype=DT).tolist())
+    b = random_tree(like, 3)
+    with pytest.warns(hf.ConvergenceWarning, match="max_iters"):
+        short = hf.cg(matvec, b, max_iters=3)
+    assert short.status == "max_iters" and not short.converged
+    assert short.residual_norm == pytest.approx(_residual(H, flat(short.x), flat(b)), rel=1e-6)
+    warm = hf.cg(matvec, b, x0=short.x, tol=1e-8)
+    cold = hf.cg(matvec, b, tol=1e-8)
+    assert warm.converged and cold.converged
+    assert torch.allclose(flat(warm.x), flat(cold.x), rtol=1e-5)
+
+
+def test_jacobi_preconditioner_cuts_iterations():
+    d = torch.logspace(-3, 3, 50, dtype=DT)
+    gen = torch.Generator().manual_seed(0)
+    E = torch.randn(50, 50, generator=gen, dtype=DT) * 1e-4
+    H = torch.diag(d) + (E + E.T)
+    b = torch.randn(50, generator=gen, dtype=DT)
+    plain = hf.cg(lambda v: H @ v, b, tol=1e-10, max_iters=2000)
+    pre = hf.cg(lambda v: H @ v, b, tol=1e-10, preconditioner=lambda r: r / d)
+    assert pre.converged and plain.converged
+    assert torch.allclose(pre.x, torch.linalg.solve(H, b), rtol=1e-7)
+    assert pre.stats["iterations"] < plain.stats["iterations"] / 3
+
+
+def test_network_hessian_with_damping_matches_dense_solve():
+    f, params, (x, y) = mlp_loss([4, 6, 1])
+    H = dense_hessian(f, params, x, y)
+    shift = max(0.0, -float(torch.linalg.eigvalsh(H)[0])) + 0.1
+    b = random_tree(params, 4)
+    res = hf.cg(hf.hvp_fn(f, params, x, y), b, damping=shift, tol=1e-10)
+    assert res.converged
+    want = torch.linalg.solve(H + shift * torch.eye(H.shape[0], dtype=DT), flat(b))
+    assert torch.allclose(flat(res.x), want, rtol=1e-7, atol=1e-10)
+
+
+def test_non_finite_products_are_reported():
+    matvec, like, _ = spectrum_operator([1.0, 2.0, 3.0])
+    with pytest.warns(hf.ConvergenceWarning, match="non_finite"):
+        res = hf.cg(lambda v: {"a": v["a"] * float("nan"), "b": v["b"]}, random_tree(like, 0))
+    assert res.status == "non_finite" and torch.isfinite(flat(res.x)).all()
+
+
+def test_bad_inputs():
+    matvec, like, _ = spectrum_operator([1.0, 2.0, 3.0])
+    b = random_tree(like, 0)
+    with pytest.raises(ValueError, match=r"x0\['a'\] has shape \(2,\)"):
+        hf.cg(matvec, b, x0={"a": torch.zeros(2, dtype=DT), "b": b["b"]})
+    with pytest.raises(ValueError, match="b has non-finite"):
+        hf.cg(matvec, {"a": b["a"] * float("inf"), "b": b["b"]})
+    with pytest.raises(ValueError, match="damping must be non-negative"):
+        hf.cg(matvec, b, damping=-1.0)
+    with pytest.raises(ValueError, match="tol must be positive"):
+        hf.cg(matvec, b, tol=0.0)

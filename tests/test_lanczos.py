@@ -1,0 +1,145 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import hvpfunc as hf
+from hvpfunc.testing import dense_hessian
+from references import DT, flat, mlp_loss, random_tree, spectrum_operator
+
+
+def _check_pairs(res, H, k, tol=1e-8):
+    vecs = torch.stack([flat(hf.tree.index(res.eigenvectors, i)) for i in range(k)])
+    assert torch.allclose(vecs.norm(dim=1), torch.ones(k, dtype=DT))
+    for lam, q in zip(res.eigenvalues, vecs):
+        assert float((H @ q - lam * q).norm()) <= tol * max(1.0, abs(float(lam))) * 10
+
+
+@pytest.mark.parametrize("which", ["LA", "SA", "LM"])
+def test_matches_eigh_on_a_known_indefinite_spectrum(which):
+    lam = [-9.0, -5.0, -2.0, -1.0, 0.0, 0.5, 1.0, 3.0, 4.0, 7.0] + [0.1 * i for i in range(30)]
+    matvec, like, H = spectrum_operator(lam)
+    res = hf.lanczos(matvec, random_tree(like, 0), k=4, which=which, tol=1e-10)
+    ev = torch.linalg.eigvalsh(H)
+    want = {"LA": ev.flip(0)[:4], "SA": ev[:4], "LM": ev[ev.abs().argsort(descending=True)][:4]}[which]
+    assert res.which == which and bool(res.converged.all())
+    assert torch.allclose(res.eigenvalues, want, rtol=1e-9, atol=1e-9)
+    _check_pairs(res, H, 4)
+
+
+def test_repeated_and_clustered_eigenvalues():
+    lam = [5.0, 5.0, 5.0, 4.0, 4.0 + 1e-6, 1.0] + [0.2] * 20
+    matvec, like, H = spectrum_operator(lam)
+    res = hf.lanczos(matvec, random_tree(like, 1), k=5, tol=1e-10)
+    assert torch.allclose(res.eigenvalues, torch.tensor([5.0, 5.0, 5.0, 4.0 + 1e-6, 4.0], dtype=DT), atol=1e-9)
+    _check_pairs(res, H, 5)
+
+
+def test_exact_multiplicity_found_after_an_invariant_subspace():
+    D = torch.diag(torch.tensor([3.0, 3.0, 3.0, 1.0, 1.0, 0.5] + [0.1] * 20, dtype=DT))
+    res = hf.lanczos(lambda v: D @ v, torch.ones(26, dtype=DT), k=4)
+    assert torch.allclose(res.eigenvalues, torch.tensor([3.0, 3.0, 3.0, 1.0], dtype=DT))
+    assert bool(res.converged.all())
+
+
+def test_k_equal_to_the_dimension_and_small_problems():
+    matvec, like, H = spectrum_operator([2.0, -1.0, 0.5])
+    res = hf.lanczos(matvec, random_tree(like, 2), k=3, which="SA")
+    assert torch.allclose(res.eigenvalues, torch.linalg.eigvalsh(H), atol=1e-12)
+
+
+def test_restarts_keep_memory_bounded_and_still_converge():
+    lam = torch.linspace(0.0, 1.0, 200, dtype=DT).tolist()
+    lam[-1], lam[-2] = 1.5, 1.4
+    matvec, like, H = spectrum_operator(lam)
+    res = hf.lanczos(matvec, random_tree(like, 3), k=2, tol=1e-8, max_basis=8)
+    assert bool(res.converged.all())
+    assert torch.allclose(res.eigenvalues, torch.tensor([1.5, 1.4], dtype=DT), rtol=1e-9)
+    assert res.num_matvecs > 8  # it had to restart
+
+
+def test_network_hessian_in_float64_matches_eigvalsh():
+    f, params, (x, y) = mlp_loss([5, 8, 3], batch=40)
+    H = dense_hessian(f, params, x, y)
+    ev = torch.linalg.eigvalsh(H)
+    matvec = hf.hvp_fn(f, params, x, y)
+    top = hf.lanczos(matvec, random_tree(params, 4), k=5, which="LA", tol=1e-10)
+    bottom = hf.lanczos(matvec, random_tree(params, 5), k=3, which="SA", tol=1e-10)
+    assert torch.allclose(top.eigenvalues, ev.flip(0)[:5], rtol=1e-8, atol=1e-12)
+    assert torch.allclose(bottom.eigenvalues, ev[:3], rtol=1e-8, atol=1e-12)
+    for name, leaf in top.eigenvectors.items():
+        assert leaf.shape == (5, *params[name].shape)
+
+
+def test_uses_no_more_products_than_arpack():
+    scipy_linalg = pytest.importorskip("scipy.sparse.linalg")
+    import numpy as np
+
+    f, params, (x, y) = mlp_loss([10, 30, 10], batch=64)  # 10·30+30+30·10+10 = 640 params
+    matvec = hf.hvp_fn(f, params, x, y)
+    v0 = random_tree(params, 6)
+    res = hf.lanczos(matvec, v0, k=5, tol=1e-8)
+    op = hf.to_scipy(matvec, params)
+    calls = {"n": 0}
+
+    def counted(v):
+        calls["n"] += 1
+        return op.matvec(v)
+
+    A = scipy_linalg.LinearOperator(op.shape, matvec=counted, dtype=np.float64)
+    ev = scipy_linalg.eigsh(A, k=5, which="LA", tol=1e-8, v0=flat(v0).numpy())[0]
+    assert torch.allclose(res.eigenvalues, torch.tensor(np.sort(ev)[::-1].copy()), rtol=1e-7)
+    assert res.num_matvecs <= calls["n"]
+
+
+@settings(max_examples=15)
+@given(seed=st.integers(0, 10_000), n=st.integers(3, 25), k=st.integers(1, 3), which=st.sampled_from(["LA", "SA", "LM"]))
+def test_random_symmetric_operators(seed, n, k, which):
+    gen = torch.Generator().manual_seed(seed)
+    A = torch.randn(n, n, generator=gen, dtype=DT)
+    H = (A + A.T) / 2
+    res = hf.lanczos(lambda v: H @ v, torch.randn(n, generator=gen, dtype=DT), k=k, which=which, tol=1e-10)
+    ev = torch.linalg.eigvalsh(H)
+    order = {"LA": ev.flip(0), "SA": ev, "LM": ev[ev.abs().argsort(descending=True)]}[which]
+    assert bool(res.converged.all())
+    if which == "LM":  # ties in |λ| may come in either sign order
+        assert torch.allclose(res.eigenvalues.abs(), order[:k].abs(), atol=1e-8)
+    else:
+        assert torch.allclose(res.eigenvalues, order[:k], atol=1e-8)
+
+
+def test_not_converging_says_so():
+    matvec, like, _ = spectrum_operator(torch.linspace(0, 1, 60, dtype=DT).tolist())
+    with pytest.warns(hf.ConvergenceWarning, match="did not converge"):
+        res = hf.lanczos(matvec, random_tree(like, 7), k=3, tol=1e-12, max_iters=6)
+    assert not bool(res.converged.all())
+    assert res.num_matvecs == 6
+
+
+def test_bad_inputs_are_clear_errors():
+    matvec, like, _ = spectrum_operator([1.0, 2.0, 3.0, 4.0])
+    v0 = random_tree(like, 0)
+    with pytest.raises(ValueError, match="between 1 and the dimension 4, got 5"):
+        hf.lanczos(matvec, v0, k=5)
+    with pytest.raises(ValueError, match="zero vector"):
+        hf.lanczos(matvec, hf.tree.zeros_like(like))
+    with pytest.raises(ValueError, match="which must be"):
+        hf.lanczos(matvec, v0, which="LR")
+    with pytest.raises(ValueError, match="max_basis=2 is too small"):
+        hf.lanczos(spectrum_operator(list(range(10)))[0], random_tree(spectrum_operator(list(range(10)))[1], 0), k=1, max_basis=2)
+    with pytest.raises(TypeError, match=r"matvec\(v\)\['a'\] has dtype torch.float32"):
+        hf.lanczos(lambda v: {"a": v["a"].float(), "b": v["b"]}, v0)
+
+
+def test_non_finite_products_are_reported():
+    matvec, like, _ = spectrum_operator([1.0, 2.0, 3.0, 4.0, 5.0])
+    calls = {"n": 0}
+
+    def flaky(v):
+        calls["n"] += 1
+        out = matvec(v)
+        return {"a": out["a"] * (float("inf") if calls["n"] == 2 else 1.0), "b": out["b"]}
+
+    with pytest.warns(hf.ConvergenceWarning, match="not finite"):
+        res = hf.lanczos(flaky, random_tree(like, 0), k=1)
+    assert not bool(res.converged[0])

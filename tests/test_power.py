@@ -1,0 +1,100 @@
+import pytest
+import torch
+
+import hvpfunc as hf
+from hvpfunc.testing import dense_hessian
+from references import DT, flat, mlp_loss, random_tree, spectrum_operator
+
+
+def _indefinite():
+    # dominant eigenvalue negative: the user story "power iteration converges to a
+    # negative value". Gaps keep power iteration quick.
+    return spectrum_operator([-10.0, -3.0, -1.0, 0.5, 2.0, 4.0, 6.0])
+
+
+def test_lm_returns_the_signed_largest_magnitude_eigenvalue():
+    matvec, like, H = _indefinite()
+    res = hf.power_iteration(matvec, random_tree(like, 0), tol=1e-10)
+    assert res.which == "LM"
+    assert bool(res.converged[0])
+    assert float(res.eigenvalues[0]) == pytest.approx(-10.0, rel=1e-9)
+    q = flat(hf.tree.index(res.eigenvectors, 0))
+    assert float(q.norm()) == pytest.approx(1.0)
+    assert float((H @ q + 10.0 * q).norm()) <= 1e-9 * 10
+    assert float(res.residuals[0]) == pytest.approx(float((H @ q + 10 * q).norm()), abs=1e-9)
+
+
+@pytest.mark.parametrize("which,expected", [("LA", 6.0), ("SA", -10.0)])
+def test_algebraic_ends_even_when_the_dominant_eigenvalue_has_the_other_sign(which, expected):
+    matvec, like, _ = _indefinite()
+    res = hf.power_iteration(matvec, random_tree(like, 1), which=which, tol=1e-9)
+    assert res.which == which and bool(res.converged[0])
+    assert float(res.eigenvalues[0]) == pytest.approx(expected, rel=1e-7)
+
+
+def test_sa_on_a_positive_definite_operator_uses_a_shift():
+    matvec, like, H = spectrum_operator([1.0, 2.0, 3.0, 9.0, 10.0])
+    res = hf.power_iteration(matvec, random_tree(like, 2), which="SA", tol=1e-9, max_iters=5000)
+    assert bool(res.converged[0])
+    assert float(res.eigenvalues[0]) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_stops_as_soon_as_the_tolerance_holds():
+    matvec, like, _ = spectrum_operator([1.0, 2.0, 20.0])
+    loose = hf.power_iteration(matvec, random_tree(like, 3), tol=1e-3)
+    tight = hf.power_iteration(matvec, random_tree(like, 3), tol=1e-10)
+    assert loose.num_matvecs < tight.num_matvecs
+    # ratio 1/10 per step: about 3 extra steps per 3 digits of residual, not 1000
+    assert tight.num_matvecs < 20
+    assert float(tight.residuals[0]) <= 1e-10 * 20
+
+
+def test_max_iters_reached_says_not_converged_and_warns():
+    matvec, like, _ = spectrum_operator([1.0, -0.999, 0.5])
+    with pytest.warns(hf.ConvergenceWarning, match="did not converge after 5 products"):
+        res = hf.power_iteration(matvec, random_tree(like, 4), max_iters=5)
+    assert not bool(res.converged[0])
+    assert res.num_matvecs == 5
+
+
+def test_network_hessian_top_eigenvalue_matches_eigh():
+    f, params, (x, y) = mlp_loss([4, 6, 1])
+    matvec = hf.hvp_fn(f, params, x, y)
+    H = dense_hessian(f, params, x, y)
+    evals = torch.linalg.eigvalsh(H)
+    lm = evals[evals.abs().argmax()]
+    res = hf.power_iteration(matvec, random_tree(params, 5), tol=1e-9, max_iters=20000)
+    assert bool(res.converged[0])
+    assert float(res.eigenvalues[0]) == pytest.approx(float(lm), rel=1e-8)
+
+
+def test_non_finite_products_are_reported_not_returned_as_converged():
+    calls = {"n": 0}
+    matvec, like, _ = spectrum_operator([1.0, 3.0])
+
+    def flaky(v):
+        calls["n"] += 1
+        out = matvec(v)
+        if calls["n"] >= 3:
+            out = {"a": out["a"] * float("nan"), "b": out["b"]}
+        return out
+
+    with pytest.warns(hf.ConvergenceWarning, match="not finite"):
+        res = hf.power_iteration(flaky, random_tree(like, 0), tol=1e-12)
+    assert not bool(res.converged[0])
+    assert torch.isfinite(res.eigenvalues).all()
+
+
+def test_bad_inputs_are_clear_errors():
+    matvec, like, _ = spectrum_operator([1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="zero vector"):
+        hf.power_iteration(matvec, hf.tree.zeros_like(like))
+    nan_start = {"a": torch.full_like(like["a"], float("nan")), "b": like["b"]}
+    with pytest.raises(ValueError, match="non-finite"):
+        hf.power_iteration(matvec, nan_start)
+    with pytest.raises(ValueError, match="which must be"):
+        hf.power_iteration(matvec, random_tree(like, 0), which="BE")
+    with pytest.raises(ValueError, match=r"matvec\(v\)\['a'\] has shape \(2,\), but v\['a'\] has shape \(1,\)"):
+        hf.power_iteration(lambda v: {"a": torch.zeros(2, dtype=DT), "b": v["b"]}, random_tree(like, 0))
+    with pytest.raises(ValueError, match="missing leaves"):
+        hf.power_iteration(lambda v: {"a": v["a"]}, random_tree(like, 0))

@@ -1,0 +1,89 @@
+import pytest
+import torch
+
+import hvpfunc as hf
+from references import DT, flat, mlp_loss, spectrum_operator
+
+
+def _decaying():
+    # a network-like spectrum: a few large eigenvalues, a bulk near zero, some negative
+    lam = [50.0, 20.0, 10.0, 5.0] + [0.3 * (-1) ** i * (i % 7) / 7 for i in range(56)]
+    return spectrum_operator(lam, seed=3)
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++"])
+def test_estimates_fall_within_their_reported_error_bands(method):
+    matvec, like, H = _decaying()
+    true = float(torch.trace(H))
+    for seed in range(8):
+        res = hf.trace(matvec, like, num_probes=30, method=method, generator=torch.Generator().manual_seed(seed))
+        assert res.num_matvecs == 30
+        assert abs(float(res.estimate) - true) <= 4 * float(res.stderr) + 1e-9, seed
+
+
+def test_reported_stderr_matches_the_spread_over_seeds():
+    matvec, like, H = _decaying()
+    for method in ["hutchinson", "hutch++"]:
+        results = [hf.trace(matvec, like, num_probes=24, method=method, generator=torch.Generator().manual_seed(s)) for s in range(60)]
+        spread = torch.stack([r.estimate for r in results]).std()
+        reported = torch.stack([r.stderr for r in results]).mean()
+        assert 0.5 < float(reported / spread) < 2.0, method
+
+
+def test_hutchplusplus_beats_hutchinson_on_a_decaying_spectrum():
+    matvec, like, H = _decaying()
+    true = float(torch.trace(H))
+    err = {}
+    for method in ["hutchinson", "hutch++"]:
+        errs = [abs(float(hf.trace(matvec, like, num_probes=30, method=method, generator=torch.Generator().manual_seed(s)).estimate) - true) for s in range(20)]
+        err[method] = sum(errs) / len(errs)
+    assert err["hutch++"] < 0.3 * err["hutchinson"]
+
+
+def test_diagonal_operator_is_exact_with_rademacher_probes():
+    D = torch.arange(1.0, 11.0, dtype=DT)
+    res = hf.trace(lambda v: D * v, torch.zeros(10, dtype=DT), num_probes=5, method="hutchinson", generator=torch.Generator().manual_seed(0))
+    assert float(res.estimate) == pytest.approx(55.0)
+    assert float(res.stderr) == 0.0
+
+
+def test_same_generator_same_result_whatever_the_chunking():
+    matvec, like, _ = _decaying()
+    runs = [hf.trace(matvec, like, num_probes=20, chunk_size=c, generator=torch.Generator().manual_seed(9)) for c in (1, 3, None)]
+    assert all(torch.allclose(r.estimate, runs[0].estimate, rtol=1e-12) for r in runs)
+    other = hf.trace(matvec, like, num_probes=20, generator=torch.Generator().manual_seed(10))
+    assert not torch.equal(other.estimate, runs[0].estimate)
+
+
+def test_network_hessian_trace():
+    f, params, (x, y) = mlp_loss([4, 6, 2])
+    from hvpfunc.testing import dense_hessian
+
+    true = float(torch.trace(dense_hessian(f, params, x, y)))
+    res = hf.trace(hf.hvp_fn(f, params, x, y), params, num_probes=60, generator=torch.Generator().manual_seed(0))
+    assert abs(float(res.estimate) - true) <= 4 * float(res.stderr)
+
+
+def test_diagonal_estimate():
+    matvec, like, H = spectrum_operator([3.0, 1.0, 2.0, -1.0, 0.5, 4.0], seed=1)
+    res = hf.diagonal(matvec, like, num_probes=400, generator=torch.Generator().manual_seed(0))
+    est, err = flat(res.estimate), flat(res.stderr)
+    assert torch.all((est - torch.diagonal(H)).abs() <= 4 * err + 1e-12)
+    assert set(res.estimate) == {"a", "b"} and res.estimate["b"][0].shape == like["b"][0].shape
+    D = torch.tensor([1.0, -2.0, 5.0], dtype=DT)
+    exact = hf.diagonal(lambda v: D * v, torch.zeros(3, dtype=DT), num_probes=2, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(exact.estimate, D)
+
+
+def test_bad_arguments():
+    matvec, like, _ = _decaying()
+    with pytest.raises(ValueError, match="method must be one of"):
+        hf.trace(matvec, like, method="girard")
+    with pytest.raises(ValueError, match="num_probes >= 4"):
+        hf.trace(matvec, like, num_probes=3)
+    with pytest.raises(ValueError, match="num_probes >= 2"):
+        hf.trace(matvec, like, num_probes=1, method="hutchinson")
+    with pytest.raises(ValueError, match="num_probes >= 2"):
+        hf.diagonal(matvec, like, num_probes=1)
+    with pytest.raises(ValueError, match="chunk_size"):
+        hf.trace(matvec, like, chunk_size=0)
