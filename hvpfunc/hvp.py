@@ -279,9 +279,8 @@ def _linearize(f, params, args, kwargs):
     _forward_over_reverse(f, params, args, kwargs)(probe)
     grad_f = torch.func.grad(f)
     with warnings.catch_warnings():
-        # linearize's tracing warns about its own internals (constant folding, jit).
+        # linearize's constant folding warns about attributes it creates itself.
         warnings.filterwarnings("ignore", module=r"torch\.fx\..*")
-        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated")
         _, jvp_fn = torch.func.linearize(lambda p: grad_f(p, *args, **kwargs), params)
     return jvp_fn
 
