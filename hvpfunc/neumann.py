@@ -262,7 +262,7 @@ def _series(
                 grew = "became non-finite" if not math.isfinite(p_norm) else (
                     f"grew from {best_norm:.3g} to {p_norm:.3g}")
                 return _Run(best_x, "diverged", (
-                    f"the series diverged after {terms} terms: its terms' norm {grew}, so the "
+                    f"the series diverged after {terms} term{'s' if terms != 1 else ''}: its terms' norm {grew}, so the "
                     "spectral radius of I − α(H + δI) is at least 1 (some eigenvalue λ of H has "
                     f"α(λ + δ) ≥ 2 or λ + δ ≤ 0; here α = {alpha:.4g}, δ = {damping:.4g}). "
                     "Returned the partial sum with the smallest residual. Use a smaller alpha "
