@@ -8,7 +8,7 @@ the parameters); every solver is a pure function of a matvec.
 
 from .cg import cg
 from .density import spectral_density
-from .hvp import hvp, hvp_fn
+from .hvp import Matvec, hvp, hvp_fn
 from .implicit import hypergradient
 from .interop import to_scipy
 from .lanczos import lanczos
@@ -31,6 +31,7 @@ __all__ = [
     "hvp",
     "hvp_fn",
     "model_hvp_fn",
+    "Matvec",
     "power_iteration",
     "lanczos",
     "trace",

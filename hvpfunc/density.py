@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from ._operator import _Operator
+from ._operator import ChunkSize, _Operator, _resolve_chunk
 from ._progress import _Progress
 from .lanczos import _orthogonalize
 from .results import SpectralDensity
@@ -27,7 +27,7 @@ def spectral_density(
     generator: Optional[torch.Generator] = None,
     sigma: Optional[float] = None,
     num_points: int = 2000,
-    chunk_size: Optional[int] = 4,
+    chunk_size: ChunkSize = "auto",
     progress: Any = False,
 ) -> SpectralDensity:
     """The smoothed eigenvalue density of H by stochastic Lanczos quadrature.
@@ -56,7 +56,8 @@ def spectral_density(
             carry weight.
         num_points: grid points; the grid spans the nodes plus 5σ on each side.
         chunk_size: probes run together (memory: chunk_size · num_iters
-            parameter-sized vectors); ``1`` runs them one by one without ``vmap``.
+            parameter-sized vectors); ``1`` runs them one by one without ``vmap``;
+            ``None`` all together; ``"auto"`` (default) 16 on a GPU, 1 on a CPU.
         progress: ``True`` for a progress bar, or a callable ``progress(step)``.
 
     Returns:
@@ -82,7 +83,8 @@ def spectral_density(
         raise ValueError(f"sigma must be positive, got {sigma}")
     op = _Operator(matvec, like, name="like")
     steps = min(num_iters, op.n)
-    chunk = num_probes if chunk_size is None else max(chunk_size, 1)
+    chunk_size = _resolve_chunk(chunk_size, op.device)
+    chunk = num_probes if chunk_size is None else chunk_size
     device = generator.device if generator is not None else torch.device("cpu")
     probes = torch.stack(
         [torch.randint(0, 2, (op.n,), generator=generator, device=device) for _ in range(num_probes)]
@@ -123,7 +125,7 @@ def spectral_density(
 
 
 def _tridiagonalize(
-    op: _Operator, Z: Tensor, steps: int, chunk_size: Optional[int], bar: _Progress
+    op: _Operator, Z: Tensor, steps: int, chunk_size: ChunkSize, bar: _Progress
 ) -> Tensor:
     """Lanczos with full reorthogonalization from each row of Z at once.
 

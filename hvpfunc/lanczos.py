@@ -5,10 +5,11 @@ from __future__ import annotations
 import warnings
 from typing import Any, Callable, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from ._operator import _check_start, _isfinite, _Operator
+from ._operator import _check_start, _Operator
 from ._progress import _Progress
 from .results import ConvergenceWarning, EigResult
 
@@ -115,7 +116,9 @@ def lanczos(
 
     eps = torch.finfo(op.dtype).eps
     V = torch.zeros(m + 1, n, dtype=op.dtype, device=op.device)
-    T = torch.zeros(m + 1, m + 1, dtype=torch.float64)
+    # The projected matrix and its eigenproblems are tiny: numpy float64 on the host,
+    # where each small operation costs microseconds rather than a kernel launch.
+    T = np.zeros((m + 1, m + 1))
     V[0] = x0 / torch.linalg.vector_norm(x0)
     j = 0  # basis vectors whose products are in T
     beta = 0.0
@@ -128,20 +131,21 @@ def lanczos(
         while not done:
             w = op(V[j])
             w, h = _orthogonalize(V[: j + 1], w)
-            beta = float(torch.linalg.vector_norm(w))
-            h = h.to("cpu", torch.float64)
-            if not (_isfinite(beta) and bool(torch.isfinite(h).all())):
+            # one device-to-host transfer per step for the coefficients and the norm
+            host = torch.cat([h, torch.linalg.vector_norm(w)[None]]).to("cpu", torch.float64).numpy()
+            h, beta = host[:-1], float(host[-1])
+            if not np.isfinite(host).all():
                 reason = "a product was not finite"
                 break
             T[: j + 1, j] = h
             T[j, : j + 1] = h
             j += 1
-            theta, Y = torch.linalg.eigh(T[:j, :j])
-            norm_estimate = max(norm_estimate, float(theta.abs().max()))
+            theta, Y = np.linalg.eigh(T[:j, :j])
+            norm_estimate = max(norm_estimate, float(np.abs(theta).max()))
             wanted = _select(theta, which, k)
-            residuals = beta * Y[j - 1, wanted].abs()
+            residuals = beta * np.abs(Y[j - 1, wanted])
             ok = residuals <= _threshold(theta[wanted], tol, eps, norm_estimate)
-            bar.update(float(residuals[~ok].max()) if not bool(ok.all()) else 0.0)
+            bar.update(float(residuals[~ok].max()) if not ok.all() else 0.0)
             invariant = beta <= 100 * eps * norm_estimate
             if invariant and j == n:
                 done = True  # the basis spans the whole space: T's pairs are exact
@@ -151,7 +155,7 @@ def lanczos(
                 # repeated eigenvalue lie outside it: explore fresh directions until the
                 # basis fills before accepting convergence, or they would be missed.
                 exploring = explored = True
-            if len(wanted) == k and bool(ok.all()) and not exploring:
+            if len(wanted) == k and ok.all() and not exploring:
                 done = True
                 break
             if op.num_matvecs >= budget:
@@ -164,33 +168,29 @@ def lanczos(
                 exploring = False
                 p = k + (m - k) // 2
                 keep = _select(theta, which, p)
-                Yk = Y[:, keep].to(op.device, op.dtype)
+                Yk = torch.as_tensor(Y[:, keep]).to(op.device, op.dtype)
                 V[:p] = Yk.T @ V[:j]
-                T.zero_()
-                T[:p, :p] = torch.diag(theta[keep])
+                T[:] = 0.0
+                T[:p, :p] = np.diag(theta[keep])
                 j = p
             V[j] = nxt
     finally:
         bar.close()
 
     if j == 0:  # the first product was not finite: nothing to report but the start
-        theta = torch.full((1,), float("nan"), dtype=torch.float64)
-        Y = torch.ones(1, 1, dtype=torch.float64)
+        theta, Y = np.full(1, np.nan), np.ones((1, 1))
         j, beta = 1, float("nan")
     else:
-        theta, Y = torch.linalg.eigh(T[:j, :j])
+        theta, Y = np.linalg.eigh(T[:j, :j])
     wanted = _select(theta, which, k)
-    residuals = beta * Y[j - 1, wanted].abs()
-    converged = residuals <= _threshold(theta[wanted], tol, eps, norm_estimate)
-    vectors = Y[:, wanted].T.to(op.device, op.dtype) @ V[:j]
+    pad = k - len(wanted)  # nonzero when stopped before the basis held k vectors
+    eigenvalues = torch.as_tensor(np.concatenate([theta[wanted], np.full(pad, np.nan)]))
+    residuals_np = np.concatenate([beta * np.abs(Y[j - 1, wanted]), np.full(pad, np.inf)])
+    converged = torch.as_tensor(residuals_np <= _threshold(eigenvalues.numpy(), tol, eps, norm_estimate))
+    residuals = torch.as_tensor(residuals_np)
+    vectors = torch.as_tensor(Y[:, wanted].T.copy()).to(op.device, op.dtype) @ V[:j]
     vectors = vectors / torch.linalg.vector_norm(vectors, dim=1, keepdim=True)
-    eigenvalues = theta[wanted]
-    if len(wanted) < k:  # stopped before the basis held k vectors
-        pad = k - len(wanted)
-        eigenvalues = torch.cat([eigenvalues, torch.full((pad,), float("nan"), dtype=torch.float64)])
-        residuals = torch.cat([residuals, torch.full((pad,), float("inf"), dtype=torch.float64)])
-        converged = torch.cat([converged, torch.zeros(pad, dtype=torch.bool)])
-        vectors = torch.cat([vectors, torch.zeros(pad, n, dtype=op.dtype, device=op.device)])
+    vectors = torch.cat([vectors, torch.zeros(pad, n, dtype=op.dtype, device=op.device)])
     if not bool(converged.all()):
         warnings.warn(
             f"lanczos(k={k}, which={which!r}) did not converge: {reason}; "
@@ -224,20 +224,15 @@ def _orthogonalize(V: Tensor, w: Tensor) -> Tuple[Tensor, Tensor]:
     return w, h + h2
 
 
-def _select(theta: Tensor, which: str, count: int) -> Tensor:
+def _select(theta: np.ndarray, which: str, count: int) -> np.ndarray:
     """Indices of the ``count`` Ritz values ``which`` prefers, in its order."""
-    if which == "LA":
-        order = torch.argsort(theta, descending=True)
-    elif which == "SA":
-        order = torch.argsort(theta)
-    else:
-        order = torch.argsort(theta.abs(), descending=True)
-    return order[:count]
+    key = {"LA": -theta, "SA": theta, "LM": -np.abs(theta)}[which]
+    return np.argsort(key, kind="stable")[:count]
 
 
-def _threshold(theta: Tensor, tol: float, eps: float, norm_estimate: float) -> Tensor:
+def _threshold(theta: np.ndarray, tol: float, eps: float, norm_estimate: float) -> np.ndarray:
     """Residual a Ritz pair may have: tol·|θ|, floored at rounding level 100·ε·‖H‖."""
-    return torch.clamp(tol * theta.abs(), min=100 * eps * norm_estimate)
+    return np.maximum(tol * np.abs(theta), 100 * eps * norm_estimate)
 
 
 def _fresh_direction(V: Tensor, generator: torch.Generator) -> Tensor:

@@ -59,7 +59,7 @@ def model_hvp_fn(
             loss with those modules switched off, the rest of the model unchanged.
 
     Returns:
-        ``(matvec, params)``: the matvec (a :class:`hvpfunc.hvp.Matvec`) and the dict
+        ``(matvec, params)``: the matvec (a :class:`hvpfunc.Matvec`) and the dict
         name -> tensor (detached) of the trainable parameters, the point and the shape of
         its vectors.
 

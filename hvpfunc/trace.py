@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from ._operator import _Operator
+from ._operator import ChunkSize, _Operator
 from ._progress import _Progress
 from .results import DiagonalResult, TraceResult
 
@@ -25,7 +25,7 @@ def trace(
     num_probes: int = 100,
     method: str = "hutch++",
     generator: Optional[torch.Generator] = None,
-    chunk_size: Optional[int] = 16,
+    chunk_size: ChunkSize = "auto",
     progress: Any = False,
 ) -> TraceResult:
     """Estimate tr(H) from ``num_probes`` products with random vectors.
@@ -50,9 +50,12 @@ def trace(
         method: ``"hutch++"`` (default) or ``"hutchinson"``.
         generator: draws the probes; the same generator state gives the same estimate.
             ``None`` uses PyTorch's global generator.
-        chunk_size: probes per ``vmap`` call (memory grows with it; 16 vectors through
+        chunk_size: probes per ``vmap`` call (memory grows with it: 16 vectors through
             one ``vmap`` measured 17–24× a gradient's memory on GPU); ``1`` calls the
-            matvec one probe at a time without ``vmap``; ``None`` all at once.
+            matvec one probe at a time without ``vmap``; ``None`` all at once;
+            ``"auto"`` (default) 16 on a GPU and 1 on a CPU, where ``vmap`` measured
+            slower than a loop for CNNs and transformers. The chunking never changes
+            the numbers drawn.
         progress: ``True`` for a progress bar, or a callable ``progress(products_done)``
             called after every chunk.
 
@@ -110,7 +113,7 @@ def diagonal(
     *,
     num_probes: int = 100,
     generator: Optional[torch.Generator] = None,
-    chunk_size: Optional[int] = 16,
+    chunk_size: ChunkSize = "auto",
 ) -> DiagonalResult:
     """Estimate diag(H), as a tree shaped like ``like``, from Rademacher probes.
 
@@ -123,7 +126,7 @@ def diagonal(
         like: a tree giving the vectors' structure (the params).
         num_probes: products to spend, at least 2.
         generator: draws the probes; ``None`` uses PyTorch's global generator.
-        chunk_size: probes per ``vmap`` call, as in :func:`trace`.
+        chunk_size: probes per ``vmap`` call, as in :func:`trace` (default ``"auto"``).
 
     Returns:
         :class:`~hvpfunc.DiagonalResult`: ``estimate`` and ``stderr`` trees shaped like

@@ -82,6 +82,8 @@ def check_like(
             and both values).
         TypeError: a leaf is not a tensor or has another dtype.
     """
+    if _matches(tree, like, batch_dims):
+        return
     leaves, spec = leaves_with_paths(tree)
     like_leaves, like_spec = leaves_with_paths(like)
     if spec != like_spec:
@@ -126,6 +128,30 @@ def check_like(
                 f"{name}{_fmt(path)} is on device {leaf.device}, but {like_name}{_fmt(path)} "
                 f"is on {ref.device}"
             )
+
+
+def _matches(tree: Tree, like: Tree, batch_dims: int) -> bool:
+    """The common case, cheaply: every leaf a tensor with the right shape, dtype and device
+    (solvers check their vectors on every product). Mismatches go to the slow path,
+    which finds the leaf to name."""
+    leaves, spec = pytree.tree_flatten(tree)
+    like_leaves, like_spec = pytree.tree_flatten(like)
+    if spec != like_spec:
+        return False
+    lead = None
+    for leaf, ref in zip(leaves, like_leaves):
+        if not isinstance(leaf, Tensor) or leaf.dtype != ref.dtype or leaf.device != ref.device:
+            return False
+        shape = leaf.shape
+        if batch_dims:
+            if lead is None:
+                lead = shape[:batch_dims]
+            elif shape[:batch_dims] != lead:
+                return False
+            shape = shape[batch_dims:]
+        if shape != ref.shape:
+            return False
+    return True
 
 
 def _fmt(path: str) -> str:

@@ -176,6 +176,7 @@ def test_loss_without_forward_mode_derivative_is_handled():
     assert torch.allclose(torch.func.vmap(lambda u: hf.hvp(f, params, u))(T.stack([v, v]))["w"][1], want)
     for mode in ["auto", "reverse-over-reverse", "reverse-over-reverse-recomputed"]:
         assert torch.allclose(hf.hvp_fn(f, params, mode=mode)(v)["w"], want), mode
+    assert hf.hvp_fn(f, params).mode == "reverse-over-reverse"  # auto skipped linearize
     with pytest.raises(RuntimeError, match="no working forward-mode derivative.*mode='reverse-over-reverse'"):
         hf.hvp_fn(f, params, mode="forward-over-reverse")(v)
     with pytest.raises(RuntimeError, match="forward-mode"):

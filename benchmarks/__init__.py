@@ -1,0 +1,1 @@
+"""hvpfunc's benchmark suite: ``python -m benchmarks --help``."""

@@ -1,0 +1,47 @@
+"""Run hvpfunc's benchmarks and print markdown tables.
+
+    python -m benchmarks                      # CPU, small models
+    python -m benchmarks --device cuda --size large
+    python -m benchmarks --only products      # or: solvers
+
+Peers (PyHessian, hessian-eigenthings, curvlinops) are compared where installed:
+pip install -e ".[bench]".
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from . import peers, products, solvers
+from .harness import describe
+from .models import build
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--size", default=None, choices=["tiny", "small", "large"],
+                        help="model sizes (default: small on CPU, large on CUDA)")
+    parser.add_argument("--only", choices=["products", "solvers"], default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    size = args.size or ("large" if device.type == "cuda" else "small")
+    print(f"# hvpfunc benchmarks — {describe(device)}, float32, model size {size!r}\n")
+    found = peers.installed()
+    print("peers: " + ", ".join(f"{k} {'installed' if v else 'not installed (skipped)'}" for k, v in found.items()))
+    print("Times are medians of 10 calls after 3 warm-up calls, as multiples of one gradient of the same loss "
+          "(torch.autograd.grad); memory is the peak GPU allocation of building the operator and one product, "
+          "as a multiple of a gradient's.\n")
+    if args.only in (None, "products"):
+        print("## Hessian-vector products\n")
+        print(products.run(build(size, device), device))
+    if args.only in (None, "solvers"):
+        print("## Solvers\n")
+        print(solvers.run(device, tiny=size == "tiny"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""The benchmark suite runs end to end on tiny models (peers included where installed),
+so that it cannot rot between the runs that produce the README's tables."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import products, solvers  # noqa: E402
+from benchmarks.models import build  # noqa: E402
+
+
+@pytest.mark.slow
+def test_product_tables_on_tiny_models():
+    text = products.run(build("tiny", torch.device("cpu")), torch.device("cpu"), vectors=4)
+    for name in ("MLP", "CNN", "transformer"):
+        assert f"### {name}" in text
+    assert "hvpfunc auto (chose" in text and "4 vectors: hvpfunc vmap(auto)" in text
+
+
+@pytest.mark.slow
+def test_solver_tables_on_a_tiny_network():
+    text = solvers.run(torch.device("cpu"), tiny=True)
+    assert "hvpfunc lanczos(k=5, tol=1e-6)" in text and "hvpfunc trace('hutch++', 100 probes)" in text
+    assert "scipy eigsh (ARPACK)" in text
