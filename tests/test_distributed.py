@@ -1,0 +1,81 @@
+"""Two gloo processes on CPU, each with an uneven shard of the data, must reproduce the
+single-process full-data products and Lanczos eigenvalues."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import hvpfunc as hf
+from hvpfunc.distributed import data_parallel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from references import DT, flat, mlp  # noqa: E402
+
+SPLIT = 13  # rank 0 holds 13 examples, rank 1 holds 17
+
+
+def _data():
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(30, 3, generator=gen, dtype=DT), torch.randn(30, 1, generator=gen, dtype=DT)
+
+
+def _v(params):
+    return hf.tree.random_like(params, generator=torch.Generator().manual_seed(1), kind="gaussian")
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        x, y = _data()
+        shard = (x[:SPLIT], y[:SPLIT]) if rank == 0 else (x[SPLIT:], y[SPLIT:])
+        local, params = hf.model_hvp_fn(mlp([3, 5, 1]), nn.functional.mse_loss, shard)
+        matvec = data_parallel(local, weight=len(shard[1]))
+        product = flat(matvec(_v(params)))
+        v0 = hf.tree.random_like(params, generator=torch.Generator().manual_seed(2), kind="gaussian")
+        top = hf.lanczos(matvec, v0, k=2, tol=1e-10)
+        summed = flat(data_parallel(local, reduce="sum")(_v(params)))
+        torch.save({"product": product, "top": top.eigenvalues, "summed": summed, "local": flat(local(_v(params)))},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_reproduce_the_full_data_hessian(tmp_path):
+    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    x, y = _data()
+    full, params = hf.model_hvp_fn(mlp([3, 5, 1]), nn.functional.mse_loss, (x, y))
+    want = flat(full(_v(params)))
+    v0 = hf.tree.random_like(params, generator=torch.Generator().manual_seed(2), kind="gaussian")
+    want_top = hf.lanczos(full, v0, k=2, tol=1e-10).eigenvalues
+    for r in results:
+        assert torch.allclose(r["product"], want, rtol=1e-10, atol=1e-12)
+        assert torch.allclose(r["top"], want_top, rtol=1e-9)
+        assert torch.allclose(r["summed"], results[0]["local"] + results[1]["local"], rtol=1e-12)
+
+
+def test_errors_without_a_process_group_and_for_bad_options():
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        data_parallel(lambda v: v)
+    with pytest.raises(ValueError, match="reduce must be one of"):
+        data_parallel(lambda v: v, reduce="max")
+    with pytest.raises(ValueError, match="weight applies to reduce='mean' only"):
+        data_parallel(lambda v: v, reduce="sum", weight=3.0)
+
+
+def test_vmap_over_a_reduced_matvec_is_a_clear_error(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init1'}", rank=0, world_size=1)
+    try:
+        matvec = data_parallel(lambda v: {"w": 2.0 * v["w"]})
+        assert torch.equal(matvec({"w": torch.ones(3)})["w"], 2.0 * torch.ones(3))
+        with pytest.raises(RuntimeError, match="chunk_size=1"):
+            torch.func.vmap(matvec)({"w": torch.ones(2, 3)})
+    finally:
+        dist.destroy_process_group()
