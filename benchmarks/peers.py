@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 from typing import Callable, Dict, List, Optional, Tuple
 
-import torch
 from torch import Tensor, nn
 
 Batch = Tuple[Tensor, Tensor]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -58,8 +59,9 @@ def _measure(build: Callable[[], Callable], arg, device) -> Tuple[Optional[float
         note = "fails with default attention; timed with math kernel forced"
         with _math_attention():
             return (*_measure(build, arg, device)[:2], note)
-    seconds = median_seconds(lambda: fn(arg), device)
-    del fn
+    call = functools.partial(fn, arg)
+    seconds = median_seconds(call, device)
+    del fn, call  # free what the build holds before measuring a fresh build's memory
     memory = peak_bytes(lambda: build()(arg), device)
     return seconds, memory, note
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import hvpfunc as hf
-from references import DT, random_tree, spectrum_operator
+from references import DT, spectrum_operator
 
 
 def _two_clusters():

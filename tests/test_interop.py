@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import hvpfunc as hf
-from references import DT, flat, mlp_loss, random_tree, spectrum_operator
+from references import flat, mlp_loss, random_tree, spectrum_operator
 
 scipy_linalg = pytest.importorskip("scipy.sparse.linalg")
 
