@@ -188,8 +188,10 @@ def hvp_fn(
 
     Args:
         f: ``f(params, *args, **kwargs)`` returning a 0-dim floating tensor.
-        params: the point, a pytree of floating tensors. It is detached; modifying it in
-            place afterwards invalidates the stored modes (PyTorch then raises).
+        params: the point, a pytree of floating tensors. It is detached, not copied:
+            after an in-place update of the parameters the matvec is no longer at one
+            well-defined point (the reused graph then raises; the other modes would mix
+            the old and new values), so build a new matvec after each update.
         *args, **kwargs: passed to ``f``; not differentiated.
         mode: ``"auto"`` (default), ``"forward-over-reverse"``, ``"reverse-over-reverse"``,
             ``"reverse-over-reverse-recomputed"`` or ``"linearize"``.

@@ -50,7 +50,7 @@ def leaves_with_paths(tree: Tree) -> Tuple[List[Tuple[str, Any]], pytree.TreeSpe
 
 
 def check_tree(tree: Tree, *, name: str = "params") -> None:
-    """Raise ``TypeError`` unless every leaf of ``tree`` is a floating-point tensor.
+    """Raise ``TypeError`` unless every leaf of ``tree`` is a real floating-point tensor.
 
     The message names the first offending leaf by its key path.
     """
@@ -62,9 +62,9 @@ def check_tree(tree: Tree, *, name: str = "params") -> None:
             raise TypeError(
                 f"{name}{_fmt(path)} is a {type(leaf).__name__}, expected a floating-point tensor"
             )
-        if not (leaf.is_floating_point() or leaf.is_complex()):
+        if not leaf.is_floating_point():
             raise TypeError(
-                f"{name}{_fmt(path)} has dtype {leaf.dtype}, expected a floating-point tensor"
+                f"{name}{_fmt(path)} has dtype {leaf.dtype}, expected a real floating-point tensor"
             )
 
 
