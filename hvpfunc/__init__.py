@@ -12,6 +12,7 @@ from .hvp import Matvec, hvp, hvp_fn
 from .implicit import hypergradient
 from .interop import to_scipy
 from .lanczos import lanczos
+from .minres import minres
 from .model import model_hvp_fn
 from .neumann import lissa, neumann
 from .power import power_iteration
@@ -38,6 +39,7 @@ __all__ = [
     "diagonal",
     "spectral_density",
     "cg",
+    "minres",
     "neumann",
     "lissa",
     "hypergradient",

@@ -44,7 +44,8 @@ def cg(
     On an indefinite A (a non-convex loss) a direction with pᵀAp ≤ 0 appears; CG then
     stops (the truncated-CG convention of Steihaug and PETSc) with
     ``status="negative_curvature"``, ``converged=False`` and the current finite iterate,
-    rather than a silently wrong answer. Damping δ > |λ_min| makes A positive definite.
+    rather than a silently wrong answer. Damping δ > |λ_min| makes A positive definite;
+    :func:`hvpfunc.minres` solves the indefinite system as it is.
     CG never falls back to the normal equations (that squares the condition number).
 
     Args:
@@ -142,8 +143,7 @@ def cg(
                     f"found a direction p with pᵀ(H + δI)p = {curvature:.3g} ≤ 0: the operator "
                     "is not positive definite, so CG cannot solve this system. Add damping "
                     "larger than the most negative eigenvalue's magnitude (hf.lanczos(..., "
-                    "which='SA') finds it), or a solver for indefinite systems such as "
-                    "scipy.sparse.linalg.minres on hf.to_scipy(matvec, b)."
+                    "which='SA') finds it), or hf.minres, which solves indefinite systems."
                 )
                 break
             step = rz / curvature

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .cg import cg
+from .minres import minres
 from .hvp import hvp_fn
 from .neumann import neumann
 from .results import SolveResult
@@ -16,7 +17,7 @@ from .tree import check_tree, leaves_with_paths, sub
 __all__ = ["hypergradient"]
 
 Tree = Any
-_SOLVERS = {"cg": cg, "neumann": neumann}
+_SOLVERS = {"cg": cg, "minres": minres, "neumann": neumann}
 
 
 def hypergradient(
@@ -48,11 +49,12 @@ def hypergradient(
             need not depend on ``hparams``.
         params: the inner solution w, a pytree at (or near) a minimum of ``inner_loss``.
         hparams: λ, a pytree of floating tensors.
-        solver: ``"cg"`` (default; fast, and reports negative curvature) or
+        solver: ``"cg"`` (default; fast, and reports negative curvature), ``"minres"``
+            (for an inner point that is not a strict minimum, where H is indefinite) or
             ``"neumann"`` (Lorraine et al.'s choice; reports divergence).
         mode: how the matvec computes products, as in :func:`hvpfunc.hvp_fn`.
         **solver_options: passed to the solver: ``tol``, ``damping``, ``max_iters`` for
-            CG; ``alpha``, ``num_terms``, ``tol``, ``damping`` for Neumann.
+            CG and MINRES; ``alpha``, ``num_terms``, ``tol``, ``damping`` for Neumann.
 
     Returns:
         ``(hypergradient, solve_result)``: a tree shaped like ``hparams``, and the linear

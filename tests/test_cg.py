@@ -50,7 +50,7 @@ def test_negative_curvature_stops_with_a_finite_iterate_and_says_so():
     with pytest.warns(hf.ConvergenceWarning, match="negative_curvature"):
         res = hf.cg(matvec, b)
     assert not res.converged and res.status == "negative_curvature"
-    assert "damping" in res.message and "minres" in res.message
+    assert "damping" in res.message and "hf.minres" in res.message
     assert torch.isfinite(flat(res.x)).all()
     assert res.num_matvecs <= 7
 

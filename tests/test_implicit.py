@@ -23,7 +23,10 @@ def _ridge(seed=0):
     return inner, outer, solution
 
 
-@pytest.mark.parametrize("solver,options", [("cg", {"tol": 1e-12}), ("neumann", {"tol": 1e-12, "num_terms": 5000})])
+@pytest.mark.parametrize(
+    "solver,options",
+    [("cg", {"tol": 1e-12}), ("minres", {"tol": 1e-12}), ("neumann", {"tol": 1e-12, "num_terms": 5000})],
+)
 def test_ridge_hypergradient_matches_autograd_through_the_closed_form(solver, options):
     inner, outer, solution = _ridge()
     log_l2 = torch.tensor(0.3, dtype=DT)

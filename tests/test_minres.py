@@ -1,0 +1,85 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import hvpfunc as hf
+from hvpfunc.testing import dense_hessian
+from references import DT, flat, mlp_loss, random_tree, spectrum_operator
+
+
+def test_indefinite_system_where_cg_stops():
+    matvec, like, H = spectrum_operator([-4.0, -1.0, 0.5, 2.0, 3.0, 8.0])
+    b = random_tree(like, 0)
+    with pytest.warns(hf.ConvergenceWarning, match="negative_curvature"):
+        assert hf.cg(matvec, b).status == "negative_curvature"
+    res = hf.minres(matvec, b, tol=1e-12)
+    assert res.converged and res.status == "converged"
+    assert torch.allclose(flat(res.x), torch.linalg.solve(H, flat(b)), rtol=1e-9)
+    assert res.residual_norm == pytest.approx(float((flat(b) - H @ flat(res.x)).norm()), rel=1e-9, abs=1e-15)
+    assert res.num_matvecs <= 6 + 2  # n steps at most in exact arithmetic, plus the check
+
+
+@settings(max_examples=15)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 25), shift=st.floats(-1.0, 1.0))
+def test_random_symmetric_systems_match_linalg_solve(seed, n, shift):
+    gen = torch.Generator().manual_seed(seed)
+    A = torch.randn(n, n, generator=gen, dtype=DT)
+    H = (A + A.T) / 2
+    M = H + shift * torch.eye(n, dtype=DT)
+    if float(torch.linalg.eigvalsh(M).abs().min()) < 1e-2:  # keep the reference well-posed
+        return
+    b = torch.randn(n, generator=gen, dtype=DT)
+    res = hf.minres(lambda v: H @ v, b, damping=shift, tol=1e-11, max_iters=20 * n + 50)
+    assert res.converged
+    want = torch.linalg.solve(M, b)
+    assert float((res.x - want).norm()) <= 1e-7 * float(want.norm()) * max(1.0, float(torch.linalg.cond(M)))
+
+
+def test_singular_consistent_and_inconsistent_systems():
+    D = torch.tensor([2.0, -1.0, 0.0, 3.0], dtype=DT)
+    consistent = torch.tensor([1.0, 1.0, 0.0, 1.0], dtype=DT)
+    res = hf.minres(lambda v: D * v, consistent, tol=1e-12)
+    assert res.converged and torch.allclose(res.x, torch.tensor([0.5, -1.0, 0.0, 1 / 3], dtype=DT))
+    with pytest.warns(hf.ConvergenceWarning, match="inconsistent|max_iters"):
+        res = hf.minres(lambda v: D * v, torch.ones(4, dtype=DT), tol=1e-12)
+    assert not res.converged and torch.isfinite(res.x).all()
+    # the least-squares part is still solved: residual only in the null space
+    assert res.residual_norm == pytest.approx(1.0, rel=1e-8)
+
+
+def test_preconditioner_and_zero_rhs():
+    d = torch.logspace(-3, 3, 40, dtype=DT) * torch.where(torch.arange(40) % 3 == 0, -1.0, 1.0).to(DT)
+    b = torch.randn(40, generator=torch.Generator().manual_seed(0), dtype=DT)
+    plain = hf.minres(lambda v: d * v, b, tol=1e-10, max_iters=2000)
+    pre = hf.minres(lambda v: d * v, b, tol=1e-10, preconditioner=lambda r: r / d.abs())
+    assert plain.converged and pre.converged
+    assert torch.allclose(pre.x, b / d, rtol=1e-8)
+    assert pre.stats["iterations"] < plain.stats["iterations"]
+    zero = hf.minres(lambda v: d * v, torch.zeros(40, dtype=DT))
+    assert zero.converged and zero.num_matvecs == 0
+
+
+def test_network_hessian_without_damping():
+    f, params, (x, y) = mlp_loss([4, 6, 1])
+    H = dense_hessian(f, params, x, y)
+    assert float(torch.linalg.eigvalsh(H)[0]) < 0  # indefinite at initialization
+    b = random_tree(params, 1)
+    res = hf.minres(hf.hvp_fn(f, params, x, y), b, tol=1e-10, max_iters=2000)
+    assert res.converged
+    assert float((H @ flat(res.x) - flat(b)).norm()) <= 1e-9 * float(flat(b).norm())
+
+
+def test_max_iters_and_non_finite_and_bad_input():
+    matvec, like, _ = spectrum_operator(torch.linspace(-1, 1, 30, dtype=DT).add(0.01).tolist())
+    b = random_tree(like, 2)
+    with pytest.warns(hf.ConvergenceWarning, match="max_iters"):
+        res = hf.minres(matvec, b, max_iters=3)
+    assert res.status == "max_iters" and res.stats["iterations"] == 3
+    with pytest.warns(hf.ConvergenceWarning, match="non_finite"):
+        res = hf.minres(lambda v: {"a": v["a"] * float("nan"), "b": v["b"]}, b)
+    assert res.status == "non_finite" and torch.isfinite(flat(res.x)).all()
+    with pytest.raises(ValueError, match="b has non-finite"):
+        hf.minres(matvec, {"a": b["a"] * float("inf"), "b": b["b"]})
+    with pytest.raises(ValueError, match="tol must be positive"):
+        hf.minres(matvec, b, tol=-1.0)
