@@ -67,8 +67,11 @@ def _differentiable_attention() -> Iterator[None]:
     forward-mode and double-backward derivatives the fused kernels lack."""
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # torch < 2.3 has only the older per-backend switches
-        yield
+    except ImportError:  # torch < 2.3: the older per-backend switches
+        with torch.backends.cuda.sdp_kernel(
+            enable_flash=False, enable_math=True, enable_mem_efficient=False
+        ):
+            yield
         return
     with sdpa_kernel([SDPBackend.MATH]):
         yield

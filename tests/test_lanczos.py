@@ -143,3 +143,16 @@ def test_non_finite_products_are_reported():
     with pytest.warns(hf.ConvergenceWarning, match="not finite"):
         res = hf.lanczos(flaky, random_tree(like, 0), k=1)
     assert not bool(res.converged[0])
+
+
+def test_float32_network_hessian_converges_to_float32_accuracy():
+    f, params, (x, y) = mlp_loss([5, 8, 3], batch=40)
+    H = dense_hessian(f, params, x, y)
+    ev = torch.linalg.eigvalsh(H)
+    p32 = {k: t.float() for k, t in params.items()}
+    matvec = hf.hvp_fn(f, p32, x.float(), y.float())
+    res = hf.lanczos(matvec, random_tree(p32, 8), k=3, which="LA", tol=1e-5)
+    assert bool(res.converged.all()) and res.eigenvalues.dtype == torch.float32
+    assert torch.allclose(res.eigenvalues.double(), ev.flip(0)[:3], rtol=1e-4)
+    bottom = hf.lanczos(matvec, random_tree(p32, 9), k=1, which="SA", tol=1e-5)
+    assert float(bottom.eigenvalues[0]) == pytest.approx(float(ev[0]), rel=1e-3, abs=1e-5 * float(ev.abs().max()))
