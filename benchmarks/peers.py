@@ -7,6 +7,7 @@ Every adapter returns None when its package is not installed; ``pip install
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
 from torch import Tensor, nn
@@ -32,7 +33,9 @@ def pyhessian(model: nn.Module, batch: Batch):
     except ImportError:
         return None
     model = copy.deepcopy(model)
-    return hessian(model, nn.CrossEntropyLoss(), data=batch, cuda=batch[0].is_cuda)
+    with warnings.catch_warnings():  # its backward(create_graph=True) warns about cycles
+        warnings.simplefilter("ignore", UserWarning)
+        return hessian(model, nn.CrossEntropyLoss(), data=batch, cuda=batch[0].is_cuda)
 
 
 def pyhessian_matvec(h) -> Callable[[List[Tensor]], Tuple[Tensor, ...]]:
