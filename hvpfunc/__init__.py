@@ -6,7 +6,7 @@ hypergradients. A Hessian is a matvec (a function from a pytree to a pytree shap
 the parameters); every solver is a pure function of a matvec.
 """
 
-from .cg import cg
+from .cg import cg, cg_batched
 from .density import spectral_density
 from .hvp import Matvec, hvp, hvp_fn
 from .implicit import hypergradient
@@ -39,6 +39,7 @@ __all__ = [
     "diagonal",
     "spectral_density",
     "cg",
+    "cg_batched",
     "minres",
     "neumann",
     "lissa",
