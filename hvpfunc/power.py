@@ -24,6 +24,7 @@ class _Run(NamedTuple):
     residual: float
     converged: bool
     reason: str
+    norm: float  # the largest ‖(H − shift·I) q‖ seen, a lower bound of that norm
 
 
 def power_iteration(
@@ -93,17 +94,13 @@ def power_iteration(
     bar = _Progress(progress, total=max_iters, desc=f"power iteration ({which})")
     try:
         run = _power(op, x0, shift=0.0, tol=tol, max_iters=max_iters, bar=bar)
-        wrong_end = (which == "LA" and run.eigenvalue < 0) or (
-            which == "SA" and run.eigenvalue > 0
-        )
-        if wrong_end and run.converged:
-            first = run
-            run = _power(op, x0, shift=first.eigenvalue, tol=tol, max_iters=max_iters, bar=bar)
-        elif wrong_end:
-            run = run._replace(
-                converged=False,
-                reason="the largest-magnitude eigenvalue, needed as the shift, did not converge",
-            )
+        sign = {"LM": 0.0, "LA": 1.0, "SA": -1.0}[which]
+        if sign and not (run.converged and sign * run.eigenvalue >= 0):
+            # Shift so that the wanted end dominates: by the opposite end when it has
+            # converged, else by the norm estimate ‖Hq‖ ≤ ‖H‖ (ties such as ±λ stall
+            # plain power iteration, which then never converges).
+            shift = run.eigenvalue if run.converged else -sign * run.norm
+            run = _power(op, x0, shift=shift, tol=tol, max_iters=max_iters, bar=bar)
     finally:
         bar.close()
     if not run.converged:
@@ -129,7 +126,7 @@ def _power(
 ) -> _Run:
     """Power iteration on H − shift·I; returns the eigenvalue of H (shift added back)."""
     q = x0 / torch.linalg.vector_norm(x0)
-    best = _Run(math.nan, q, math.inf, False, f"max_iters={max_iters} reached")
+    best = _Run(math.nan, q, math.inf, False, f"max_iters={max_iters} reached", 0.0)
     previous = math.nan
     eps = torch.finfo(op.dtype).eps
     norm_estimate = 0.0
@@ -145,7 +142,7 @@ def _power(
         bar.update(lam, residual)
         norm_estimate = max(norm_estimate, abs(lam), abs(shift))
         scale = max(tol * abs(lam), 100 * eps * norm_estimate)
-        best = _Run(lam, q, residual, False, best.reason)
+        best = _Run(lam, q, residual, False, best.reason, max(best.norm, math.hypot(mu, residual)))
         if residual <= scale and abs(lam - previous) <= scale:
             return best._replace(converged=True, reason="")
         if residual == 0.0:  # q is an exact eigenvector; w may be zero, so stop here

@@ -98,3 +98,14 @@ def test_bad_inputs_are_clear_errors():
         hf.power_iteration(lambda v: {"a": torch.zeros(2, dtype=DT), "b": v["b"]}, random_tree(like, 0))
     with pytest.raises(ValueError, match="missing leaves"):
         hf.power_iteration(lambda v: {"a": v["a"]}, random_tree(like, 0))
+
+
+def test_tied_magnitudes_stall_lm_but_not_the_algebraic_ends():
+    matvec, like, _ = spectrum_operator([-2.0, 2.0, 0.5, -0.3, 1.0])
+    with pytest.warns(hf.ConvergenceWarning, match="did not converge"):
+        lm = hf.power_iteration(matvec, random_tree(like, 0), max_iters=200)
+    assert not bool(lm.converged[0])
+    la = hf.power_iteration(matvec, random_tree(like, 0), which="LA", tol=1e-8, max_iters=2000)
+    sa = hf.power_iteration(matvec, random_tree(like, 0), which="SA", tol=1e-8, max_iters=2000)
+    assert bool(la.converged[0]) and float(la.eigenvalues[0]) == pytest.approx(2.0, rel=1e-7)
+    assert bool(sa.converged[0]) and float(sa.eigenvalues[0]) == pytest.approx(-2.0, rel=1e-7)
