@@ -9,7 +9,7 @@ rows (zero-copy when the tree has one dtype), and only its output is copied into
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, List, Union
+from typing import Any, Callable, List, Optional, Union
 
 import torch
 from torch import Tensor
@@ -84,6 +84,16 @@ class _Operator:
         self.device = self.layout.device
         self.num_matvecs = 0
         self._checked = False
+
+    def probes(self, count: int, generator: Optional[torch.Generator]) -> Tensor:
+        """``count`` Rademacher rows (entries ±1), drawn one row at a time on the
+        generator's device, so that the numbers depend on the generator alone, not on
+        how the rows are chunked or on the operator's device."""
+        device = generator.device if generator is not None else torch.device("cpu")
+        rows = [torch.randint(0, 2, (self.n,), generator=generator, device=device) for _ in range(count)]
+        if not rows:
+            return torch.zeros(0, self.n, dtype=self.dtype, device=self.device)
+        return torch.stack(rows).to(self.device, self.dtype).mul_(2).sub_(1)
 
     def flatten_input(self, tree: Tree, *, name: str) -> Tensor:
         """Check a user vector against ``like`` and return it flat (a copy)."""

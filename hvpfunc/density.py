@@ -85,15 +85,12 @@ def spectral_density(
     steps = min(num_iters, op.n)
     chunk_size = _resolve_chunk(chunk_size, op.device)
     chunk = num_probes if chunk_size is None else chunk_size
-    device = generator.device if generator is not None else torch.device("cpu")
-    probes = torch.stack(
-        [torch.randint(0, 2, (op.n,), generator=generator, device=device) for _ in range(num_probes)]
-    ).to(op.device, op.dtype).mul_(2).sub_(1)
     nodes, weights = [], []
     bar = _Progress(progress, total=num_probes * steps, desc="spectral density")
     try:
         for start in range(0, num_probes, chunk):
-            T = _tridiagonalize(op, probes[start : start + chunk], steps, chunk_size, bar)
+            probes = op.probes(min(chunk, num_probes - start), generator)
+            T = _tridiagonalize(op, probes, steps, chunk_size, bar)
             theta, Y = torch.linalg.eigh(T)
             nodes.append(theta)
             weights.append(Y[:, 0, :] ** 2)

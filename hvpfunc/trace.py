@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from ._operator import ChunkSize, _Operator
+from ._operator import ChunkSize, _Operator, _resolve_chunk
 from ._progress import _Progress
 from .results import DiagonalResult, TraceResult
 
@@ -86,25 +86,43 @@ def trace(
             f"got {num_probes}"
         )
     op = _Operator(matvec, like, name="like")
+    chunk = _resolve_chunk(chunk_size, op.device)
     bar = _Progress(progress, total=num_probes, desc=f"trace ({method})")
     try:
         if method == "hutchinson":
-            Z = _probes(op, num_probes, generator)
-            samples = (Z * op.batch(Z, chunk_size=chunk_size, bar=bar)).sum(dim=1)
+            samples = _quadratic_forms(op, num_probes, generator, chunk, bar)
             estimate, stderr = samples.mean(), _stderr(samples)
         else:
             sketch = num_probes // 3
-            S = _probes(op, sketch, generator)
-            Q, _ = torch.linalg.qr(op.batch(S, chunk_size=chunk_size, bar=bar).T)
+            S = op.probes(sketch, generator)
+            Q, _ = torch.linalg.qr(op.batch(S, chunk_size=chunk, bar=bar).T)
             Q = Q.T  # rows: an orthonormal basis of range(HS)
-            exact = (Q * op.batch(Q, chunk_size=chunk_size, bar=bar)).sum()
-            G = _probes(op, num_probes - 2 * sketch, generator)
-            G = G - (G @ Q.T) @ Q
-            samples = (G * op.batch(G, chunk_size=chunk_size, bar=bar)).sum(dim=1)
+            exact = (Q * op.batch(Q, chunk_size=chunk, bar=bar)).sum()
+            samples = _quadratic_forms(op, num_probes - 2 * sketch, generator, chunk, bar, deflate=Q)
             estimate, stderr = exact + samples.mean(), _stderr(samples)
     finally:
         bar.close()
     return TraceResult(estimate=estimate, stderr=stderr, num_matvecs=op.num_matvecs)
+
+
+def _quadratic_forms(
+    op: _Operator,
+    count: int,
+    generator: Optional[torch.Generator],
+    chunk: Optional[int],
+    bar: _Progress,
+    deflate: Optional[Tensor] = None,
+) -> Tensor:
+    """zᵀHz for ``count`` Rademacher z (projected off the rows of ``deflate``), drawn a
+    chunk at a time so that memory holds one chunk of probes, not all of them."""
+    step = count if chunk is None else chunk
+    samples = []
+    for start in range(0, count, max(step, 1)):
+        Z = op.probes(min(step, count - start), generator)
+        if deflate is not None:
+            Z = Z - (Z @ deflate.T) @ deflate
+        samples.append((Z * op.batch(Z, chunk_size=None, bar=bar)).sum(dim=1))
+    return torch.cat(samples)
 
 
 def diagonal(
@@ -142,25 +160,27 @@ def diagonal(
     if num_probes < 2:
         raise ValueError(f"diagonal needs num_probes >= 2 to report a standard error, got {num_probes}")
     op = _Operator(matvec, like, name="like")
-    Z = _probes(op, num_probes, generator)
-    samples = Z * op.batch(Z, chunk_size=chunk_size)
+    step = _resolve_chunk(chunk_size, op.device) or num_probes
+    # Running mean and sum of squared deviations, merged chunk by chunk (Chan et al.),
+    # so memory holds one chunk of probes and the variance does not cancel.
+    count, mean, m2 = 0, torch.zeros(op.n, dtype=op.dtype, device=op.device), None
+    for start in range(0, num_probes, step):
+        Z = op.probes(min(step, num_probes - start), generator)
+        samples = Z * op.batch(Z, chunk_size=None)
+        c = samples.shape[0]
+        c_mean = samples.mean(dim=0)
+        c_m2 = ((samples - c_mean) ** 2).sum(dim=0)
+        delta = c_mean - mean
+        total = count + c
+        mean = mean + delta * (c / total)
+        m2 = c_m2 if m2 is None else m2 + c_m2 + delta**2 * (count * c / total)
+        count = total
+    stderr = torch.sqrt(m2 / (count - 1)) / math.sqrt(count)
     return DiagonalResult(
-        estimate=op.layout.unflatten(samples.mean(dim=0)),
-        stderr=op.layout.unflatten(_stderr(samples)),
+        estimate=op.layout.unflatten(mean),
+        stderr=op.layout.unflatten(stderr),
         num_matvecs=op.num_matvecs,
     )
-
-
-def _probes(op: _Operator, count: int, generator: Optional[torch.Generator]) -> Tensor:
-    """``count`` Rademacher rows, drawn one row at a time so that the numbers do not
-    depend on how they are later chunked."""
-    device = generator.device if generator is not None else torch.device("cpu")
-    rows = [
-        torch.randint(0, 2, (op.n,), generator=generator, device=device) for _ in range(count)
-    ]
-    if not rows:
-        return torch.zeros(0, op.n, dtype=op.dtype, device=op.device)
-    return torch.stack(rows).to(op.device, op.dtype).mul_(2).sub_(1)
 
 
 def _stderr(samples: Tensor) -> Tensor:

@@ -87,3 +87,11 @@ def test_bad_arguments():
         hf.diagonal(matvec, like, num_probes=1)
     with pytest.raises(ValueError, match="chunk_size"):
         hf.trace(matvec, like, chunk_size=0)
+
+
+def test_diagonal_is_the_same_whatever_the_chunking():
+    matvec, like, _ = spectrum_operator([3.0, 1.0, 2.0, -1.0, 0.5, 4.0], seed=1)
+    runs = [hf.diagonal(matvec, like, num_probes=37, chunk_size=c, generator=torch.Generator().manual_seed(4)) for c in (1, 5, None)]
+    for r in runs[1:]:
+        assert torch.allclose(flat(r.estimate), flat(runs[0].estimate), rtol=1e-12)
+        assert torch.allclose(flat(r.stderr), flat(runs[0].stderr), rtol=1e-9)
