@@ -181,3 +181,13 @@ def test_loss_without_forward_mode_derivative_is_handled():
         hf.hvp_fn(f, params, mode="forward-over-reverse")(v)
     with pytest.raises(RuntimeError, match="forward-mode"):
         hf.hvp_fn(f, params, mode="linearize")
+
+
+def test_products_work_under_no_grad_and_with_parameters_that_require_grad():
+    params = {"w": torch.tensor([1.0, 2.0], dtype=DT, requires_grad=True)}
+    v = {"w": torch.ones(2, dtype=DT)}
+    with torch.no_grad():
+        for mode in MODES:
+            assert torch.allclose(hf.hvp_fn(lambda p: (p["w"] ** 3).sum(), params, mode=mode)(v)["w"],
+                                  torch.tensor([6.0, 12.0], dtype=DT)), mode
+        assert torch.allclose(hf.hvp(lambda p: (p["w"] ** 3).sum(), params, v)["w"], torch.tensor([6.0, 12.0], dtype=DT))
