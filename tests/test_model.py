@@ -184,3 +184,22 @@ def test_several_batches_use_forward_over_reverse_when_the_loss_allows():
     assert matvec.mode == "forward-over-reverse"
     full, _ = hf.model_hvp_fn(model, nn.functional.cross_entropy, (x, y))
     assert torch.allclose(dense_matrix(matvec, params), dense_matrix(full, params), rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("chunk_size", [1, None])
+def test_batchnorm_train_mode_against_a_hand_written_batch_norm(chunk_size):
+    # Independent of F.batch_norm's derivative formulas, some of which PyTorch gets wrong
+    # under nested transforms (torch.func.hessian through it is off by O(1) in 2.13;
+    # pytorch/pytorch#196699 reports a wrong second-order JVP).
+    model, x, y = _cross_entropy_model_data()
+    params = {k: p.detach() for k, p in model.named_parameters()}
+
+    def manual(p):
+        h = x @ p["0.weight"].T + p["0.bias"]
+        h = (h - h.mean(0)) / torch.sqrt(h.var(0, unbiased=False) + model[1].eps) * p["1.weight"] + p["1.bias"]
+        return nn.functional.cross_entropy(torch.tanh(h) @ p["3.weight"].T + p["3.bias"], y)
+
+    want = dense_hessian(manual, params)
+    for mode in ["forward-over-reverse", "reverse-over-reverse", "reverse-over-reverse-recomputed", "linearize"]:
+        matvec, _ = hf.model_hvp_fn(model, nn.functional.cross_entropy, (x, y), mode=mode)
+        assert torch.allclose(dense_matrix(matvec, params, chunk_size=chunk_size), want, rtol=1e-9, atol=1e-12), mode
