@@ -45,8 +45,11 @@ class _Layout:
                     f"{name}{path} is on {leaf.device} but {name}{self.paths[0]} is on "
                     f"{self.device}; solvers need every leaf on one device"
                 )
-        self.dtype = self.dtypes[0]
-        for dt in self.dtypes[1:]:
+        # Solvers compute in the widest leaf dtype and at least float32: a bfloat16 or
+        # float16 Krylov basis loses orthogonality at once, and its rounding level
+        # (ε ≈ 1e-2) would pass any residual test.
+        self.dtype = torch.float32
+        for dt in self.dtypes:
             self.dtype = torch.promote_types(self.dtype, dt)
 
     def flatten(self, tree: Tree, batch_dims: int = 0) -> Tensor:
