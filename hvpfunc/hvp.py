@@ -203,7 +203,8 @@ def hvp_fn(
         A :class:`Matvec`; its ``mode`` attribute says which mode computes products.
 
     Raises:
-        ValueError: unknown ``mode``; ``f`` does not return a scalar.
+        ValueError: unknown ``mode``; ``f`` does not return a scalar; ``f`` is not
+            deterministic (two evaluations at ``params``, made at construction, differ).
         TypeError: a leaf of ``params`` is not a floating tensor.
         RuntimeError: no mode can differentiate f twice (the message lists each error).
 
@@ -220,11 +221,29 @@ def hvp_fn(
     check_tree(params, name="params")
     params = pytree.tree_map(lambda t: t.detach(), params)
     f = _scalar_fn(f)
+    _check_deterministic(f, params, args, kwargs)
     if mode == "auto":
         return _auto(f, params, args, kwargs)
     with _differentiable_attention():
         fn = _BUILDERS[mode](f, params, args, kwargs)
     return Matvec(fn, params, mode)
+
+
+def _check_deterministic(f, params, args, kwargs) -> None:
+    """Evaluate f twice at the point: a function with randomness inside (dropout,
+    sampling, augmentation) would make every product random, and a stored mode would
+    freeze one random draw into the operator, both silently."""
+    with torch.no_grad(), _differentiable_attention():
+        first, second = f(params, *args, **kwargs), f(params, *args, **kwargs)
+    a, b = float(first), float(second)
+    # GPU reductions may differ in the last bits between runs; randomness does not hide there
+    if abs(a - b) > 1e-6 * max(abs(a), abs(b)) + 1e-30:
+        raise ValueError(
+            f"f is not deterministic: two evaluations at the same params gave {a!r} and "
+            f"{b!r}. Randomness inside f (dropout, sampling, data augmentation) would make "
+            "every Hessian-vector product random and solvers would not converge: make f "
+            "deterministic (model.eval(), fixed noise, or model_hvp_fn(..., dropout='off'))."
+        )
 
 
 def _forward_over_reverse(f, params, args, kwargs):

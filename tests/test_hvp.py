@@ -191,3 +191,19 @@ def test_products_work_under_no_grad_and_with_parameters_that_require_grad():
             assert torch.allclose(hf.hvp_fn(lambda p: (p["w"] ** 3).sum(), params, mode=mode)(v)["w"],
                                   torch.tensor([6.0, 12.0], dtype=DT)), mode
         assert torch.allclose(hf.hvp(lambda p: (p["w"] ** 3).sum(), params, v)["w"], torch.tensor([6.0, 12.0], dtype=DT))
+
+
+def test_random_functions_are_refused_before_they_give_random_products():
+    torch.manual_seed(0)  # two equal dropout masks of 20 entries are then impossible here
+    params = {"w": torch.linspace(1.0, 2.0, 20, dtype=DT)}
+
+    def noisy(p):
+        return (p["w"] ** 2).sum() + torch.randn((), dtype=DT)
+
+    def dropped(p):
+        return nn.functional.dropout(p["w"], 0.5, training=True).pow(2).sum()
+
+    for f in (noisy, dropped):
+        for mode in MODES:
+            with pytest.raises(ValueError, match="f is not deterministic"):
+                hf.hvp_fn(f, params, mode=mode)
