@@ -71,7 +71,10 @@ def data_parallel(
             "torch.distributed.init_process_group first"
         )
     share = 1.0 if weight is None else float(weight)
-    total = torch.tensor([share], dtype=torch.float64)
+    # NCCL reduces CUDA tensors only; gloo and mpi take CPU tensors.
+    on_cuda = dist.get_backend(group) == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if on_cuda else torch.device("cpu")
+    total = torch.tensor([share], dtype=torch.float64, device=device)
     dist.all_reduce(total, group=group)
     scale = share / float(total) if reduce == "mean" else 1.0
 
