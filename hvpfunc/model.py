@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +25,7 @@ def model_hvp_fn(
     *,
     mode: str = "auto",
     dropout: str = "error",
+    select: Optional[Callable[[str], bool]] = None,
 ) -> Tuple[Matvec, Dict[str, Tensor]]:
     """The Hessian of a model's loss over data, as a matvec on its parameter dict.
 
@@ -57,6 +58,10 @@ def model_hvp_fn(
             (``nn.Dropout*`` or ``nn.MultiheadAttention`` with p > 0), which would make
             every product random: ``"error"`` (default) raises, ``"off"`` evaluates the
             loss with those modules switched off, the rest of the model unchanged.
+        select: ``select(name) -> bool`` picks the parameters to differentiate (e.g.
+            ``lambda n: n.startswith("layer4.")``); the others are held constant, so the
+            matvec is the diagonal block of the Hessian for the selected ones. Default:
+            every parameter with ``requires_grad``.
 
     Returns:
         ``(matvec, params)``: the matvec (a :class:`hvpfunc.Matvec`) and the dict
@@ -65,7 +70,8 @@ def model_hvp_fn(
 
     Raises:
         ValueError: empty data, a batch that is not ``(inputs, targets)``, active dropout
-            with ``dropout="error"``, or a forward pass that wrote to a buffer.
+            with ``dropout="error"``, ``select`` choosing no parameter, or a forward pass
+            that wrote to a buffer.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
@@ -86,8 +92,11 @@ def model_hvp_fn(
             "statistics), or pass dropout='off' to switch only dropout off."
         )
     named = dict(model.named_parameters())
-    params = {k: p.detach() for k, p in named.items() if p.requires_grad}
-    frozen = {k: p.detach() for k, p in named.items() if not p.requires_grad}
+    chosen = {k for k, p in named.items() if p.requires_grad and (select is None or select(k))}
+    if not chosen:
+        raise ValueError("no parameter to differentiate: select chose none of " + ", ".join(named))
+    params = {k: p.detach() for k, p in named.items() if k in chosen}
+    frozen = {k: p.detach() for k, p in named.items() if k not in chosen}
     buffers = _read_only_buffers(model)
     versions = {k: b._version for k, b in model.named_buffers()}
     total = sum(int(y.shape[0]) for _, y in batches)

@@ -203,3 +203,17 @@ def test_batchnorm_train_mode_against_a_hand_written_batch_norm(chunk_size):
     for mode in ["forward-over-reverse", "reverse-over-reverse", "reverse-over-reverse-recomputed", "linearize"]:
         matvec, _ = hf.model_hvp_fn(model, nn.functional.cross_entropy, (x, y), mode=mode)
         assert torch.allclose(dense_matrix(matvec, params, chunk_size=chunk_size), want, rtol=1e-9, atol=1e-12), mode
+
+
+def test_select_gives_the_diagonal_block_of_the_chosen_parameters():
+    model = mlp([3, 4, 2])
+    x, _ = _data(10)
+    y = torch.randn(10, 2, dtype=DT)
+    full, params = hf.model_hvp_fn(model, nn.functional.mse_loss, (x, y))
+    block, sub = hf.model_hvp_fn(model, nn.functional.mse_loss, (x, y), select=lambda n: n.startswith("2."))
+    assert list(sub) == ["2.weight", "2.bias"]
+    H = dense_matrix(full, params)
+    start = params["0.weight"].numel() + params["0.bias"].numel()
+    assert torch.allclose(dense_matrix(block, sub), H[start:, start:], rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="select chose none"):
+        hf.model_hvp_fn(model, nn.functional.mse_loss, (x, y), select=lambda n: False)
