@@ -92,7 +92,10 @@ def run(models: Dict[str, tuple], device: torch.device, *, vectors: int = 16) ->
 
         def add(label: str, build: Callable[[], Callable], arg, per: int = 1) -> None:
             seconds, memory, note = _measure(build, arg, device)
-            ratio = "—" if seconds is None else f"{seconds / per / t_grad:.2f}×"
+            # A gradient timed next to each row: a shared machine drifts over a run, and a
+            # ratio to a gradient measured minutes earlier would carry that drift.
+            nearby = median_seconds(lambda: grad_call(None), device, warmup=1, repeats=5)
+            ratio = "—" if seconds is None else f"{seconds / per / nearby:.2f}×"
             mem = "n/a" if memory is None or m_grad is None else f"{memory / m_grad:.1f}×"
             rows.append([label, ratio, mem, note])
 
