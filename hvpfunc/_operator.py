@@ -51,6 +51,8 @@ class _Layout:
         self.dtype = torch.float32
         for dt in self.dtypes:
             self.dtype = torch.promote_types(self.dtype, dt)
+        # rounding level of the products themselves: that of the least precise leaf
+        self.product_eps = max(torch.finfo(dt).eps for dt in self.dtypes)
 
     def flatten(self, tree: Tree, batch_dims: int = 0) -> Tensor:
         """Copy a tree (with ``batch_dims`` leading dims per leaf) into ``(*batch, n)``."""

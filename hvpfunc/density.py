@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ._operator import ChunkSize, _Operator, _resolve_chunk
 from ._progress import _Progress
-from .lanczos import _orthogonalize
+from .lanczos import _asymmetry_message, _orthogonalize
 from .results import SpectralDensity
 
 __all__ = ["spectral_density"]
@@ -68,7 +68,7 @@ def spectral_density(
 
     Raises:
         ValueError: non-positive ``num_probes``, ``num_iters``, ``num_points`` or ``sigma``;
-            a product that is not finite.
+            a product that is not finite; a matvec that is not symmetric.
 
     References:
         Lin, Saad & Yang, "Approximating spectral densities of large matrices",
@@ -137,12 +137,20 @@ def _tridiagonalize(
     beta = torch.zeros(b, steps, dtype=torch.float64)
     q = Z / torch.linalg.vector_norm(Z, dim=1, keepdim=True)
     scale = torch.zeros(b, dtype=op.dtype, device=op.device)
+    slack = 10 * math.sqrt(op.layout.product_eps)
     for j in range(steps):
         Q[:, j] = q
         w = op.batch(q, chunk_size=b if chunk_size is None else chunk_size)
         w, h = _orthogonalize(Q[:, : j + 1], w)
         norms = torch.linalg.vector_norm(w, dim=1)
         scale = torch.maximum(scale, h.abs().max(dim=1).values)
+        if j > 0:  # ⟨q_{j-1}, H q_j⟩ must equal β_{j-1} = ⟨H q_{j-1}, q_j⟩ for symmetric H
+            forward = h[:, j - 1].to("cpu", torch.float64)
+            gap = (forward - beta[:, j - 1]).abs()
+            bad = gap > slack * scale.to("cpu", torch.float64)
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0])
+                raise ValueError(_asymmetry_message(float(forward[i]), float(beta[i, j - 1])))
         alive = norms > 100 * eps * scale
         alpha[:, j] = h[:, j].to("cpu", torch.float64)
         beta[:, j] = torch.where(alive, norms, 0).to("cpu", torch.float64)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Callable, Optional, Tuple
 
@@ -79,7 +80,8 @@ def lanczos(
     Raises:
         ValueError: bad ``which``, ``tol``, ``k`` (e.g. larger than the dimension) or
             ``max_basis``; a zero or non-finite ``v0``; a matvec output that does not
-            match ``v0`` (the message names the leaf).
+            match ``v0`` (the message names the leaf); a matvec that is not symmetric
+            (detected for free: ⟨v_{j-1}, Hv_j⟩ must equal the previous step's β).
 
     Example:
         >>> H = torch.diag(torch.arange(1.0, 101.0))
@@ -126,6 +128,10 @@ def lanczos(
     reason = f"max_iters={budget} products reached"
     done = False
     exploring = explored = False
+    plain = False  # whether V[j] came from the three-term step, so that T[j, j-1] = β
+    # A symmetric H gives ⟨v_{j-1}, H v_j⟩ = ⟨H v_{j-1}, v_j⟩ = β_{j-1}; a gap beyond the
+    # products' rounding means the matvec is not symmetric and every eigenvalue is wrong.
+    symmetry_slack = 10 * math.sqrt(op.layout.product_eps)
     bar = _Progress(progress, total=budget, desc=f"lanczos (k={k}, {which})")
     try:
         while not done:
@@ -137,6 +143,8 @@ def lanczos(
             if not np.isfinite(host).all():
                 reason = "a product was not finite"
                 break
+            if plain and abs(h[j - 1] - T[j, j - 1]) > symmetry_slack * max(norm_estimate, abs(h[j])):
+                raise ValueError(_asymmetry_message(h[j - 1], T[j, j - 1]))
             T[: j + 1, j] = h
             T[j, : j + 1] = h
             j += 1
@@ -164,6 +172,8 @@ def lanczos(
                 nxt = _fresh_direction(V[:j], generator)
             else:
                 nxt = w / beta
+                T[j, j - 1] = beta  # vᵀ_{j-1}Hv_j must come back equal: the symmetry check
+            plain = not invariant and j != m
             if j == m:
                 exploring = False
                 p = k + (m - k) // 2
@@ -205,6 +215,15 @@ def lanczos(
         residuals=residuals.to(op.device, op.dtype),
         num_matvecs=op.num_matvecs,
         which=which,
+    )
+
+
+def _asymmetry_message(forward: float, backward: float) -> str:
+    return (
+        f"the matvec is not symmetric: for consecutive Lanczos vectors, <v_j-1, H v_j> = "
+        f"{forward:.6g} but <H v_j-1, v_j> = {backward:.6g}. Lanczos, power iteration, "
+        "CG and SLQ need a symmetric operator (check it with "
+        "hvpfunc.testing.assert_symmetric)."
     )
 
 

@@ -176,3 +176,16 @@ def test_bfloat16_parameters_are_solved_in_float32():
     # bfloat16 products carry ~1e-2 relative noise; a bfloat16 basis used to "converge" to
     # eigenvalues off by 40%
     assert torch.allclose(got.eigenvalues, want, rtol=2e-2)
+
+
+def test_a_non_symmetric_matvec_is_an_error_not_wrong_eigenvalues():
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(20, 20, generator=gen, dtype=DT)
+    with pytest.raises(ValueError, match="matvec is not symmetric"):
+        hf.lanczos(lambda v: A @ v, torch.ones(20, dtype=DT), k=2)
+    with pytest.raises(ValueError, match="matvec is not symmetric"):
+        hf.spectral_density(lambda v: A @ v, torch.zeros(20, dtype=DT), num_probes=2, num_iters=5,
+                            generator=torch.Generator().manual_seed(0))
+    slightly = (A + A.T) / 2 + 1e-3 * A  # an operator a user got almost right
+    with pytest.raises(ValueError, match="not symmetric"):
+        hf.lanczos(lambda v: slightly @ v, torch.ones(20, dtype=DT), k=2)
