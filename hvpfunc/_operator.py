@@ -9,6 +9,8 @@ rows (zero-copy when the tree has one dtype), and only its output is copied into
 from __future__ import annotations
 
 import math
+import warnings
+from types import MappingProxyType
 from typing import Any, Callable, List, Optional, Union
 
 import torch
@@ -162,3 +164,70 @@ def _check_start(x: Tensor, *, name: str) -> None:
 
 def _isfinite(*values: float) -> bool:
     return all(math.isfinite(v) for v in values)
+
+
+class _LinearSystem:
+    """(H + δI) x = b as the iterative solvers see it: the counted operator, b flat and
+    checked, the iteration limit, and the products with A = H + δI and with M⁻¹."""
+
+    def __init__(
+        self,
+        matvec: Callable[[Tree], Tree],
+        b: Tree,
+        *,
+        damping: float,
+        max_iters: Optional[int] = None,
+        preconditioner: Optional[Callable[[Tree], Tree]] = None,
+    ):
+        self.op = _Operator(matvec, b, name="b")
+        self.b = self.op.layout.flatten(b)
+        if not bool(torch.isfinite(self.b).all()):
+            raise ValueError("b has non-finite entries (nan or inf)")
+        self.limit = max_iters if max_iters is not None else min(10 * self.op.n, 1000)
+        if self.limit < 0:
+            raise ValueError(f"max_iters must be non-negative, got {max_iters}")
+        self.b_norm = float(torch.linalg.vector_norm(self.b))
+        self.damping = damping
+        self.preconditioner = preconditioner
+
+    def A(self, v: Tensor) -> Tensor:
+        """(H + δI) v."""
+        return self.op(v) + self.damping * v if self.damping else self.op(v)
+
+    def M(self, r: Tensor) -> Tensor:
+        """M⁻¹ r (the identity without a preconditioner)."""
+        if self.preconditioner is None:
+            return r
+        return self.op.layout.flatten(self.preconditioner(self.op.layout.unflatten(r)))
+
+    def zero_solution(self) -> Any:
+        """The answer for b = 0: x = 0, converged, no products."""
+        return self.result("", torch.zeros_like(self.b), "converged", "b is zero, so x = 0", 0.0, {})
+
+    def result(
+        self,
+        name: str,
+        x: Tensor,
+        status: str,
+        message: str,
+        residual_norm: float,
+        stats: dict,
+        *,
+        extra_matvecs: int = 0,
+    ) -> Any:
+        """The solver's SolveResult; anything but "converged" also warns, pointing at the
+        caller of the solver (two frames up)."""
+        from .results import ConvergenceWarning, SolveResult
+
+        converged = status == "converged"
+        if not converged:
+            warnings.warn(f"{name}: {status}: {message}", ConvergenceWarning, stacklevel=3)
+        return SolveResult(
+            x=self.op.layout.unflatten(x),
+            converged=converged,
+            status=status,
+            num_matvecs=self.op.num_matvecs + extra_matvecs,
+            residual_norm=residual_norm,
+            message=message,
+            stats=MappingProxyType(dict(stats)),
+        )

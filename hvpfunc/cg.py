@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from types import MappingProxyType
-import math
 from typing import Any, Callable, List, Optional
 
 import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from ._operator import ChunkSize, _isfinite, _Operator
+from ._operator import ChunkSize, _isfinite, _LinearSystem, _Operator
 from ._progress import _Progress
 from .results import ConvergenceWarning, SolveResult
 
@@ -86,25 +86,10 @@ def cg(
         raise ValueError(f"tol must be positive, got {tol}")
     if not damping >= 0:
         raise ValueError(f"damping must be non-negative, got {damping}")
-    op = _Operator(matvec, b, name="b")
-    bf = op.layout.flatten(b)
-    if not bool(torch.isfinite(bf).all()):
-        raise ValueError("b has non-finite entries (nan or inf)")
-    limit = max_iters if max_iters is not None else min(10 * op.n, 1000)
-    if limit < 0:
-        raise ValueError(f"max_iters must be non-negative, got {max_iters}")
-    b_norm = float(torch.linalg.vector_norm(bf))
+    system = _LinearSystem(matvec, b, damping=damping, max_iters=max_iters, preconditioner=preconditioner)
+    op, bf, b_norm, limit, A, M = system.op, system.b, system.b_norm, system.limit, system.A, system.M
     if b_norm == 0.0:
-        return SolveResult(op.layout.unflatten(torch.zeros_like(bf)), True, "converged", 0, 0.0,
-                           "b is zero, so x = 0")
-
-    def A(v: Tensor) -> Tensor:
-        return op(v) + damping * v if damping else op(v)
-
-    def M(r: Tensor) -> Tensor:
-        if preconditioner is None:
-            return r
-        return op.layout.flatten(preconditioner(op.layout.unflatten(r)))
+        return system.zero_solution()
 
     if x0 is None:
         x = torch.zeros_like(bf)
@@ -163,18 +148,7 @@ def cg(
             bar.update(r_norm / b_norm)
     finally:
         bar.close()
-    converged = status == "converged"
-    if not converged:
-        warnings.warn(f"cg: {status}: {message}", ConvergenceWarning, stacklevel=2)
-    return SolveResult(
-        x=op.layout.unflatten(x),
-        converged=converged,
-        status=status,
-        num_matvecs=op.num_matvecs,
-        residual_norm=r_norm,
-        message=message,
-        stats=MappingProxyType({"iterations": it}),
-    )
+    return system.result("cg", x, status, message, r_norm, {"iterations": it})
 
 
 def cg_batched(

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 
 from .cg import cg
-from .minres import minres
 from .hvp import hvp_fn
+from .minres import minres
 from .neumann import neumann
 from .results import SolveResult
 from .tree import check_tree, leaves_with_paths, sub

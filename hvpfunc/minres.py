@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import math
-import warnings
-from types import MappingProxyType
 from typing import Any, Callable, Optional
 
 import torch
-from torch import Tensor
 
-from ._operator import _Operator
+from ._operator import _LinearSystem
 from ._progress import _Progress
-from .results import ConvergenceWarning, SolveResult
+from .results import SolveResult
 
 __all__ = ["minres"]
 
@@ -79,25 +76,10 @@ def minres(
     """
     if not tol > 0:
         raise ValueError(f"tol must be positive, got {tol}")
-    op = _Operator(matvec, b, name="b")
-    bf = op.layout.flatten(b)
-    if not bool(torch.isfinite(bf).all()):
-        raise ValueError("b has non-finite entries (nan or inf)")
-    limit = max_iters if max_iters is not None else min(10 * op.n, 1000)
-    if limit < 0:
-        raise ValueError(f"max_iters must be non-negative, got {max_iters}")
-    b_norm = float(torch.linalg.vector_norm(bf))
+    system = _LinearSystem(matvec, b, damping=damping, max_iters=max_iters, preconditioner=preconditioner)
+    op, bf, b_norm, limit, A, M = system.op, system.b, system.b_norm, system.limit, system.A, system.M
     if b_norm == 0.0:
-        return SolveResult(op.layout.unflatten(torch.zeros_like(bf)), True, "converged", 0, 0.0,
-                           "b is zero, so x = 0")
-
-    def A(v: Tensor) -> Tensor:
-        return op(v) + damping * v if damping else op(v)
-
-    def M(r: Tensor) -> Tensor:
-        if preconditioner is None:
-            return r
-        return op.layout.flatten(preconditioner(op.layout.unflatten(r)))
+        return system.zero_solution()
 
     eps = torch.finfo(op.dtype).eps
     target = tol * b_norm
@@ -175,15 +157,4 @@ def minres(
             residual_norm = float(torch.linalg.vector_norm(bf - A(x)))
     finally:
         bar.close()
-    converged = status == "converged"
-    if not converged:
-        warnings.warn(f"minres: {status}: {message}", ConvergenceWarning, stacklevel=2)
-    return SolveResult(
-        x=op.layout.unflatten(x),
-        converged=converged,
-        status=status,
-        num_matvecs=op.num_matvecs,
-        residual_norm=residual_norm,
-        message=message,
-        stats=MappingProxyType({"iterations": it}),
-    )
+    return system.result("minres", x, status, message, residual_norm, {"iterations": it})

@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable, NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from ._operator import _Operator
+from ._operator import _LinearSystem
 from ._progress import _Progress
 from .power import power_iteration
 from .results import ConvergenceWarning, SolveResult
@@ -94,8 +94,8 @@ def neumann(
     _check_options(num_terms, tol, damping)
     if alpha is not None and not alpha > 0:
         raise ValueError(f"alpha must be positive, got {alpha}")
-    op = _Operator(matvec, b, name="b")
-    bf = _rhs(op, b)
+    system = _LinearSystem(matvec, b, damping=damping)
+    bf = system.b
     stats: dict = {}
     if alpha is None and bool(bf.any()):
         with warnings.catch_warnings():
@@ -112,16 +112,15 @@ def neumann(
             )
             warnings.warn(f"neumann: indefinite: {message}", ConvergenceWarning, stacklevel=2)
             return SolveResult(
-                op.layout.unflatten(torch.zeros_like(bf)), False, "indefinite",
-                est.num_matvecs, float(torch.linalg.vector_norm(bf)), message,
-                MappingProxyType(stats),
+                system.op.layout.unflatten(torch.zeros_like(bf)), False, "indefinite",
+                est.num_matvecs, system.b_norm, message, MappingProxyType(stats),
             )
         alpha = 1.0 / (norm_estimate + damping)
     stats["alpha"] = alpha
-    run = _series(op, bf, lambda step: matvec, alpha=alpha, damping=damping,
-                  num_terms=num_terms, tol=tol, growth=_NEUMANN_GROWTH, name="neumann",
-                  progress=progress)
-    return _finish(op, run, stats, "neumann", extra_matvecs=stats.get("alpha_num_matvecs", 0))
+    run = _series(system, lambda step: matvec, alpha=alpha, num_terms=num_terms, tol=tol,
+                  growth=_NEUMANN_GROWTH, name="neumann", progress=progress)
+    return system.result("neumann", run.x, run.status, run.message, run.residual_norm,
+                         {**stats, "terms": run.terms}, extra_matvecs=stats.get("alpha_num_matvecs", 0))
 
 
 def lissa(
@@ -178,19 +177,18 @@ def lissa(
         first = next(source, None)
         if first is None:
             raise ValueError("matvecs is empty: lissa needs at least one matvec")
-    op = _Operator(first, b, name="b")
-    bf = _rhs(op, b)
+    system = _LinearSystem(first, b, damping=scale * damping)
 
     def matvec_at(step: int) -> Optional[Matvec]:
         if source is None or step == 0:
             return first
         return next(source, None)
 
-    run = _series(op, bf, matvec_at, alpha=1.0 / scale, damping=scale * damping,
-                  num_terms=num_terms, tol=tol, growth=_LISSA_GROWTH, name="lissa",
-                  progress=progress)
+    run = _series(system, matvec_at, alpha=1.0 / scale, num_terms=num_terms, tol=tol,
+                  growth=_LISSA_GROWTH, name="lissa", progress=progress)
     stats = {"alpha": 1.0 / scale, "effective_damping": scale * damping}
-    return _finish(op, run, stats, "lissa", extra_matvecs=0)
+    return system.result("lissa", run.x, run.status, run.message, run.residual_norm,
+                         {**stats, "terms": run.terms})
 
 
 class _Run(NamedTuple):
@@ -210,20 +208,11 @@ def _check_options(num_terms: int, tol: float, damping: float) -> None:
         raise ValueError(f"damping must be non-negative, got {damping}")
 
 
-def _rhs(op: _Operator, b: Tree) -> Tensor:
-    bf = op.layout.flatten(b)
-    if not bool(torch.isfinite(bf).all()):
-        raise ValueError("b has non-finite entries (nan or inf)")
-    return bf
-
-
 def _series(
-    op: _Operator,
-    bf: Tensor,
+    system: _LinearSystem,
     matvec_at: Callable[[int], Optional[Matvec]],
     *,
     alpha: float,
-    damping: float,
     num_terms: int,
     tol: float,
     growth: float,
@@ -231,9 +220,9 @@ def _series(
     progress: Any,
 ) -> _Run:
     """x = α Σ_j p_j with p_0 = b, p_{j+1} = p_j − α(H_j + δ)p_j; residual of x_J is p_J."""
-    b_norm = float(torch.linalg.vector_norm(bf))
+    bf, b_norm, damping = system.b, system.b_norm, system.damping
     target = tol * b_norm
-    floor = 1e3 * torch.finfo(op.dtype).eps * b_norm  # below it, growth is rounding noise
+    floor = 1e3 * torch.finfo(system.op.dtype).eps * b_norm  # below it, growth is rounding noise
     x = torch.zeros_like(bf)
     p, p_norm = bf.clone(), b_norm
     best_x, best_norm = x, p_norm
@@ -249,12 +238,9 @@ def _series(
             mv = matvec_at(terms)
             if mv is None:
                 return _Run(x, "max_iters", f"matvecs ran out after {terms} terms", p_norm, terms)
-            op.matvec = mv
+            system.op.matvec = mv
             x = x + alpha * p
-            Ap = op(p)
-            if damping:
-                Ap = Ap + damping * p
-            p = p - alpha * Ap
+            p = p - alpha * system.A(p)
             p_norm = float(torch.linalg.vector_norm(p))
             terms += 1
             bar.update(p_norm / b_norm)
@@ -273,18 +259,3 @@ def _series(
     finally:
         bar.close()
     return _Run(x, "converged", "", p_norm, terms)
-
-
-def _finish(op: _Operator, run: _Run, stats: dict, name: str, *, extra_matvecs: int) -> SolveResult:
-    converged = run.status == "converged"
-    if not converged:
-        warnings.warn(f"{name}: {run.status}: {run.message}", ConvergenceWarning, stacklevel=3)
-    return SolveResult(
-        x=op.layout.unflatten(run.x),
-        converged=converged,
-        status=run.status,
-        num_matvecs=op.num_matvecs + extra_matvecs,
-        residual_norm=run.residual_norm,
-        message=run.message,
-        stats=MappingProxyType({**stats, "terms": run.terms}),
-    )
