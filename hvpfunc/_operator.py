@@ -166,6 +166,30 @@ def _isfinite(*values: float) -> bool:
     return all(math.isfinite(v) for v in values)
 
 
+def _check_tol_damping(tol: float, damping: float) -> None:
+    """A positive relative tolerance and a non-negative damping, for the solvers that
+    need a positive-definite H + δI."""
+    if not tol > 0:
+        raise ValueError(f"tol must be positive, got {tol}")
+    if not damping >= 0:
+        raise ValueError(f"damping must be non-negative, got {damping}")
+
+
+def _finite_rhs(b: Tensor) -> Tensor:
+    """The flat right-hand side(s), refused if any entry is nan or inf."""
+    if not bool(torch.isfinite(b).all()):
+        raise ValueError("b has non-finite entries (nan or inf)")
+    return b
+
+
+def _iteration_limit(max_iters: Optional[int], n: int) -> int:
+    """``max_iters``, default ``min(10 n, 1000)``; negative is an error."""
+    limit = max_iters if max_iters is not None else min(10 * n, 1000)
+    if limit < 0:
+        raise ValueError(f"max_iters must be non-negative, got {max_iters}")
+    return limit
+
+
 class _LinearSystem:
     """(H + δI) x = b as the iterative solvers see it: the counted operator, b flat and
     checked, the iteration limit, and the products with A = H + δI and with M⁻¹."""
@@ -180,12 +204,8 @@ class _LinearSystem:
         preconditioner: Optional[Callable[[Tree], Tree]] = None,
     ):
         self.op = _Operator(matvec, b, name="b")
-        self.b = self.op.layout.flatten(b)
-        if not bool(torch.isfinite(self.b).all()):
-            raise ValueError("b has non-finite entries (nan or inf)")
-        self.limit = max_iters if max_iters is not None else min(10 * self.op.n, 1000)
-        if self.limit < 0:
-            raise ValueError(f"max_iters must be non-negative, got {max_iters}")
+        self.b = _finite_rhs(self.op.layout.flatten(b))
+        self.limit = _iteration_limit(max_iters, self.op.n)
         self.b_norm = float(torch.linalg.vector_norm(self.b))
         self.damping = damping
         self.preconditioner = preconditioner

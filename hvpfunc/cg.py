@@ -11,7 +11,15 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from ._operator import ChunkSize, _isfinite, _LinearSystem, _Operator
+from ._operator import (
+    ChunkSize,
+    _check_tol_damping,
+    _finite_rhs,
+    _isfinite,
+    _iteration_limit,
+    _LinearSystem,
+    _Operator,
+)
 from ._progress import _Progress
 from .results import ConvergenceWarning, SolveResult
 
@@ -82,10 +90,7 @@ def cg(
         Hestenes & Stiefel, J. Res. NBS 49 (1952); Steihaug, SIAM J. Numer. Anal. 20
         (1983); Saad, *Iterative Methods for Sparse Linear Systems*, 2nd ed., §6.7.
     """
-    if not tol > 0:
-        raise ValueError(f"tol must be positive, got {tol}")
-    if not damping >= 0:
-        raise ValueError(f"damping must be non-negative, got {damping}")
+    _check_tol_damping(tol, damping)
     system = _LinearSystem(matvec, b, damping=damping, max_iters=max_iters, preconditioner=preconditioner)
     op, bf, b_norm, limit, A, M = system.op, system.b, system.b_norm, system.limit, system.A, system.M
     if b_norm == 0.0:
@@ -196,10 +201,7 @@ def cg_batched(
         >>> [r.x for r in cg_batched(lambda v: A @ v, B, tol=1e-8)]
         [tensor([0.0909, 0.6364]), tensor([-0.0909,  0.3636])]
     """
-    if not tol > 0:
-        raise ValueError(f"tol must be positive, got {tol}")
-    if not damping >= 0:
-        raise ValueError(f"damping must be non-negative, got {damping}")
+    _check_tol_damping(tol, damping)
     leaves = pytree.tree_leaves(b)
     if not leaves or any(leaf.dim() == 0 for leaf in leaves):
         raise ValueError("b must be a tree whose leaves all have a leading dimension K")
@@ -208,13 +210,9 @@ def cg_batched(
         raise ValueError(f"the leaves of b have different leading dimensions {sorted(sizes)}")
     like = pytree.tree_map(lambda leaf: leaf[0], b)
     op = _Operator(matvec, like, name="b[0]")
-    B = op.layout.flatten(b, batch_dims=1)
+    B = _finite_rhs(op.layout.flatten(b, batch_dims=1))
     K = B.shape[0]
-    if not bool(torch.isfinite(B).all()):
-        raise ValueError("b has non-finite entries (nan or inf)")
-    limit = max_iters if max_iters is not None else min(10 * op.n, 1000)
-    if limit < 0:
-        raise ValueError(f"max_iters must be non-negative, got {max_iters}")
+    limit = _iteration_limit(max_iters, op.n)
 
     def A(rows: Tensor) -> Tensor:
         out = op.batch(rows, chunk_size=chunk_size)

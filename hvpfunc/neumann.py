@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable, NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from ._operator import _LinearSystem
+from ._operator import _check_tol_damping, _LinearSystem
 from ._progress import _Progress
 from .power import power_iteration
 from .results import ConvergenceWarning, SolveResult
@@ -202,10 +202,7 @@ class _Run(NamedTuple):
 def _check_options(num_terms: int, tol: float, damping: float) -> None:
     if num_terms < 1:
         raise ValueError(f"num_terms must be at least 1, got {num_terms}")
-    if not tol > 0:
-        raise ValueError(f"tol must be positive, got {tol}")
-    if not damping >= 0:
-        raise ValueError(f"damping must be non-negative, got {damping}")
+    _check_tol_damping(tol, damping)
 
 
 def _series(
