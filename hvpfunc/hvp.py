@@ -22,6 +22,15 @@ different way, with different costs (ratios to one gradient, measured in DESIGN.
   neither stored mode works, the recomputing modes are tried. Building costs about a
   gradient plus ``linearize``'s tracing (0.3–1 s), which a solver's hundreds of
   products repay; for one product, use :func:`hvp`.
+* ``"compiled"`` (opt-in, never chosen by ``"auto"``): ``torch.compile`` of the product
+  that stores nothing (``jvp(grad(f))``, or ``vjp(grad(f))`` when f lacks forward-mode
+  derivatives), for when the stored modes' memory is too much. Construction compiles
+  (seconds to a minute) and checks one compiled product against the eager one. It pays
+  on GPUs (DESIGN.md: 1.25× a gradient and a gradient's memory on an MLP, against 3.5×
+  eager); on CPUs the stored modes were faster in ``benchmarks/``. Models that Dynamo
+  cannot trace, such as ``nn.TransformerEncoderLayer``'s fused fast path, raise at
+  construction. Under ``torch.func`` transforms (``vmap`` over tangents) the product runs
+  eagerly: compiled functions cannot be called from inside them (pytorch/pytorch#128711).
 
 Missing derivatives are handled, not passed on:
 
@@ -40,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import types
 import warnings
 from typing import Any, Callable, Dict, Iterator, Optional
 
@@ -47,7 +57,7 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from .tree import check_like, check_tree
+from .tree import check_like, check_tree, norm, random_like, sub
 
 __all__ = ["hvp", "hvp_fn", "Matvec", "MODES"]
 
@@ -58,6 +68,7 @@ MODES = (
     "reverse-over-reverse",
     "reverse-over-reverse-recomputed",
     "linearize",
+    "compiled",
 )
 
 
@@ -197,7 +208,7 @@ def hvp_fn(
             the old and new values), so build a new matvec after each update.
         *args, **kwargs: passed to ``f``; not differentiated.
         mode: ``"auto"`` (default), ``"forward-over-reverse"``, ``"reverse-over-reverse"``,
-            ``"reverse-over-reverse-recomputed"`` or ``"linearize"``.
+            ``"reverse-over-reverse-recomputed"``, ``"linearize"`` or ``"compiled"``.
 
     Returns:
         A :class:`Matvec`; its ``mode`` attribute says which mode computes products.
@@ -206,7 +217,9 @@ def hvp_fn(
         ValueError: unknown ``mode``; ``f`` does not return a scalar; ``f`` is not
             deterministic (two evaluations at ``params``, made at construction, differ).
         TypeError: a leaf of ``params`` is not a floating tensor.
-        RuntimeError: no mode can differentiate f twice (the message lists each error).
+        RuntimeError: no mode can differentiate f twice (the message lists each error);
+            ``mode="compiled"`` and ``torch.compile`` fails on f or disagrees with the
+            eager product.
 
     Example:
         >>> mv = hvp_fn(lambda p: (p["w"] ** 4).sum(), {"w": torch.tensor([1., 2.])})
@@ -216,6 +229,12 @@ def hvp_fn(
         tensor([[12.,  0.],
                 [ 0., 48.]])
     """
+    return _hvp_fn(f, params, args, kwargs, mode=mode)
+
+
+def _hvp_fn(f, params, args, kwargs, *, mode: str, cache: Optional[dict] = None) -> Matvec:
+    """:func:`hvp_fn`; matvecs built with one ``cache`` for the same f at several points
+    or data share what can be shared (the compiled product)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     check_tree(params, name="params")
@@ -225,7 +244,10 @@ def hvp_fn(
     if mode == "auto":
         return _auto(f, params, args, kwargs)
     with _differentiable_attention():
-        fn = _BUILDERS[mode](f, params, args, kwargs)
+        if mode == "compiled":
+            fn = _compiled(f, params, args, kwargs, cache)
+        else:
+            fn = _BUILDERS[mode](f, params, args, kwargs)
     return Matvec(fn, params, mode)
 
 
@@ -312,11 +334,80 @@ def _linearize(f, params, args, kwargs):
     return jvp_fn
 
 
+class _CompiledProduct:
+    """``(p, v, args, kwargs) -> H(p) v`` compiled once for f, shared by the matvecs of
+    several points or batches of f (``model_hvp_fn`` builds one per batch): their
+    arguments are the compiled graph's inputs, so a new batch of the same shape reuses
+    the graph instead of compiling again."""
+
+    def __init__(self, f: Callable[..., Tensor], params: Tree, args: tuple, kwargs: dict):
+        grad_f = torch.func.grad(f)
+        if _memory_light_mode(f, params, *args, **kwargs) == "forward-over-reverse":
+            def product(p, v, args, kwargs):
+                return torch.func.jvp(lambda q: grad_f(q, *args, **kwargs), (p,), (v,))[1]
+        else:
+            def product(p, v, args, kwargs):
+                return torch.func.vjp(lambda q: grad_f(q, *args, **kwargs), p)[1](v)[0]
+        self.eager = product
+        self.compiled = torch.compile(_own_code(product))
+
+    def matvec(self, params: Tree, args: tuple, kwargs: dict) -> Callable[[Tree], Tree]:
+        """The matvec at one point, after one compiled product there agreed with the eager one."""
+        probe = random_like(params, generator=torch.Generator().manual_seed(0), kind="gaussian")
+        try:
+            got = self.compiled(params, probe, args, kwargs)
+        except Exception as err:  # Dynamo and Inductor raise many types; all mean "cannot compile"
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise RuntimeError(
+                f"mode='compiled': torch.compile could not compile the product "
+                f"({type(err).__name__}: {first}). Use mode='auto', or "
+                "mode='forward-over-reverse' for the same product uncompiled."
+            ) from err
+        want = self.eager(params, probe, args, kwargs)
+        # Compiled kernels fuse and reorder reductions, so the last bits differ; a wrong
+        # compiled graph is off by far more than the square root of the rounding unit.
+        error, size = norm(sub(got, want)), norm(want)
+        if not bool(error <= _agreement(params) * size):
+            raise RuntimeError(
+                f"mode='compiled': the compiled product disagrees with the eager one (relative "
+                f"error {float(error / size):.2e} on a random vector); torch.compile "
+                "miscompiled f. Use mode='auto' or mode='forward-over-reverse'."
+            )
+        eager, compiled = self.eager, self.compiled
+
+        def matvec(v: Tree) -> Tree:
+            if torch._C._functorch.peek_interpreter_stack() is not None:
+                return eager(params, v, args, kwargs)
+            return compiled(params, v, args, kwargs)
+
+        return matvec
+
+
+def _compiled(f, params, args, kwargs, cache: Optional[dict] = None):
+    cache = {} if cache is None else cache
+    if "compiled" not in cache:
+        cache["compiled"] = _CompiledProduct(f, params, args, kwargs)
+    return cache["compiled"].matvec(params, args, kwargs)
+
+
+def _own_code(fn: Callable) -> Callable:
+    """``fn`` with a code object of its own. Dynamo keeps compiled graphs, and counts
+    recompilations, per code object: matvecs compiled from one definition would share
+    its 8 cache slots, and from the ninth on run eagerly with only a logged warning."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+def _agreement(params: Tree) -> float:
+    eps = max(torch.finfo(leaf.dtype).eps for leaf in pytree.tree_leaves(params))
+    return 10 * eps**0.5
+
+
 _BUILDERS = {
     "forward-over-reverse": _forward_over_reverse,
     "reverse-over-reverse": _reverse_over_reverse,
     "reverse-over-reverse-recomputed": _reverse_over_reverse_recomputed,
     "linearize": _linearize,
+    "compiled": _compiled,
 }
 
 _FORWARD_AD_GAPS = ("forward ad", "forward-mode", "forward mode", "zerotensor", "jvp")

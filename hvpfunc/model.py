@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 
-from .hvp import Matvec, _memory_light_mode, hvp_fn
+from .hvp import Matvec, _hvp_fn, _memory_light_mode
 from .tree import axpy, scale
 
 __all__ = ["model_hvp_fn"]
@@ -53,7 +53,9 @@ def model_hvp_fn(
             with several it uses a mode that stores nothing, so memory stays at one
             batch's (the stored modes would keep one graph per batch alive):
             ``"forward-over-reverse"``, or ``"reverse-over-reverse-recomputed"`` where the
-            loss lacks forward-mode derivatives.
+            loss lacks forward-mode derivatives. ``"compiled"`` is that product through
+            ``torch.compile``, compiled once for all the batches (a batch of another
+            shape, such as a smaller last one, compiles once more).
         dropout: what to do when the model is in training mode with active dropout
             (``nn.Dropout*`` or ``nn.MultiheadAttention`` with p > 0), which would make
             every product random: ``"error"`` (default) raises, ``"off"`` evaluates the
@@ -101,20 +103,20 @@ def model_hvp_fn(
     versions = {k: b._version for k, b in model.named_buffers()}
     total = sum(int(y.shape[0]) for _, y in batches)
 
-    def batch_loss(x: Any, y: Tensor) -> Callable[[Dict[str, Tensor]], Tensor]:
-        def f(p: Dict[str, Tensor]) -> Tensor:
-            with _dropout_off(dropouts):
-                out = torch.func.functional_call(model, (p, frozen, buffers), *_as_call(x))
-            return loss_fn(out, y)
+    # One loss with the batch as arguments: matvecs of the batches can then share one
+    # compiled product (mode="compiled") instead of compiling a closure per batch.
+    def loss(p: Dict[str, Tensor], x: Any, y: Tensor) -> Tensor:
+        with _dropout_off(dropouts):
+            out = torch.func.functional_call(model, (p, frozen, buffers), *_as_call(x))
+        return loss_fn(out, y)
 
-        return f
-
+    cache: dict = {}
     if len(batches) == 1:
-        matvec = hvp_fn(batch_loss(*batches[0]), params, mode=mode)
+        matvec = _hvp_fn(loss, params, batches[0], {}, mode=mode, cache=cache)
     else:
-        per_batch = _memory_light_mode(batch_loss(*batches[0]), params) if mode == "auto" else mode
+        per_batch = _memory_light_mode(loss, params, *batches[0]) if mode == "auto" else mode
         parts = [
-            (int(y.shape[0]) / total, hvp_fn(batch_loss(x, y), params, mode=per_batch))
+            (int(y.shape[0]) / total, _hvp_fn(loss, params, (x, y), {}, mode=per_batch, cache=cache))
             for x, y in batches
         ]
 

@@ -207,3 +207,73 @@ def test_random_functions_are_refused_before_they_give_random_products():
         for mode in MODES:
             with pytest.raises(ValueError, match="f is not deterministic"):
                 hf.hvp_fn(f, params, mode=mode)
+
+
+# mode="compiled" is kept out of MODES above: every construction runs torch.compile
+# (seconds), too slow for the hypothesis tests.
+
+
+def test_compiled_mode_matches_the_dense_hessian_and_vmaps_eagerly():
+    f, params, (x, y) = mlp_loss([3, 5, 2])
+    mv = hf.hvp_fn(f, params, x, y, mode="compiled")
+    assert mv.mode == "compiled"
+    H = dense_hessian(f, params, x, y)
+    vs = [random_tree(params, seed) for seed in range(3)]
+    for v in vs:
+        assert torch.allclose(flat(mv(v)), H @ flat(v), rtol=1e-9, atol=1e-10)
+    # compiled functions cannot run inside vmap (pytorch#128711): the batched path is eager
+    batched = torch.func.vmap(mv)(T.stack(vs))
+    for i, v in enumerate(vs):
+        assert torch.allclose(flat(T.index(batched, i)), H @ flat(v), rtol=1e-9, atol=1e-10)
+
+
+def test_compiled_mode_without_forward_mode_derivatives_compiles_the_reverse_product():
+    params = {"w": torch.randn(4, 2, generator=torch.Generator().manual_seed(0), dtype=DT)}
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(1), dtype=DT)
+    y = torch.randn(6, 2, generator=torch.Generator().manual_seed(2), dtype=DT)
+
+    def f(p):  # mse_loss's forward-mode derivative is broken (pytorch#123996)
+        return nn.functional.mse_loss(torch.tanh(x @ p["w"]), y)
+
+    mv = hf.hvp_fn(f, params, mode="compiled")
+    v = random_tree(params, 3)
+    assert torch.allclose(flat(mv(v)), dense_hessian(f, params) @ flat(v), rtol=1e-9, atol=1e-10)
+
+
+def test_compiled_matvecs_of_one_definition_do_not_share_dynamo_cache_slots():
+    # Dynamo counts recompilations per code object; had the matvecs shared one, the
+    # second build would exceed a limit of one recompilation and, here, raise.
+    import torch._dynamo
+
+    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+        for power in (3, 4):
+            def f(p, power=power):
+                return (p["w"] ** power).sum()
+
+            params = {"w": torch.tensor([1.0, 2.0], dtype=DT)}
+            out = hf.hvp_fn(f, params, mode="compiled")({"w": torch.ones(2, dtype=DT)})["w"]
+            assert torch.allclose(out, power * (power - 1) * params["w"] ** (power - 2))
+
+
+def test_compile_failure_and_miscompilation_are_errors(monkeypatch):
+    def f(p):
+        return (p["w"] ** 4).sum()
+
+    params = {"w": torch.tensor([1.0, 2.0], dtype=DT)}
+
+    def failing(fn):
+        def call(*args):
+            raise AssertionError("Dynamo could not trace fused_op")
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", failing)
+    with pytest.raises(RuntimeError, match=r"could not compile.*fused_op.*mode='auto'"):
+        hf.hvp_fn(f, params, mode="compiled")
+
+    def miscompiling(fn):
+        return lambda *args: T.scale(1.01, fn(*args))
+
+    monkeypatch.setattr(torch, "compile", miscompiling)
+    with pytest.raises(RuntimeError, match="disagrees with the eager one"):
+        hf.hvp_fn(f, params, mode="compiled")

@@ -217,3 +217,17 @@ def test_select_gives_the_diagonal_block_of_the_chosen_parameters():
     assert torch.allclose(dense_matrix(block, sub), H[start:, start:], rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="select chose none"):
         hf.model_hvp_fn(model, nn.functional.mse_loss, (x, y), select=lambda n: False)
+
+
+def test_compiled_mode_compiles_once_for_all_batches(monkeypatch):
+    model = mlp([3, 6, 1])
+    x, y = _data(30)
+    full, params = hf.model_hvp_fn(model, nn.functional.mse_loss, (x, y), mode="reverse-over-reverse")
+    compiles = []
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn: compiles.append(fn) or real_compile(fn))
+    batches = [(x[:10], y[:10]), (x[10:20], y[10:20]), (x[20:], y[20:])]
+    split, _ = hf.model_hvp_fn(model, nn.functional.mse_loss, batches, mode="compiled")
+    assert split.mode == "compiled" and len(compiles) == 1
+    v = T.random_like(params, generator=torch.Generator().manual_seed(0), kind="gaussian")
+    assert torch.allclose(flat(split(v)), flat(full(v)), rtol=1e-10, atol=1e-12)
