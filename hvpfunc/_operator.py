@@ -9,9 +9,10 @@ rows (zero-copy when the tree has one dtype), and only its output is copied into
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from types import MappingProxyType
-from typing import Any, Callable, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 from torch import Tensor
@@ -23,9 +24,14 @@ Tree = Any
 ChunkSize = Union[int, None, str]
 
 # vmap over 16 tangents cost 0.42–1.0 of a gradient per vector on an H100 against about
-# 1× for one; on a 2-core CPU it measured slower than a loop for CNNs and transformers
-# (benchmarks/), so "auto" batches on GPUs only.
+# 1× for one, so "auto" batches on GPUs. On a 2-core CPU it was 3× slower than a loop for
+# a CNN, as fast for a 400k-parameter MLP and 2.4× faster for a 4k-parameter one
+# (benchmarks/): vmap amortizes per-operator overhead, which dominates only small
+# products. So on CPUs "auto" times 16 looped products and, if one takes under
+# _VMAP_TRIAL_SECONDS (too short to touch much memory, so 16 at once stay small), one
+# vmapped chunk, and keeps the faster. Every product of the trial is used.
 _AUTO_CHUNK = 16
+_VMAP_TRIAL_SECONDS = 5e-3
 
 
 class _Layout:
@@ -91,6 +97,7 @@ class _Operator:
         self.device = self.layout.device
         self.num_matvecs = 0
         self._checked = False
+        self._seconds_per_row: Dict[int, float] = {}  # chunk_size="auto"'s trials on CPUs
 
     def probes(self, count: int, generator: Optional[torch.Generator]) -> Tensor:
         """``count`` Rademacher rows (entries ±1), drawn one row at a time on the
@@ -124,34 +131,73 @@ class _Operator:
         ``chunk_size`` rows go through one ``vmap`` call (memory grows with it);
         ``chunk_size=1`` calls the matvec row by row without ``vmap``, for matvecs that
         do not support it; ``None`` puts all rows through one call; ``"auto"`` is 16 on
-        a GPU and 1 elsewhere (vmap pays on GPUs; on CPUs it measured slower than a loop for CNNs and transformers). ``bar`` (a ``_Progress``)
-        advances by the rows done after each chunk.
+        a GPU and, on a CPU, whichever of a loop and chunks of 16 its trial found faster
+        (see ``_VMAP_TRIAL_SECONDS``). ``bar`` (a ``_Progress``) advances by the rows
+        done after each chunk.
         """
         b = X.shape[0]
-        chunk_size = _resolve_chunk(chunk_size, self.device)
-        step = max(b if chunk_size is None else chunk_size, 1)
+        auto = chunk_size == "auto"
+        fixed = None if auto else _resolve_chunk(chunk_size, self.device)
         outs: List[Tensor] = []
-        for start in range(0, b, step):
-            chunk = X[start : start + step]
-            if step == 1:
-                outs.append(self(chunk[0])[None])
+        start = 0
+        while start < b:
+            step = self._auto_chunk() if auto else max(b if fixed is None else fixed, 1)
+            rows = X[start : start + (_AUTO_CHUNK if auto else step)]
+            trial = auto and self.device.type != "cuda" and step not in self._seconds_per_row
+            if trial and step == 1 and self.num_matvecs == 0 and rows.shape[0] > 1:
+                outs.append(self._rows(rows[:1], 1))  # the first product pays one-off costs
+                done, rows = 1, rows[1:]
             else:
-                out = torch.func.vmap(self.matvec)(self.layout.unflatten(chunk))
-                self._check_output(out, 1)
-                self.num_matvecs += chunk.shape[0]
-                outs.append(self.layout.flatten(out, batch_dims=1))
+                done = 0
+            began = time.perf_counter()
+            outs.append(self._rows(rows, step))
+            if trial:
+                self._seconds_per_row[step] = (time.perf_counter() - began) / rows.shape[0]
+            start += done + rows.shape[0]
             if bar is not None:
-                bar.update(steps=chunk.shape[0])
+                bar.update(steps=done + rows.shape[0])
         return torch.cat(outs) if outs else X.clone()
+
+    def _auto_chunk(self) -> int:
+        if self.device.type == "cuda":
+            return _AUTO_CHUNK
+        loop = self._seconds_per_row.get(1)
+        if loop is None or loop >= _VMAP_TRIAL_SECONDS:
+            return 1
+        batched = self._seconds_per_row.get(_AUTO_CHUNK)
+        return _AUTO_CHUNK if batched is None or batched < loop else 1
+
+    def _rows(self, rows: Tensor, step: int) -> Tensor:
+        """The products of ``rows``: one matvec call per row for ``step == 1``, else
+        ``vmap`` calls of ``step`` rows."""
+        if step == 1:
+            return torch.stack([self(row) for row in rows])
+        outs = []
+        for start in range(0, rows.shape[0], step):
+            out = torch.func.vmap(self.matvec)(self.layout.unflatten(rows[start : start + step]))
+            self._check_output(out, 1)
+            self.num_matvecs += min(step, rows.shape[0] - start)
+            outs.append(self.layout.flatten(out, batch_dims=1))
+        return torch.cat(outs)
 
 
 def _resolve_chunk(chunk_size: ChunkSize, device: torch.device) -> int | None:
-    """``"auto"`` -> 16 on a GPU, 1 elsewhere; validates the rest."""
+    """``"auto"`` -> 16 on a GPU, 1 elsewhere (for grouping decisions made before any
+    product, such as SLQ's probes per group); validates the rest."""
     if chunk_size == "auto":
         return _AUTO_CHUNK if device.type == "cuda" else 1
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer, None or 'auto', got {chunk_size!r}")
     return chunk_size
+
+
+def _block_size(chunk_size: ChunkSize, count: int, device: torch.device) -> int:
+    """How many probes to draw and hold at once for ``op.batch(block, chunk_size=...)``:
+    one chunk, or 16 for ``"auto"`` (the largest chunk it uses)."""
+    if chunk_size == "auto":
+        return _AUTO_CHUNK
+    resolved = _resolve_chunk(chunk_size, device)
+    return max(count if resolved is None else resolved, 1)
 
 
 def _check_start(x: Tensor, *, name: str) -> None:

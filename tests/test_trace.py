@@ -1,3 +1,5 @@
+import time
+
 import pytest
 import torch
 
@@ -95,3 +97,34 @@ def test_diagonal_is_the_same_whatever_the_chunking():
     for r in runs[1:]:
         assert torch.allclose(flat(r.estimate), flat(runs[0].estimate), rtol=1e-12)
         assert torch.allclose(flat(r.stderr), flat(runs[0].stderr), rtol=1e-9)
+
+
+def _timed_diagonal(loop_seconds, vmap_seconds):
+    """A diagonal operator whose products take the given time looped and per vmap call,
+    recording how each call came (vmapped or not)."""
+    D = torch.arange(1.0, 9.0, dtype=DT)
+    calls = []
+
+    def matvec(v):
+        batched = torch._C._functorch.is_batchedtensor(v)
+        calls.append(batched)
+        time.sleep(vmap_seconds if batched else loop_seconds)
+        return D * v
+
+    return matvec, torch.zeros(8, dtype=DT), calls
+
+
+@pytest.mark.parametrize(
+    "loop_seconds, vmap_seconds, vmapped_calls",
+    [
+        (2e-3, 0.0, 3),  # overhead-bound products: after 16 looped, the rest in 3 chunks
+        (0.0, 0.05, 1),  # vmap slower: one trial chunk, then a loop
+        (6e-3, 0.0, 0),  # a product over 5 ms is never tried under vmap (memory)
+    ],
+)
+def test_auto_chunking_on_cpu_keeps_the_faster_of_loop_and_vmap(loop_seconds, vmap_seconds, vmapped_calls):
+    matvec, like, calls = _timed_diagonal(loop_seconds, vmap_seconds)
+    res = hf.trace(matvec, like, num_probes=64, method="hutchinson", generator=torch.Generator().manual_seed(0))
+    assert float(res.estimate) == pytest.approx(36.0) and res.num_matvecs == 64
+    assert sum(calls) == vmapped_calls
+    assert calls[:16] == [False] * 16  # the loop is timed first
