@@ -33,7 +33,7 @@ def main() -> None:
     found = peers.installed()
     print("peers: " + ", ".join(f"{k} {'installed' if v else 'not installed (skipped)'}" for k, v in found.items()))
     print("Times are medians of 10 calls after 3 warm-up calls, as multiples of one gradient of the same loss "
-          "(torch.autograd.grad, timed again next to each row); memory is the peak GPU allocation of building "
+          "(torch.autograd.grad, called alternately with each row's calls, so that drift cancels); memory is the peak GPU allocation of building "
           "the operator and one product, as a multiple of a gradient's.\n")
     if args.only in (None, "products"):
         print("## Hessian-vector products\n")

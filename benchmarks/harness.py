@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -27,6 +27,24 @@ def median_seconds(fn: Callable[[], object], device: torch.device, *, warmup: in
         sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def paired_medians(fn: Callable[[], object], reference: Callable[[], object], device: torch.device, *,
+                   warmup: int = 3, repeats: int = 10) -> Tuple[float, float]:
+    """Median wall times of ``fn()`` and ``reference()``, called alternately: on a shared
+    machine whose speed drifts, a ratio of the two then compares like with like."""
+    for _ in range(warmup):
+        fn()
+        reference()
+    times: Tuple[list, list] = ([], [])
+    for _ in range(repeats):
+        for call, out in ((fn, times[0]), (reference, times[1])):
+            sync(device)
+            start = time.perf_counter()
+            call()
+            sync(device)
+            out.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def peak_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:

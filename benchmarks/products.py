@@ -12,9 +12,9 @@ from torch import Tensor, nn
 import hvpfunc as hf
 
 from . import peers
-from .harness import median_seconds, peak_bytes, table
+from .harness import median_seconds, paired_medians, peak_bytes, table
 
-MODES = ["forward-over-reverse", "reverse-over-reverse", "reverse-over-reverse-recomputed", "linearize"]
+MODES = ["forward-over-reverse", "reverse-over-reverse", "reverse-over-reverse-recomputed", "linearize", "compiled"]
 
 
 @contextlib.contextmanager
@@ -46,9 +46,11 @@ def _autograd_functional(model, x, y, params, names):
     return lambda v: torch.autograd.functional.hvp(f, tuple(p.detach() for p in params), tuple(v))[1]
 
 
-def _measure(build: Callable[[], Callable], arg, device) -> Tuple[Optional[float], Optional[int], str]:
-    """(seconds per call, peak bytes incl. what the build keeps alive, note). A builder
-    that fails with the default attention kernels is retried with the math kernel."""
+def _measure(build: Callable[[], Callable], arg, device, gradient: Callable[[], object]
+             ) -> Tuple[Optional[float], Optional[int], str]:
+    """(seconds per call as a multiple of one gradient, timed alternately with it; peak
+    bytes incl. what the build keeps alive; note). A builder that fails with the default
+    attention kernels is retried with the math kernel."""
     note = ""
     try:
         fn = build()
@@ -58,12 +60,11 @@ def _measure(build: Callable[[], Callable], arg, device) -> Tuple[Optional[float
             return None, None, f"fails: {str(err).splitlines()[0][:60]}"
         note = "fails with default attention; timed with math kernel forced"
         with _math_attention():
-            return (*_measure(build, arg, device)[:2], note)
-    call = functools.partial(fn, arg)
-    seconds = median_seconds(call, device)
-    del fn, call  # free what the build holds before measuring a fresh build's memory
+            return (*_measure(build, arg, device, gradient)[:2], note)
+    seconds, grad_seconds = paired_medians(functools.partial(fn, arg), gradient, device)
+    del fn  # free what the build holds before measuring a fresh build's memory
     memory = peak_bytes(lambda: build()(arg), device)
-    return seconds, memory, note
+    return seconds / grad_seconds, memory, note
 
 
 def run(models: Dict[str, tuple], device: torch.device, *, vectors: int = 16) -> str:
@@ -91,11 +92,10 @@ def run(models: Dict[str, tuple], device: torch.device, *, vectors: int = 16) ->
         rows: List[list] = []
 
         def add(label: str, build: Callable[[], Callable], arg, per: int = 1) -> None:
-            seconds, memory, note = _measure(build, arg, device)
-            # A gradient timed next to each row: a shared machine drifts over a run, and a
-            # ratio to a gradient measured minutes earlier would carry that drift.
-            nearby = median_seconds(lambda: grad_call(None), device, warmup=1, repeats=5)
-            ratio = "—" if seconds is None else f"{seconds / per / nearby:.2f}×"
+            # Each row's calls alternate with gradients: a shared machine drifts over a
+            # run, and a ratio to a gradient measured minutes earlier would carry that drift.
+            ratio, memory, note = _measure(build, arg, device, lambda: grad_call(None))
+            ratio = "—" if ratio is None else f"{ratio / per:.2f}×"
             mem = "n/a" if memory is None or m_grad is None else f"{memory / m_grad:.1f}×"
             rows.append([label, ratio, mem, note])
 
