@@ -25,12 +25,14 @@ different way, with different costs (ratios to one gradient, measured in DESIGN.
 * ``"compiled"`` (opt-in, never chosen by ``"auto"``): ``torch.compile`` of the product
   that stores nothing (``jvp(grad(f))``, or ``vjp(grad(f))`` when f lacks forward-mode
   derivatives), for when the stored modes' memory is too much. Construction compiles
-  (seconds to a minute) and checks one compiled product against the eager one. It pays
-  on GPUs (DESIGN.md: 1.25× a gradient and a gradient's memory on an MLP, against 3.5×
-  eager); on CPUs the stored modes were faster in ``benchmarks/``. Models that Dynamo
-  cannot trace, such as ``nn.TransformerEncoderLayer``'s fused fast path, raise at
-  construction. Under ``torch.func`` transforms (``vmap`` over tangents) the product runs
-  eagerly: compiled functions cannot be called from inside them (pytorch/pytorch#128711).
+  (seconds to a minute) and checks one compiled product against the eager one; a
+  failure to compile raises then. It pays where Python overhead dominates (small
+  models) and on GPUs (DESIGN.md: 1.25× a gradient and a gradient's memory on an MLP,
+  against 3.5× eager); on CPUs the stored modes were faster for larger models in
+  ``benchmarks/``, and code Dynamo cannot trace (``nn.TransformerEncoderLayer``'s fused
+  fast path) runs eagerly between compiled pieces, at eager speed. Under ``torch.func``
+  transforms (``vmap`` over tangents) the product runs eagerly: compiled functions
+  cannot be called from inside them (pytorch/pytorch#128711).
 
 Missing derivatives are handled, not passed on:
 
