@@ -409,7 +409,6 @@ _BUILDERS = {
     "reverse-over-reverse": _reverse_over_reverse,
     "reverse-over-reverse-recomputed": _reverse_over_reverse_recomputed,
     "linearize": _linearize,
-    "compiled": _compiled,
 }
 
 _FORWARD_AD_GAPS = ("forward ad", "forward-mode", "forward mode", "zerotensor", "jvp")
