@@ -77,13 +77,13 @@ def main() -> None:
         scaled = hf.neumann(matvec, b, num_terms=100)
         long = hf.neumann(matvec, b, num_terms=3000)
         solved = hf.cg(matvec, b, tol=1e-8)
-    print(f"\nNeumann, α = 1 (v <- v - Hv): status={naive.status!r} after {naive.num_matvecs} products")
+    print(f"\nNeumann, α = 1 (v <- v - Hv): status={naive.status} after {naive.num_matvecs} products")
     print(f"  {naive.message}")
-    print(f"\nNeumann, α = 1/λ̂_max = {scaled.stats['alpha']:.4f}, 100 terms: status={scaled.status!r}, "
+    print(f"\nNeumann, α = 1/λ̂_max = {scaled.stats['alpha']:.4f}, 100 terms: status={scaled.status}, "
           f"relative residual {scaled.residual_norm / float(hf.tree.norm(b)):.2e}")
-    print(f"Neumann, 3000 terms: status={long.status!r}, relative residual "
+    print(f"Neumann, 3000 terms: status={long.status}, relative residual "
           f"{long.residual_norm / float(hf.tree.norm(b)):.2e}, {long.num_matvecs} products")
-    print(f"CG: status={solved.status!r}, relative residual {solved.residual_norm / float(hf.tree.norm(b)):.2e}, "
+    print(f"CG: status={solved.status}, relative residual {solved.residual_norm / float(hf.tree.norm(b)):.2e}, "
           f"{solved.num_matvecs} products")
 
     print("\nhypergradient steps on log(weight decay), retraining after each:")

@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
-from types import MappingProxyType
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
+from ._types import ChunkSize, Tree
 from .tree import check_like, check_tree, leaves_with_paths
-
-Tree = Any
-ChunkSize = Union[int, None, str]
 
 # vmap over 16 tangents cost 0.42–1.0 of a gradient per vector on an H100 against about
 # 1× for one, so "auto" batches on GPUs. On a 2-core CPU it was 3× slower than a loop for
@@ -34,7 +30,7 @@ _AUTO_CHUNK = 16
 _VMAP_TRIAL_SECONDS = 5e-3
 
 
-class _Layout:
+class Layout:
     """Offsets of a tree's leaves inside a flat vector of length ``n``."""
 
     def __init__(self, like: Tree, *, name: str):
@@ -79,7 +75,7 @@ class _Layout:
         return pytree.tree_unflatten(leaves, self.spec)
 
 
-class _Operator:
+class Operator:
     """Wraps ``matvec`` (tree -> tree) as a counted map on flat vectors.
 
     The output of the first call is checked against ``like`` (structure, shapes, dtypes),
@@ -91,7 +87,7 @@ class _Operator:
             raise TypeError(f"matvec must be callable, got {type(matvec).__name__}")
         self.matvec = matvec
         self.like = like
-        self.layout = _Layout(like, name=name)
+        self.layout = Layout(like, name=name)
         self.n = self.layout.n
         self.dtype = self.layout.dtype
         self.device = self.layout.device
@@ -132,12 +128,12 @@ class _Operator:
         ``chunk_size=1`` calls the matvec row by row without ``vmap``, for matvecs that
         do not support it; ``None`` puts all rows through one call; ``"auto"`` is 16 on
         a GPU and, on a CPU, whichever of a loop and chunks of 16 its trial found faster
-        (see ``_VMAP_TRIAL_SECONDS``). ``bar`` (a ``_Progress``) advances by the rows
+        (see ``VMAP_TRIAL_SECONDS``). ``bar`` (a ``_Progress``) advances by the rows
         done after each chunk.
         """
         b = X.shape[0]
         auto = chunk_size == "auto"
-        fixed = None if auto else _resolve_chunk(chunk_size, self.device)
+        fixed = None if auto else resolve_chunk(chunk_size, self.device)
         outs: List[Tensor] = []
         start = 0
         while start < b:
@@ -181,7 +177,7 @@ class _Operator:
         return torch.cat(outs)
 
 
-def _resolve_chunk(chunk_size: ChunkSize, device: torch.device) -> int | None:
+def resolve_chunk(chunk_size: ChunkSize, device: torch.device) -> int | None:
     """``"auto"`` -> 16 on a GPU, 1 elsewhere (for grouping decisions made before any
     product, such as SLQ's probes per group); validates the rest."""
     if chunk_size == "auto":
@@ -191,16 +187,16 @@ def _resolve_chunk(chunk_size: ChunkSize, device: torch.device) -> int | None:
     return chunk_size
 
 
-def _block_size(chunk_size: ChunkSize, count: int, device: torch.device) -> int:
+def block_size(chunk_size: ChunkSize, count: int, device: torch.device) -> int:
     """How many probes to draw and hold at once for ``op.batch(block, chunk_size=...)``:
     one chunk, or 16 for ``"auto"`` (the largest chunk it uses)."""
     if chunk_size == "auto":
         return _AUTO_CHUNK
-    resolved = _resolve_chunk(chunk_size, device)
+    resolved = resolve_chunk(chunk_size, device)
     return max(count if resolved is None else resolved, 1)
 
 
-def _check_start(x: Tensor, *, name: str) -> None:
+def check_start(x: Tensor, *, name: str) -> None:
     """A start vector must be finite and nonzero."""
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} has non-finite entries (nan or inf); pass a finite start vector")
@@ -208,92 +204,5 @@ def _check_start(x: Tensor, *, name: str) -> None:
         raise ValueError(f"{name} is the zero vector; pass a nonzero start vector")
 
 
-def _isfinite(*values: float) -> bool:
+def isfinite(*values: float) -> bool:
     return all(math.isfinite(v) for v in values)
-
-
-def _check_tol_damping(tol: float, damping: float) -> None:
-    """A positive relative tolerance and a non-negative damping, for the solvers that
-    need a positive-definite H + δI."""
-    if not tol > 0:
-        raise ValueError(f"tol must be positive, got {tol}")
-    if not damping >= 0:
-        raise ValueError(f"damping must be non-negative, got {damping}")
-
-
-def _finite_rhs(b: Tensor) -> Tensor:
-    """The flat right-hand side(s), refused if any entry is nan or inf."""
-    if not bool(torch.isfinite(b).all()):
-        raise ValueError("b has non-finite entries (nan or inf)")
-    return b
-
-
-def _iteration_limit(max_iters: Optional[int], n: int) -> int:
-    """``max_iters``, default ``min(10 n, 1000)``; negative is an error."""
-    limit = max_iters if max_iters is not None else min(10 * n, 1000)
-    if limit < 0:
-        raise ValueError(f"max_iters must be non-negative, got {max_iters}")
-    return limit
-
-
-class _LinearSystem:
-    """(H + δI) x = b as the iterative solvers see it: the counted operator, b flat and
-    checked, the iteration limit, and the products with A = H + δI and with M⁻¹."""
-
-    def __init__(
-        self,
-        matvec: Callable[[Tree], Tree],
-        b: Tree,
-        *,
-        damping: float,
-        max_iters: Optional[int] = None,
-        preconditioner: Optional[Callable[[Tree], Tree]] = None,
-    ):
-        self.op = _Operator(matvec, b, name="b")
-        self.b = _finite_rhs(self.op.layout.flatten(b))
-        self.limit = _iteration_limit(max_iters, self.op.n)
-        self.b_norm = float(torch.linalg.vector_norm(self.b))
-        self.damping = damping
-        self.preconditioner = preconditioner
-
-    def A(self, v: Tensor) -> Tensor:
-        """(H + δI) v."""
-        return self.op(v) + self.damping * v if self.damping else self.op(v)
-
-    def M(self, r: Tensor) -> Tensor:
-        """M⁻¹ r (the identity without a preconditioner)."""
-        if self.preconditioner is None:
-            return r
-        return self.op.layout.flatten(self.preconditioner(self.op.layout.unflatten(r)))
-
-    def zero_solution(self) -> Any:
-        """The answer for b = 0: x = 0, converged, no products."""
-        return self.result("", torch.zeros_like(self.b), "converged", "b is zero, so x = 0", 0.0, {})
-
-    def result(
-        self,
-        name: str,
-        x: Tensor,
-        status: str,
-        message: str,
-        residual_norm: float,
-        stats: dict,
-        *,
-        extra_matvecs: int = 0,
-    ) -> Any:
-        """The solver's SolveResult; anything but "converged" also warns, pointing at the
-        caller of the solver (two frames up)."""
-        from .results import ConvergenceWarning, SolveResult
-
-        converged = status == "converged"
-        if not converged:
-            warnings.warn(f"{name}: {status}: {message}", ConvergenceWarning, stacklevel=3)
-        return SolveResult(
-            x=self.op.layout.unflatten(x),
-            converged=converged,
-            status=status,
-            num_matvecs=self.op.num_matvecs + extra_matvecs,
-            residual_norm=residual_norm,
-            message=message,
-            stats=MappingProxyType(dict(stats)),
-        )

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional
 
-ProgressArg = Union[bool, Callable[..., Any]]
+from ._types import ProgressArg
 
 
-class _Progress:
+class Progress:
     """``progress=False``: nothing. ``True``: a tqdm bar on stderr when tqdm is
     installed, else a line at most once a second. A callable: called as
     ``progress(step, *values)`` after every step."""

@@ -11,14 +11,14 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from .cg import cg
-from .density import spectral_density
-from .lanczos import lanczos
-from .model import model_hvp_fn
-from .neumann import neumann
+from ._eigen.lanczos import lanczos
+from ._products.model import model_hvp_fn
+from ._solve.cg import cg
+from ._solve.neumann import neumann
+from ._stochastic.density import spectral_density
+from ._stochastic.trace import trace
 from .results import ConvergenceWarning
 from .testing import dense_matrix
-from .trace import trace
 from .tree import norm, random_like
 
 

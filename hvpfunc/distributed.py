@@ -2,25 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Literal, Optional
 
 import torch
 import torch.distributed as dist
 from torch.utils import _pytree as pytree
 
+from ._types import MatvecFn, Tree
+
 __all__ = ["data_parallel"]
 
-Tree = Any
 _REDUCTIONS = ("mean", "sum")
 
 
 def data_parallel(
-    matvec: Callable[[Tree], Tree],
+    matvec: MatvecFn,
     *,
     group: Optional[Any] = None,
-    reduce: str = "mean",
+    reduce: Literal["mean", "sum"] = "mean",
     weight: Optional[float] = None,
-) -> Callable[[Tree], Tree]:
+) -> MatvecFn:
     """A matvec whose products are all-reduced across the ranks of a process group.
 
     Each rank builds the matvec of its own shard of the data (e.g. with
@@ -56,10 +57,18 @@ def data_parallel(
         ValueError: unknown ``reduce``, or ``weight`` with ``reduce="sum"``.
 
     Example:
-        >>> dist.init_process_group("gloo")                    # in each process
-        >>> matvec, params = hf.model_hvp_fn(model, loss_fn, my_shard)
-        >>> matvec = data_parallel(matvec, weight=len(my_shard_targets))
-        >>> hf.lanczos(matvec, v0_same_on_all_ranks, k=5)
+        Each process (here one: a real job's launcher, e.g. ``torchrun``, starts several
+        and sets up the group) wraps the matvec of its shard, e.g. from
+        ``hf.model_hvp_fn(model, loss_fn, my_shard)``:
+
+        >>> import torch, torch.distributed as dist, hvpfunc as hf
+        >>> from hvpfunc.distributed import data_parallel
+        >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        >>> H = torch.diag(torch.arange(1.0, 4.0, dtype=torch.float64))
+        >>> matvec = data_parallel(lambda v: H @ v, weight=3)      # weight: my shard's examples
+        >>> hf.lanczos(matvec, torch.ones(3, dtype=torch.float64), k=1).eigenvalues
+        tensor([3.], dtype=torch.float64)
+        >>> dist.destroy_process_group()
     """
     if reduce not in _REDUCTIONS:
         raise ValueError(f"reduce must be one of {_REDUCTIONS}, got {reduce!r}")

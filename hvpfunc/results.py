@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import enum
 from types import MappingProxyType
 from typing import Any, Mapping, NamedTuple
 
 from torch import Tensor
 
 __all__ = [
+    "Status",
     "ConvergenceWarning",
     "EigResult",
     "SolveResult",
@@ -15,6 +17,68 @@ __all__ = [
     "DiagonalResult",
     "SpectralDensity",
 ]
+
+
+class Status(str, enum.Enum):
+    """Why a solver or estimator stopped: one vocabulary for every result.
+
+    A ``str`` enum, so ``res.status == "diverged"`` holds and statuses print as their
+    values. Each member's ``remedy`` is the generic advice for it; a result's
+    ``message`` says what happened in that run.
+
+    Example:
+        >>> from hvpfunc.results import Status
+        >>> Status("max_iters") is Status.MAX_ITERS, Status.DIVERGED == "diverged"
+        (True, True)
+        >>> Status.NEGATIVE_CURVATURE.remedy.split(":")[0]
+        'H + damping is not positive definite'
+    """
+
+    CONVERGED = ("converged", "")
+    MAX_ITERS = (
+        "max_iters",
+        "The iteration budget ran out: raise max_iters (num_terms for a series), loosen "
+        "tol, or add damping or a preconditioner",
+    )
+    DIVERGED = (
+        "diverged",
+        "The iteration grew instead of contracting: use a smaller step (alpha=None picks "
+        "1/||H||), damping above the magnitude of the most negative eigenvalue, or hf.cg",
+    )
+    NEGATIVE_CURVATURE = (
+        "negative_curvature",
+        "H + damping is not positive definite: add damping above the magnitude of the most "
+        "negative eigenvalue (hf.lanczos(..., which='SA') finds it), or use hf.minres",
+    )
+    INDEFINITE = (
+        "indefinite",
+        "H + damping has an eigenvalue <= 0, for which this method cannot converge: add "
+        "damping above its magnitude, or use hf.minres",
+    )
+    INCONSISTENT = (
+        "inconsistent",
+        "The right-hand side b is not in the range of a singular H + damping: add damping, or use the "
+        "least-squares x returned (its residual lies in the null space)",
+    )
+    NON_FINITE = (
+        "non_finite",
+        "A product was nan or inf: check the loss at these parameters "
+        "(torch.autograd.detect_anomaly() names the operation) or compute in float64",
+    )
+
+    remedy: str
+
+    def __new__(cls, value: str, remedy: str) -> Status:
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.remedy = remedy
+        return member
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
 
 
 class ConvergenceWarning(UserWarning):
@@ -33,6 +97,9 @@ class EigResult(NamedTuple):
         residuals: ‖H q − λ q‖ for every pair, shape ``(k,)``.
         num_matvecs: products with the operator spent.
         which: which end of the spectrum was computed: "LM", "LA" or "SA".
+        status: a :class:`Status`: ``"converged"`` when every pair is, else
+            ``"max_iters"`` or ``"non_finite"`` (the last finite pairs are returned).
+        message: what happened, and what to do when it did not converge.
     """
 
     eigenvalues: Tensor
@@ -41,6 +108,8 @@ class EigResult(NamedTuple):
     residuals: Tensor
     num_matvecs: int
     which: str
+    status: Status = Status.CONVERGED
+    message: str = ""
 
 
 class SolveResult(NamedTuple):
@@ -49,8 +118,9 @@ class SolveResult(NamedTuple):
     Attributes:
         x: solution tree shaped like ``b``; always finite.
         converged: whether ‖b − (H + δI) x‖ ≤ tol · ‖b‖ was reached.
-        status: ``"converged"``, ``"max_iters"``, ``"diverged"``,
-            ``"negative_curvature"``, ``"indefinite"`` or ``"non_finite"``.
+        status: a :class:`Status`: ``"converged"``, ``"max_iters"``, ``"diverged"``,
+            ``"negative_curvature"``, ``"indefinite"``, ``"inconsistent"`` or
+            ``"non_finite"``.
         num_matvecs: products with the operator spent, including any spent choosing
             parameters (``stats`` breaks it down).
         residual_norm: ‖b − (H + δI) x‖ for the returned ``x`` (for LiSSA, whose products
@@ -61,7 +131,7 @@ class SolveResult(NamedTuple):
 
     x: Any
     converged: bool
-    status: str
+    status: Status
     num_matvecs: int
     residual_norm: float
     message: str = ""
@@ -77,19 +147,30 @@ class TraceResult(NamedTuple):
             the probes; for Hutch++ the low-rank part is exact given its sketch, so the
             error is the stochastic remainder's).
         num_matvecs: products with the operator spent.
+        status: ``"converged"`` (every product was finite), or ``"non_finite"``: the
+            estimate then comes from the probes before the first non-finite product
+            (nan if there were none).
+        message: what happened.
     """
 
     estimate: Tensor
     stderr: Tensor
     num_matvecs: int
+    status: Status = Status.CONVERGED
+    message: str = ""
 
 
 class DiagonalResult(NamedTuple):
-    """A stochastic estimate of diag(H), as trees shaped like the parameters."""
+    """A stochastic estimate of diag(H), as trees shaped like the parameters.
+
+    ``status`` and ``message`` as in :class:`TraceResult`.
+    """
 
     estimate: Any
     stderr: Any
     num_matvecs: int
+    status: Status = Status.CONVERGED
+    message: str = ""
 
 
 class SpectralDensity(NamedTuple):
@@ -103,6 +184,9 @@ class SpectralDensity(NamedTuple):
             one, and the density is the mean over probes of Σ_i w_i · N(t; θ_i, σ²).
         sigma: the standard deviation of the Gaussian smoothing.
         num_matvecs: products with the operator spent.
+        status: ``"converged"``, or ``"non_finite"``: the density then comes from the
+            probes whose products were all finite (nan everywhere if none were).
+        message: what happened.
     """
 
     grid: Tensor
@@ -111,6 +195,8 @@ class SpectralDensity(NamedTuple):
     weights: Tensor
     sigma: float
     num_matvecs: int
+    status: Status = Status.CONVERGED
+    message: str = ""
 
     def plot(self, ax: Any = None, *, log: bool = True, **kwargs: Any) -> Any:
         """Plot the density with matplotlib and return the figure.

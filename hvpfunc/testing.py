@@ -15,8 +15,9 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from ._operator import _Layout, _Operator
-from .hvp import hvp_fn
+from ._operator import Layout, Operator
+from ._products.api import hvp_fn
+from ._types import Tree
 from .tree import dot, norm, random_like
 
 __all__ = [
@@ -28,8 +29,6 @@ __all__ = [
     "smooth_functions",
 ]
 
-Tree = Any
-
 
 def dense_hessian(f: Callable[..., Tensor], params: Tree, *args: Any, **kwargs: Any) -> Tensor:
     """The (n, n) Hessian of ``f(params, *args, **kwargs)``, rows and columns in the order
@@ -40,7 +39,7 @@ def dense_hessian(f: Callable[..., Tensor], params: Tree, *args: Any, **kwargs: 
     wrong numbers through ``batch_norm`` in training mode without running statistics in
     torch 2.13 (errors of order one, no warning).
     """
-    layout = _Layout(params, name="params")
+    layout = Layout(params, name="params")
     flat = layout.flatten(params)
     return torch.autograd.functional.hessian(
         lambda x: f(layout.unflatten(x), *args, **kwargs), flat
@@ -49,7 +48,7 @@ def dense_hessian(f: Callable[..., Tensor], params: Tree, *args: Any, **kwargs: 
 
 def dense_matrix(matvec: Callable[[Tree], Tree], like: Tree, *, chunk_size: Optional[int] = None) -> Tensor:
     """The (n, n) matrix of a tree matvec, by applying it to the identity's rows."""
-    op = _Operator(matvec, like, name="like")
+    op = Operator(matvec, like, name="like")
     eye = torch.eye(op.n, dtype=op.dtype, device=op.device)
     return op.batch(eye, chunk_size=chunk_size).T
 
@@ -108,7 +107,7 @@ def assert_hvp_matches_hessian(
     """
     if v is None:
         v = random_like(params, generator=torch.Generator().manual_seed(0), kind="gaussian")
-    layout = _Layout(params, name="params")
+    layout = Layout(params, name="params")
     expected = dense_hessian(f, params, *args, **kwargs) @ layout.flatten(v)
     got = layout.flatten(hvp_fn(f, params, *args, mode=mode, **kwargs)(v))
     if not torch.allclose(got, expected, rtol=rtol, atol=atol):

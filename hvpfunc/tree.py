@@ -18,7 +18,10 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
+from ._types import Tree
+
 __all__ = [
+    "Tree",
     "leaves_with_paths",
     "check_tree",
     "check_like",
@@ -36,7 +39,6 @@ __all__ = [
     "index",
 ]
 
-Tree = Any
 
 
 def leaves_with_paths(tree: Tree) -> Tuple[List[Tuple[str, Any]], pytree.TreeSpec]:

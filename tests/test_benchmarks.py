@@ -9,8 +9,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import products, solvers  # noqa: E402
-from benchmarks.models import build  # noqa: E402
+from benchmarks import products, solvers
+from benchmarks.models import build
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ import hvpfunc as hf
 from hvpfunc.distributed import data_parallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from references import DT, flat, mlp  # noqa: E402
+from references import DT, flat, mlp
 
 SPLIT = 13  # rank 0 holds 13 examples, rank 1 holds 17
 

@@ -2,12 +2,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from references import DT, flat, mlp_loss, random_tree
 from torch import nn
 
 import hvpfunc as hf
 from hvpfunc import tree as T
 from hvpfunc.testing import assert_hvp_matches_hessian, dense_hessian, pytrees, smooth_functions
-from references import DT, flat, mlp_loss, random_tree
 
 MODES = ["forward-over-reverse", "reverse-over-reverse", "reverse-over-reverse-recomputed", "linearize", "auto"]
 

@@ -1,9 +1,9 @@
 import pytest
 import torch
+from references import DT, flat
 
 import hvpfunc as hf
 from hvpfunc.testing import dense_hessian
-from references import DT, flat
 
 
 def _ridge(seed=0):

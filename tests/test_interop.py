@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 import torch
+from references import flat, mlp_loss, random_tree, spectrum_operator
 
 import hvpfunc as hf
-from references import flat, mlp_loss, random_tree, spectrum_operator
 
 scipy_linalg = pytest.importorskip("scipy.sparse.linalg")
 

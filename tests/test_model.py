@@ -1,11 +1,11 @@
 import pytest
 import torch
+from references import DT, flat, mlp
 from torch import nn
 
 import hvpfunc as hf
 from hvpfunc import tree as T
 from hvpfunc.testing import dense_hessian, dense_matrix
-from references import DT, flat, mlp
 
 
 def _bn_model():

@@ -1,8 +1,8 @@
 import pytest
 import torch
+from references import DT, flat, random_tree, spectrum_operator
 
 import hvpfunc as hf
-from references import DT, flat, random_tree, spectrum_operator
 
 
 def _spd():

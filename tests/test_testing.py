@@ -1,6 +1,7 @@
 import pytest
 import torch
 from hypothesis import given
+from references import DT, spectrum_operator
 
 from hvpfunc import tree as T
 from hvpfunc.testing import (
@@ -11,7 +12,6 @@ from hvpfunc.testing import (
     pytrees,
     smooth_functions,
 )
-from references import DT, spectrum_operator
 
 
 def test_assert_symmetric_passes_on_symmetric_and_fails_on_non_symmetric():

@@ -2,9 +2,9 @@ import time
 
 import pytest
 import torch
+from references import DT, flat, mlp_loss, spectrum_operator
 
 import hvpfunc as hf
-from references import DT, flat, mlp_loss, spectrum_operator
 
 
 def _decaying():

@@ -1,8 +1,8 @@
 import pytest
 import torch
+from references import DT, flat
 
 from hvpfunc import tree as T
-from references import DT, flat
 
 
 def _trees():

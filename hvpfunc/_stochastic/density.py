@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from ._operator import ChunkSize, _Operator, _resolve_chunk
-from ._progress import _Progress
-from .lanczos import _asymmetry_message, _orthogonalize
-from .results import SpectralDensity
-
-__all__ = ["spectral_density"]
-
-Tree = Any
+from .._krylov import check_symmetric, expand, symmetry_slack
+from .._operator import Operator, resolve_chunk
+from .._outcome import finish
+from .._progress import Progress
+from .._types import ChunkSize, MatvecFn, ProgressArg, Tree
+from ..results import SpectralDensity, Status
 
 
 def spectral_density(
-    matvec: Callable[[Tree], Tree],
+    matvec: MatvecFn,
     like: Tree,
     *,
     num_probes: int = 10,
@@ -28,7 +26,7 @@ def spectral_density(
     sigma: Optional[float] = None,
     num_points: int = 2000,
     chunk_size: ChunkSize = "auto",
-    progress: Any = False,
+    progress: ProgressArg = False,
 ) -> SpectralDensity:
     """The smoothed eigenvalue density of H by stochastic Lanczos quadrature.
 
@@ -64,11 +62,21 @@ def spectral_density(
         :class:`~hvpfunc.SpectralDensity` with ``grid``, ``density`` (normalized so its
         trapezoidal integral over the grid is exactly one), ``nodes`` and ``weights``
         (shape ``(num_probes, num_iters)``, each row of weights summing to one),
-        ``sigma``, ``num_matvecs``.
+        ``sigma``, ``num_matvecs``, and ``status``: ``"converged"``, or ``"non_finite"``
+        when a product was nan or inf (then the density comes from the probes whose
+        products were all finite, and a :class:`~hvpfunc.ConvergenceWarning` is issued).
 
     Raises:
         ValueError: non-positive ``num_probes``, ``num_iters``, ``num_points`` or ``sigma``;
-            a product that is not finite; a matvec that is not symmetric.
+            a matvec that is not symmetric.
+
+    Example:
+        >>> import torch, hvpfunc as hf
+        >>> H = torch.diag(torch.cat([torch.zeros(50), torch.ones(50)]).double())
+        >>> res = hf.spectral_density(lambda v: H @ v, torch.zeros(100, dtype=torch.float64),
+        ...                           num_probes=4, num_iters=10, generator=torch.Generator().manual_seed(0))
+        >>> res.nodes.shape, res.status           # two distinct eigenvalues: two nodes carry weight
+        (torch.Size([4, 10]), <Status.CONVERGED: 'converged'>)
 
     References:
         Lin, Saad & Yang, "Approximating spectral densities of large matrices",
@@ -81,25 +89,38 @@ def spectral_density(
             raise ValueError(f"{name} must be at least 1, got {value}")
     if sigma is not None and not sigma > 0:
         raise ValueError(f"sigma must be positive, got {sigma}")
-    op = _Operator(matvec, like, name="like")
+    op = Operator(matvec, like, name="like")
     steps = min(num_iters, op.n)
-    chunk_size = _resolve_chunk(chunk_size, op.device)
+    chunk_size = resolve_chunk(chunk_size, op.device)
     chunk = num_probes if chunk_size is None else chunk_size
     nodes, weights = [], []
-    bar = _Progress(progress, total=num_probes * steps, desc="spectral density")
+    bar = Progress(progress, total=num_probes * steps, desc="spectral density")
     try:
         for start in range(0, num_probes, chunk):
             probes = op.probes(min(chunk, num_probes - start), generator)
             T = _tridiagonalize(op, probes, steps, chunk_size, bar)
-            theta, Y = torch.linalg.eigh(T)
-            nodes.append(theta)
-            weights.append(Y[:, 0, :] ** 2)
+            finite = torch.isfinite(T).all(dim=(1, 2))
+            theta, Y = torch.linalg.eigh(torch.where(finite[:, None, None], T, 0.0))
+            nodes.append(theta[finite])
+            weights.append(Y[finite, 0, :] ** 2)
+            if not bool(finite.all()):
+                break  # no more products on an operator that returns nan or inf
     finally:
         bar.close()
     nodes_t = torch.cat(nodes)
     weights_t = torch.cat(weights)
-    if not bool(torch.isfinite(nodes_t).all()):
-        raise ValueError("spectral_density: a product was not finite; the operator returned nan or inf")
+    status, message = Status.CONVERGED, ""
+    if nodes_t.shape[0] < num_probes:
+        status = Status.NON_FINITE
+        message = (
+            f"a product was not finite (nan or inf): the density comes from the "
+            f"{nodes_t.shape[0]} of {num_probes} probes before it. {status.remedy}"
+        )
+    if nodes_t.shape[0] == 0:
+        nan = torch.full((num_points,), math.nan, dtype=op.dtype, device=op.device)
+        result = SpectralDensity(nan, nan, nodes_t.to(op.device, op.dtype), weights_t.to(op.device, op.dtype),
+                                 math.nan if sigma is None else float(sigma), op.num_matvecs, status, message)
+        return finish(result, "spectral_density")
     # Probes whose Krylov space became invariant carry padding nodes of zero weight;
     # they must not stretch the grid.
     carried = nodes_t[weights_t > 1e-12 * float(weights_t.max())]
@@ -108,27 +129,31 @@ def spectral_density(
         sigma = math.sqrt(1e-5 * max(1.0, hi - lo))
     grid = torch.linspace(lo - 5 * sigma, hi + 5 * sigma, num_points, dtype=torch.float64)
     gauss = torch.exp(-0.5 * ((grid[:, None] - nodes_t.reshape(-1)[None, :]) / sigma) ** 2)
-    density = gauss @ weights_t.reshape(-1) / (num_probes * sigma * math.sqrt(2 * math.pi))
+    density = gauss @ weights_t.reshape(-1) / (nodes_t.shape[0] * sigma * math.sqrt(2 * math.pi))
     if num_points > 1:
         density = density / torch.trapezoid(density, grid)
-    return SpectralDensity(
+    result = SpectralDensity(
         grid=grid.to(op.device, op.dtype),
         density=density.to(op.device, op.dtype),
         nodes=nodes_t.to(op.device, op.dtype),
         weights=weights_t.to(op.device, op.dtype),
         sigma=float(sigma),
         num_matvecs=op.num_matvecs,
+        status=status,
+        message=message,
     )
+    return finish(result, "spectral_density")
 
 
 def _tridiagonalize(
-    op: _Operator, Z: Tensor, steps: int, chunk_size: ChunkSize, bar: _Progress
+    op: Operator, Z: Tensor, steps: int, chunk_size: ChunkSize, bar: Progress
 ) -> Tensor:
     """Lanczos with full reorthogonalization from each row of Z at once.
 
     Returns the projected matrices T of shape ``(len(Z), steps, steps)`` (float64, CPU).
     A probe whose Krylov space becomes invariant continues with zero vectors, which adds
     zero rows and columns to its T: nodes with zero weight, so the quadrature is intact.
+    A probe whose product is not finite gets a non-finite T, and the run stops there.
     """
     b, n = Z.shape
     eps = torch.finfo(op.dtype).eps
@@ -137,20 +162,24 @@ def _tridiagonalize(
     beta = torch.zeros(b, steps, dtype=torch.float64)
     q = Z / torch.linalg.vector_norm(Z, dim=1, keepdim=True)
     scale = torch.zeros(b, dtype=op.dtype, device=op.device)
-    slack = 10 * math.sqrt(op.layout.product_eps)
+    slack = symmetry_slack(op.layout.product_eps)
     for j in range(steps):
         Q[:, j] = q
         w = op.batch(q, chunk_size=b if chunk_size is None else chunk_size)
-        w, h = _orthogonalize(Q[:, : j + 1], w)
-        norms = torch.linalg.vector_norm(w, dim=1)
+        w, h, norms = expand(Q[:, : j + 1], w)
+        finite = torch.isfinite(h).all(dim=1) & torch.isfinite(norms)
+        if not bool(finite.all()):
+            alpha[:, j] = torch.where(finite, h[:, j], math.nan).to("cpu", torch.float64)
+            bar.update(steps=b)
+            break
         scale = torch.maximum(scale, h.abs().max(dim=1).values)
         if j > 0:  # ⟨q_{j-1}, H q_j⟩ must equal β_{j-1} = ⟨H q_{j-1}, q_j⟩ for symmetric H
-            forward = h[:, j - 1].to("cpu", torch.float64)
-            gap = (forward - beta[:, j - 1]).abs()
-            bad = gap > slack * scale.to("cpu", torch.float64)
-            if bool(bad.any()):
-                i = int(bad.nonzero()[0])
-                raise ValueError(_asymmetry_message(float(forward[i]), float(beta[i, j - 1])))
+            check_symmetric(
+                h[:, j - 1].to("cpu", torch.float64).numpy(),
+                beta[:, j - 1].numpy(),
+                scale.to("cpu", torch.float64).numpy(),
+                slack,
+            )
         alive = norms > 100 * eps * scale
         alpha[:, j] = h[:, j].to("cpu", torch.float64)
         beta[:, j] = torch.where(alive, norms, 0).to("cpu", torch.float64)

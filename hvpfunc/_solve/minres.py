@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 
-from ._operator import _LinearSystem
-from ._progress import _Progress
-from .results import SolveResult
+from .._outcome import finish
+from .._progress import Progress
+from .._types import MatvecFn, ProgressArg, Tree
+from ..results import SolveResult, Status
+from .system import LinearSystem, non_finite_message
 
-__all__ = ["minres"]
-
-Tree = Any
 _INCONSISTENT = (
     "b is not in the range of H + δI (a singular, inconsistent system): x is the "
     "least-squares iterate reached, the residual left lies in the null space"
@@ -21,14 +20,14 @@ _INCONSISTENT = (
 
 
 def minres(
-    matvec: Callable[[Tree], Tree],
+    matvec: MatvecFn,
     b: Tree,
     *,
     damping: float = 0.0,
     tol: float = 1e-6,
     max_iters: Optional[int] = None,
     preconditioner: Optional[Callable[[Tree], Tree]] = None,
-    progress: Any = False,
+    progress: ProgressArg = False,
 ) -> SolveResult:
     """Solve (H + δI) x = b by MINRES, for symmetric H of any inertia.
 
@@ -65,8 +64,9 @@ def minres(
             (naming the leaf).
 
     Example:
+        >>> import torch, hvpfunc as hf
         >>> H = torch.diag(torch.tensor([-2.0, 1.0, 3.0]))   # indefinite: CG would stop
-        >>> minres(lambda v: H @ v, torch.ones(3), tol=1e-10).x
+        >>> hf.minres(lambda v: H @ v, torch.ones(3), tol=1e-6).x
         tensor([-0.5000,  1.0000,  0.3333])
 
     References:
@@ -76,7 +76,7 @@ def minres(
     """
     if not tol > 0:
         raise ValueError(f"tol must be positive, got {tol}")
-    system = _LinearSystem(matvec, b, damping=damping, max_iters=max_iters, preconditioner=preconditioner)
+    system = LinearSystem(matvec, b, damping=damping, max_iters=max_iters, preconditioner=preconditioner)
     op, bf, b_norm, limit, A, M = system.op, system.b, system.b_norm, system.limit, system.A, system.M
     if b_norm == 0.0:
         return system.zero_solution()
@@ -96,10 +96,10 @@ def minres(
     r2 = r1
     # phibar estimates the M⁻¹-norm of the residual; scale it to compare with ‖b‖.
     estimate_scale = b_norm / beta1
-    status, message = "max_iters", f"max_iters={limit} iterations reached"
+    status, message = Status.MAX_ITERS, f"max_iters={limit} iterations reached. {Status.MAX_ITERS.remedy}"
     residual_norm = b_norm
     it = 0
-    bar = _Progress(progress, total=limit, desc="minres")
+    bar = Progress(progress, total=limit, desc="minres")
     try:
         while it < limit:
             it += 1
@@ -114,7 +114,7 @@ def minres(
             oldb = beta
             beta = math.sqrt(max(float(torch.dot(r2, y)), 0.0))
             if not (math.isfinite(alfa) and math.isfinite(beta)):
-                status, message = "non_finite", "a product was not finite (nan or inf)"
+                status, message = Status.NON_FINITE, non_finite_message()
                 break
             tnorm2 += alfa * alfa + oldb * oldb + beta * beta
             oldeps = epsln
@@ -130,9 +130,9 @@ def minres(
                 # at the least-squares iterate reached so far.
                 residual_norm = float(torch.linalg.vector_norm(bf - A(x)))
                 if residual_norm <= target:
-                    status, message = "converged", ""
+                    status, message = Status.CONVERGED, ""
                 else:
-                    status, message = "inconsistent", _INCONSISTENT
+                    status, message = Status.INCONSISTENT, _INCONSISTENT
                 break
             cs, sn = gbar / gamma, beta / gamma
             phi = cs * phibar
@@ -147,14 +147,14 @@ def minres(
                 # confirm on the true residual
                 residual_norm = float(torch.linalg.vector_norm(bf - A(x)))
                 if residual_norm <= target:
-                    status, message = "converged", ""
+                    status, message = Status.CONVERGED, ""
                     break
                 if beta <= eps * abs(alfa):
-                    status, message = "inconsistent", _INCONSISTENT
+                    status, message = Status.INCONSISTENT, _INCONSISTENT
                     break
                 target /= 2  # rounding left the true residual behind the estimate
         else:
             residual_norm = float(torch.linalg.vector_norm(bf - A(x)))
     finally:
         bar.close()
-    return system.result("minres", x, status, message, residual_norm, {"iterations": it})
+    return finish(system.result(x, status, message, residual_norm, {"iterations": it}), "minres")

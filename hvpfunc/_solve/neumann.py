@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import math
 import warnings
-from types import MappingProxyType
-from typing import Any, Callable, Iterable, NamedTuple, Optional, Union
+from typing import Callable, Iterable, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
 
-from ._operator import _check_tol_damping, _LinearSystem
-from ._progress import _Progress
-from .power import power_iteration
-from .results import ConvergenceWarning, SolveResult
-
-__all__ = ["neumann", "lissa"]
-
-Tree = Any
-Matvec = Callable[[Tree], Tree]
+from .._eigen.power import power_iteration
+from .._outcome import finish
+from .._progress import Progress
+from .._types import MatvecFn, ProgressArg, Tree
+from ..results import ConvergenceWarning, SolveResult, Status
+from .system import LinearSystem, check_tol_damping, non_finite_message
 
 # A symmetric contraction can only shrink the terms; growth beyond rounding proves the
 # spectral radius is at least one. LiSSA's products are sampled, so its terms may
@@ -28,14 +24,14 @@ _LISSA_GROWTH = 10.0
 
 
 def neumann(
-    matvec: Matvec,
+    matvec: MatvecFn,
     b: Tree,
     *,
     alpha: Optional[float] = None,
     num_terms: int = 100,
     tol: float = 1e-6,
     damping: float = 0.0,
-    progress: Any = False,
+    progress: ProgressArg = False,
 ) -> SolveResult:
     """Approximate (H + δI)⁻¹ b by the scaled, truncated Neumann series.
 
@@ -69,7 +65,8 @@ def neumann(
 
     Returns:
         :class:`~hvpfunc.SolveResult` with ``status`` ``"converged"``, ``"max_iters"``
-        (terms exhausted), ``"diverged"`` or ``"indefinite"``; ``message`` says why and
+        (terms exhausted), ``"diverged"``, ``"indefinite"`` or ``"non_finite"`` (a
+        product was nan or inf; the last finite partial sum is returned); ``message`` says why and
         what to do; ``stats`` holds ``alpha``, ``terms`` and, when α was estimated,
         ``alpha_num_matvecs`` and ``norm_estimate``. A
         :class:`~hvpfunc.ConvergenceWarning` accompanies every status but ``"converged"``.
@@ -79,12 +76,13 @@ def neumann(
             ``damping``, non-finite ``b``, structure mismatches (naming the leaf).
 
     Example:
-        >>> H = torch.diag(torch.tensor([1.0, 2.0, 3.0]))
-        >>> b = torch.ones(3)
-        >>> neumann(lambda v: H @ v, b, alpha=1.0).status      # α·3 > 2: diverges
-        'diverged'
-        >>> neumann(lambda v: H @ v, b, tol=1e-6).x            # α = 1/3 chosen
-        tensor([1.0000, 0.5000, 0.3333])
+        >>> import torch, hvpfunc as hf
+        >>> H = torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+        >>> b = torch.ones(3, dtype=torch.float64)
+        >>> hf.neumann(lambda v: H @ v, b, alpha=1.0).status      # α·3 > 2: diverges
+        <Status.DIVERGED: 'diverged'>
+        >>> hf.neumann(lambda v: H @ v, b, tol=1e-6).x            # α = 1/‖H‖ chosen
+        tensor([1.0000, 0.5000, 0.3333], dtype=torch.float64)
 
     References:
         Lorraine, Vicol & Duvenaud, "Optimizing millions of hyperparameters by implicit
@@ -94,44 +92,45 @@ def neumann(
     _check_options(num_terms, tol, damping)
     if alpha is not None and not alpha > 0:
         raise ValueError(f"alpha must be positive, got {alpha}")
-    system = _LinearSystem(matvec, b, damping=damping)
-    bf = system.b
+    system = LinearSystem(matvec, b, damping=damping)
+    zero = torch.zeros_like(system.b)
     stats: dict = {}
-    if alpha is None and bool(bf.any()):
+    if alpha is None and bool(system.b.any()):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             est = power_iteration(matvec, b, which="LM", tol=1e-3, max_iters=100)
         lam, res = float(est.eigenvalues[0]), float(est.residuals[0])
         norm_estimate = math.sqrt(lam * lam + res * res)  # ‖Hq‖ for the unit vector q
         stats.update(alpha_num_matvecs=est.num_matvecs, norm_estimate=norm_estimate)
+        if est.status is Status.NON_FINITE:
+            return finish(system.result(zero, Status.NON_FINITE, non_finite_message(
+                "a product estimating alpha"), system.b_norm, stats, extra_matvecs=est.num_matvecs), "neumann")
         if bool(est.converged[0]) and lam + damping <= 0:
             message = (
                 f"H has an eigenvalue λ ≈ {lam:.4g} with λ + damping ≤ 0: the Neumann series "
                 "diverges for every alpha > 0. Add damping above "
                 f"{-lam:.4g}, or use hf.cg (which reports the negative curvature it meets)."
             )
-            warnings.warn(f"neumann: indefinite: {message}", ConvergenceWarning, stacklevel=2)
-            return SolveResult(
-                system.op.layout.unflatten(torch.zeros_like(bf)), False, "indefinite",
-                est.num_matvecs, system.b_norm, message, MappingProxyType(stats),
-            )
+            return finish(system.result(zero, Status.INDEFINITE, message, system.b_norm, stats,
+                                        extra_matvecs=est.num_matvecs), "neumann")
         alpha = 1.0 / (norm_estimate + damping)
     stats["alpha"] = alpha
     run = _series(system, lambda step: matvec, alpha=alpha, num_terms=num_terms, tol=tol,
                   growth=_NEUMANN_GROWTH, name="neumann", progress=progress)
-    return system.result("neumann", run.x, run.status, run.message, run.residual_norm,
-                         {**stats, "terms": run.terms}, extra_matvecs=stats.get("alpha_num_matvecs", 0))
+    result = system.result(run.x, run.status, run.message, run.residual_norm, {**stats, "terms": run.terms},
+                           extra_matvecs=stats.get("alpha_num_matvecs", 0))
+    return finish(result, "neumann")
 
 
 def lissa(
-    matvecs: Union[Matvec, Iterable[Matvec]],
+    matvecs: Union[MatvecFn, Iterable[MatvecFn]],
     b: Tree,
     *,
     scale: float,
     damping: float = 0.0,
     num_terms: int = 1000,
     tol: float = 1e-6,
-    progress: Any = False,
+    progress: ProgressArg = False,
 ) -> SolveResult:
     """LiSSA: the Neumann series with a fresh (e.g. mini-batch) Hessian at every step.
 
@@ -162,6 +161,13 @@ def lissa(
         :class:`~hvpfunc.SolveResult` as for :func:`neumann`; ``residual_norm`` is the
         last term's norm.
 
+    Example:
+        >>> import torch, hvpfunc as hf
+        >>> H = torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+        >>> res = hf.lissa(lambda v: H @ v, torch.ones(3, dtype=torch.float64), scale=4.0, tol=1e-8)
+        >>> res.x, res.stats["effective_damping"]
+        (tensor([1.0000, 0.5000, 0.3333], dtype=torch.float64), 0.0)
+
     References:
         Agarwal, Bullins & Hazan, "Second-order stochastic optimization for machine
         learning in linear time", JMLR 18 (2017); Koh & Liang, "Understanding black-box
@@ -177,23 +183,22 @@ def lissa(
         first = next(source, None)
         if first is None:
             raise ValueError("matvecs is empty: lissa needs at least one matvec")
-    system = _LinearSystem(first, b, damping=scale * damping)
+    system = LinearSystem(first, b, damping=scale * damping)
 
-    def matvec_at(step: int) -> Optional[Matvec]:
+    def matvec_at(step: int) -> Optional[MatvecFn]:
         if source is None or step == 0:
             return first
         return next(source, None)
 
     run = _series(system, matvec_at, alpha=1.0 / scale, num_terms=num_terms, tol=tol,
                   growth=_LISSA_GROWTH, name="lissa", progress=progress)
-    stats = {"alpha": 1.0 / scale, "effective_damping": scale * damping}
-    return system.result("lissa", run.x, run.status, run.message, run.residual_norm,
-                         {**stats, "terms": run.terms})
+    stats = {"alpha": 1.0 / scale, "effective_damping": scale * damping, "terms": run.terms}
+    return finish(system.result(run.x, run.status, run.message, run.residual_norm, stats), "lissa")
 
 
 class _Run(NamedTuple):
     x: Tensor
-    status: str
+    status: Status
     message: str
     residual_norm: float
     terms: int
@@ -202,19 +207,19 @@ class _Run(NamedTuple):
 def _check_options(num_terms: int, tol: float, damping: float) -> None:
     if num_terms < 1:
         raise ValueError(f"num_terms must be at least 1, got {num_terms}")
-    _check_tol_damping(tol, damping)
+    check_tol_damping(tol, damping)
 
 
 def _series(
-    system: _LinearSystem,
-    matvec_at: Callable[[int], Optional[Matvec]],
+    system: LinearSystem,
+    matvec_at: Callable[[int], Optional[MatvecFn]],
     *,
     alpha: float,
     num_terms: int,
     tol: float,
     growth: float,
     name: str,
-    progress: Any,
+    progress: ProgressArg,
 ) -> _Run:
     """x = α Σ_j p_j with p_0 = b, p_{j+1} = p_j − α(H_j + δ)p_j; residual of x_J is p_J."""
     bf, b_norm, damping = system.b, system.b_norm, system.damping
@@ -224,28 +229,33 @@ def _series(
     p, p_norm = bf.clone(), b_norm
     best_x, best_norm = x, p_norm
     terms = 0
-    bar = _Progress(progress, total=num_terms, desc=name)
+    bar = Progress(progress, total=num_terms, desc=name)
     try:
         while p_norm > target:
             if terms >= num_terms:
-                return _Run(x, "max_iters", (
+                return _Run(x, Status.MAX_ITERS, (
                     f"{num_terms} terms did not reach the tolerance: the residual is "
                     f"{p_norm / b_norm:.3g}·‖b‖. The series needs about κ·ln(1/tol) terms; "
                     "use more terms, or hf.cg, which needs about √κ·ln(2/tol)."), p_norm, terms)
             mv = matvec_at(terms)
             if mv is None:
-                return _Run(x, "max_iters", f"matvecs ran out after {terms} terms", p_norm, terms)
+                return _Run(x, Status.MAX_ITERS, f"matvecs ran out after {terms} terms", p_norm, terms)
             system.op.matvec = mv
-            x = x + alpha * p
-            p = p - alpha * system.A(p)
-            p_norm = float(torch.linalg.vector_norm(p))
+            x_next = x + alpha * p
+            p_next = p - alpha * system.A(p)
+            p_norm_next = float(torch.linalg.vector_norm(p_next))
             terms += 1
+            if not math.isfinite(p_norm_next):
+                # Growth is caught while the terms are still finite (at the first term
+                # that grows), so a non-finite term comes from the product itself.
+                return _Run(x, Status.NON_FINITE, non_finite_message(), p_norm, terms)
+            x, p, p_norm = x_next, p_next, p_norm_next
             bar.update(p_norm / b_norm)
-            if not math.isfinite(p_norm) or (p_norm > growth * best_norm and p_norm > floor):
-                grew = "became non-finite" if not math.isfinite(p_norm) else (
-                    f"grew from {best_norm:.3g} to {p_norm:.3g}")
-                return _Run(best_x, "diverged", (
-                    f"the series diverged after {terms} term{'s' if terms != 1 else ''}: its terms' norm {grew}, so the "
+            if p_norm > growth * best_norm and p_norm > floor:
+                grew = f"grew from {best_norm:.3g} to {p_norm:.3g}"
+                return _Run(best_x, Status.DIVERGED, (
+                    f"the series diverged after {terms} term{'s' if terms != 1 else ''}: "
+                    f"its terms' norm {grew}, so the "
                     "spectral radius of I − α(H + δI) is at least 1 (some eigenvalue λ of H has "
                     f"α(λ + δ) ≥ 2 or λ + δ ≤ 0; here α = {alpha:.4g}, δ = {damping:.4g}). "
                     "Returned the partial sum with the smallest residual. Use a smaller alpha "
@@ -255,4 +265,4 @@ def _series(
                 best_x, best_norm = x, p_norm
     finally:
         bar.close()
-    return _Run(x, "converged", "", p_norm, terms)
+    return _Run(x, Status.CONVERGED, "", p_norm, terms)

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
-from ._operator import _Operator
-
-__all__ = ["to_scipy"]
-
-Tree = Any
+from ._operator import Operator
+from ._types import MatvecFn, Tree
 
 
-def to_scipy(matvec: Callable[[Tree], Tree], like: Tree) -> Any:
+def to_scipy(matvec: MatvecFn, like: Tree) -> Any:
     """A ``scipy.sparse.linalg.LinearOperator`` of shape (n, n) for a tree matvec.
 
     The operator takes and returns float64 NumPy vectors of length n (the tree's total
@@ -35,15 +32,18 @@ def to_scipy(matvec: Callable[[Tree], Tree], like: Tree) -> Any:
         ImportError: scipy is not installed.
 
     Example:
+        >>> import torch, hvpfunc as hf
         >>> from scipy.sparse.linalg import eigsh
-        >>> A = to_scipy(matvec, params)
-        >>> eigsh(A, k=5, which="LA", tol=1e-8)[0]
+        >>> H = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))
+        >>> A = hf.to_scipy(lambda v: {"w": H @ v["w"]}, {"w": torch.zeros(10, dtype=torch.float64)})
+        >>> A.shape, eigsh(A, k=2, which="LA", tol=1e-10)[0].round(8).tolist()
+        ((10, 10), [9.0, 10.0])
     """
     try:
         from scipy.sparse.linalg import LinearOperator
     except ImportError as err:
         raise ImportError("to_scipy needs scipy: pip install scipy") from err
-    op = _Operator(matvec, like, name="like")
+    op = Operator(matvec, like, name="like")
 
     def apply(x: np.ndarray) -> np.ndarray:
         v = torch.as_tensor(np.asarray(x, dtype=np.float64).reshape(-1))

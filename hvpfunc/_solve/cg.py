@@ -3,29 +3,18 @@
 from __future__ import annotations
 
 import math
-import warnings
-from types import MappingProxyType
-from typing import Any, Callable, List, Optional
+from typing import Callable, List, Optional
 
 import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from ._operator import (
-    ChunkSize,
-    _check_tol_damping,
-    _finite_rhs,
-    _isfinite,
-    _iteration_limit,
-    _LinearSystem,
-    _Operator,
-)
-from ._progress import _Progress
-from .results import ConvergenceWarning, SolveResult
-
-__all__ = ["cg", "cg_batched"]
-
-Tree = Any
+from .._operator import Operator, isfinite
+from .._outcome import finish, finish_all, solve_result
+from .._progress import Progress
+from .._types import ChunkSize, MatvecFn, ProgressArg, Tree
+from ..results import SolveResult, Status
+from .system import LinearSystem, check_tol_damping, finite_rhs, iteration_limit, non_finite_message
 
 # Recompute the true residual b − Ax this often: the recursive residual drifts from it
 # in floating point, and convergence must be judged on the real one.
@@ -33,7 +22,7 @@ _RESIDUAL_REFRESH = 50
 
 
 def cg(
-    matvec: Callable[[Tree], Tree],
+    matvec: MatvecFn,
     b: Tree,
     *,
     damping: float = 0.0,
@@ -41,7 +30,7 @@ def cg(
     max_iters: Optional[int] = None,
     x0: Optional[Tree] = None,
     preconditioner: Optional[Callable[[Tree], Tree]] = None,
-    progress: Any = False,
+    progress: ProgressArg = False,
 ) -> SolveResult:
     """Solve (H + δI) x = b by (preconditioned) conjugate gradients.
 
@@ -82,16 +71,17 @@ def cg(
             names the leaf).
 
     Example:
+        >>> import torch, hvpfunc as hf
         >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]])
-        >>> cg(lambda v: A @ v, torch.tensor([1.0, 2.0]), tol=1e-8).x
+        >>> hf.cg(lambda v: A @ v, torch.tensor([1.0, 2.0]), tol=1e-6).x
         tensor([0.0909, 0.6364])
 
     References:
         Hestenes & Stiefel, J. Res. NBS 49 (1952); Steihaug, SIAM J. Numer. Anal. 20
         (1983); Saad, *Iterative Methods for Sparse Linear Systems*, 2nd ed., §6.7.
     """
-    _check_tol_damping(tol, damping)
-    system = _LinearSystem(matvec, b, damping=damping, max_iters=max_iters, preconditioner=preconditioner)
+    check_tol_damping(tol, damping)
+    system = LinearSystem(matvec, b, damping=damping, max_iters=max_iters, preconditioner=preconditioner)
     op, bf, b_norm, limit, A, M = system.op, system.b, system.b_norm, system.limit, system.A, system.M
     if b_norm == 0.0:
         return system.zero_solution()
@@ -109,8 +99,8 @@ def cg(
     p = z.clone()
     rz = float(torch.dot(r, z))
     r_norm = float(torch.linalg.vector_norm(r))
-    status, message = "max_iters", f"max_iters={limit} iterations reached"
-    bar = _Progress(progress, total=limit, desc="cg")
+    status, message = Status.MAX_ITERS, f"max_iters={limit} iterations reached. {Status.MAX_ITERS.remedy}"
+    bar = Progress(progress, total=limit, desc="cg")
     try:
         it = 0
         while True:
@@ -118,7 +108,7 @@ def cg(
                 true_r = bf - A(x)  # confirm on the true residual before declaring success
                 r_norm = float(torch.linalg.vector_norm(true_r))
                 if r_norm <= target:
-                    status, message = "converged", ""
+                    status, message = Status.CONVERGED, ""
                     break
                 r, z = true_r, M(true_r)
                 p, rz = z.clone(), float(torch.dot(true_r, z))
@@ -126,17 +116,11 @@ def cg(
                 break
             Ap = A(p)
             curvature = float(torch.dot(p, Ap))
-            if not _isfinite(curvature):
-                status, message = "non_finite", "a product was not finite (nan or inf)"
+            if not isfinite(curvature):
+                status, message = Status.NON_FINITE, non_finite_message()
                 break
             if curvature <= 0:
-                status = "negative_curvature"
-                message = (
-                    f"found a direction p with pᵀ(H + δI)p = {curvature:.3g} ≤ 0: the operator "
-                    "is not positive definite, so CG cannot solve this system. Add damping "
-                    "larger than the most negative eigenvalue's magnitude (hf.lanczos(..., "
-                    "which='SA') finds it), or hf.minres, which solves indefinite systems."
-                )
+                status, message = Status.NEGATIVE_CURVATURE, _negative_curvature_message(curvature)
                 break
             step = rz / curvature
             x = x + step * p
@@ -153,18 +137,27 @@ def cg(
             bar.update(r_norm / b_norm)
     finally:
         bar.close()
-    return system.result("cg", x, status, message, r_norm, {"iterations": it})
+    return finish(system.result(x, status, message, r_norm, {"iterations": it}), "cg")
+
+
+def _negative_curvature_message(curvature: float) -> str:
+    return (
+        f"found a direction p with pᵀ(H + δI)p = {curvature:.3g} ≤ 0: the operator is not "
+        "positive definite, so CG cannot solve this system. Add damping larger than the "
+        "most negative eigenvalue's magnitude (hf.lanczos(..., which='SA') finds it), or "
+        "hf.minres, which solves indefinite systems."
+    )
 
 
 def cg_batched(
-    matvec: Callable[[Tree], Tree],
+    matvec: MatvecFn,
     b: Tree,
     *,
     damping: float = 0.0,
     tol: float = 1e-6,
     max_iters: Optional[int] = None,
     chunk_size: ChunkSize = "auto",
-    progress: Any = False,
+    progress: ProgressArg = False,
 ) -> List[SolveResult]:
     """Solve (H + δI) xₖ = bₖ for K right-hand sides at once by conjugate gradients.
 
@@ -197,12 +190,13 @@ def cg_batched(
             bad ``tol``/``damping``/``max_iters``.
 
     Example:
+        >>> import torch, hvpfunc as hf
         >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]])
         >>> B = torch.tensor([[1.0, 2.0], [0.0, 1.0]])          # two right-hand sides
-        >>> [r.x for r in cg_batched(lambda v: A @ v, B, tol=1e-8)]
+        >>> [r.x for r in hf.cg_batched(lambda v: A @ v, B, tol=1e-6)]
         [tensor([0.0909, 0.6364]), tensor([-0.0909,  0.3636])]
     """
-    _check_tol_damping(tol, damping)
+    check_tol_damping(tol, damping)
     leaves = pytree.tree_leaves(b)
     if not leaves or any(leaf.dim() == 0 for leaf in leaves):
         raise ValueError("b must be a tree whose leaves all have a leading dimension K")
@@ -210,10 +204,10 @@ def cg_batched(
     if len(sizes) != 1:
         raise ValueError(f"the leaves of b have different leading dimensions {sorted(sizes)}")
     like = pytree.tree_map(lambda leaf: leaf[0], b)
-    op = _Operator(matvec, like, name="b[0]")
-    B = _finite_rhs(op.layout.flatten(b, batch_dims=1))
+    op = Operator(matvec, like, name="b[0]")
+    B = finite_rhs(op.layout.flatten(b, batch_dims=1))
     K = B.shape[0]
-    limit = _iteration_limit(max_iters, op.n)
+    limit = iteration_limit(max_iters, op.n)
 
     def A(rows: Tensor) -> Tensor:
         out = op.batch(rows, chunk_size=chunk_size)
@@ -225,16 +219,16 @@ def cg_batched(
     R = B.clone()
     P = R.clone()
     rr = (R * R).sum(dim=1)
-    status = ["max_iters"] * K
-    messages = [f"max_iters={limit} iterations reached"] * K
+    status = [Status.MAX_ITERS] * K
+    messages = [f"max_iters={limit} iterations reached. {Status.MAX_ITERS.remedy}"] * K
     products = [0] * K
     iterations = [0] * K
     residuals = b_norms.tolist()
     active = [i for i in range(K) if b_norms[i] > 0]
     for i in range(K):
         if b_norms[i] == 0:
-            status[i], messages[i], residuals[i] = "converged", "b is zero, so x = 0", 0.0
-    bar = _Progress(progress, total=limit, desc=f"cg ({K} systems)")
+            status[i], messages[i], residuals[i] = Status.CONVERGED, "b is zero, so x = 0", 0.0
+    bar = Progress(progress, total=limit, desc=f"cg ({K} systems)")
     try:
         while active:
             idx = torch.tensor(active, device=B.device)
@@ -249,7 +243,7 @@ def cg_batched(
                 for row, (i, t) in enumerate(zip(done, true_norms)):
                     residuals[i] = t
                     if t <= float(targets[i]):
-                        status[i], messages[i] = "converged", ""
+                        status[i], messages[i] = Status.CONVERGED, ""
                         active.remove(i)
                     else:  # restart this system from its true residual
                         R[i], P[i], rr[i] = true[row], true[row], (true[row] * true[row]).sum()
@@ -264,13 +258,9 @@ def cg_batched(
                 products[i] += 1
                 c = float(curvature[row])
                 if not math.isfinite(c):
-                    status[i], messages[i] = "non_finite", "a product was not finite (nan or inf)"
+                    status[i], messages[i] = Status.NON_FINITE, non_finite_message()
                 elif c <= 0:
-                    status[i] = "negative_curvature"
-                    messages[i] = (
-                        f"found a direction p with pᵀ(H + δI)p = {c:.3g} ≤ 0: the operator is "
-                        "not positive definite. Add damping, or use hf.minres."
-                    )
+                    status[i], messages[i] = Status.NEGATIVE_CURVATURE, _negative_curvature_message(c)
                 else:
                     keep.append(row)
             if not keep:
@@ -298,20 +288,15 @@ def cg_batched(
             bar.update(float(len(active)))
     finally:
         bar.close()
-    failed = [i for i in range(K) if status[i] != "converged"]
-    if failed:
-        summary = ", ".join(f"{i}: {status[i]}" for i in failed[:10])
-        warnings.warn(f"cg_batched: {len(failed)} of {K} systems did not converge ({summary})",
-                      ConvergenceWarning, stacklevel=2)
-    return [
-        SolveResult(
-            x=op.layout.unflatten(X[i].clone()),
-            converged=status[i] == "converged",
-            status=status[i],
+    results = [
+        solve_result(
+            op.layout.unflatten(X[i].clone()),
+            status[i],
+            messages[i],
             num_matvecs=products[i],
             residual_norm=residuals[i],
-            message=messages[i],
-            stats=MappingProxyType({"iterations": iterations[i]}),
+            stats={"iterations": iterations[i]},
         )
         for i in range(K)
     ]
+    return finish_all(results, "cg_batched")

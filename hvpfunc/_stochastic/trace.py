@@ -3,30 +3,29 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from ._operator import ChunkSize, _block_size, _Operator
-from ._progress import _Progress
-from .results import DiagonalResult, TraceResult
+from .._operator import Operator, block_size
+from .._outcome import finish
+from .._progress import Progress
+from .._types import ChunkSize, MatvecFn, ProgressArg, TraceMethod, Tree
+from ..results import DiagonalResult, Status, TraceResult
 
-__all__ = ["trace", "diagonal"]
-
-Tree = Any
 _METHODS = ("hutchinson", "hutch++")
 
 
 def trace(
-    matvec: Callable[[Tree], Tree],
+    matvec: MatvecFn,
     like: Tree,
     *,
     num_probes: int = 100,
-    method: str = "hutch++",
+    method: TraceMethod = "hutch++",
     generator: Optional[torch.Generator] = None,
     chunk_size: ChunkSize = "auto",
-    progress: Any = False,
+    progress: ProgressArg = False,
 ) -> TraceResult:
     """Estimate tr(H) from ``num_probes`` products with random vectors.
 
@@ -64,16 +63,20 @@ def trace(
     Returns:
         :class:`~hvpfunc.TraceResult`: ``estimate``, ``stderr`` (the standard deviation
         of the estimate, from the probes' sample variance: a ±2·stderr band holds the
-        trace about 95% of the time), ``num_matvecs``.
+        trace about 95% of the time), ``num_matvecs``, and ``status``: ``"converged"``,
+        or ``"non_finite"`` when a product was nan or inf (no more probes are drawn; the
+        estimate uses the probes before it, nan if none, and a
+        :class:`~hvpfunc.ConvergenceWarning` is issued).
 
     Raises:
         ValueError: unknown ``method`` or too few probes.
 
     Example:
+        >>> import torch, hvpfunc as hf
         >>> H = torch.diag(torch.arange(1.0, 11.0))
         >>> g = torch.Generator().manual_seed(0)
-        >>> trace(lambda v: H @ v, torch.zeros(10), num_probes=30, generator=g).estimate
-        tensor(55.)
+        >>> hf.trace(lambda v: H @ v, torch.zeros(10), num_probes=30, generator=g).estimate
+        tensor(55.0000)
 
     References:
         Hutchinson, Commun. Stat. Simul. Comput. 19 (1990); Meyer, Musco, Musco &
@@ -87,47 +90,65 @@ def trace(
             f"method={method!r} needs num_probes >= {minimum} to report a standard error, "
             f"got {num_probes}"
         )
-    op = _Operator(matvec, like, name="like")
-    bar = _Progress(progress, total=num_probes, desc=f"trace ({method})")
+    op = Operator(matvec, like, name="like")
+    bar = Progress(progress, total=num_probes, desc=f"trace ({method})")
+    nan = torch.tensor(math.nan, dtype=op.dtype, device=op.device)
     try:
         if method == "hutchinson":
-            samples = _quadratic_forms(op, num_probes, generator, chunk_size, bar)
-            estimate, stderr = samples.mean(), _stderr(samples)
+            samples, finite = _quadratic_forms(op, num_probes, generator, chunk_size, bar)
+            estimate, stderr = _mean(samples), _stderr(samples)
         else:
             sketch = num_probes // 3
             S = op.probes(sketch, generator)
             Q, _ = torch.linalg.qr(op.batch(S, chunk_size=chunk_size, bar=bar).T)
             Q = Q.T  # rows: an orthonormal basis of range(HS)
             exact = (Q * op.batch(Q, chunk_size=chunk_size, bar=bar)).sum()
-            samples = _quadratic_forms(op, num_probes - 2 * sketch, generator, chunk_size, bar, deflate=Q)
-            estimate, stderr = exact + samples.mean(), _stderr(samples)
+            if bool(torch.isfinite(exact)):
+                samples, finite = _quadratic_forms(op, num_probes - 2 * sketch, generator, chunk_size, bar, deflate=Q)
+                estimate, stderr = exact + _mean(samples), _stderr(samples)
+            else:  # the sketch's products were not finite: no estimate to build on
+                samples, finite, estimate, stderr = nan[None][:0], False, nan, nan
     finally:
         bar.close()
-    return TraceResult(estimate=estimate, stderr=stderr, num_matvecs=op.num_matvecs)
+    status, message = Status.CONVERGED, ""
+    if not finite:
+        status = Status.NON_FINITE
+        message = (
+            f"a product was not finite (nan or inf): the estimate uses the {samples.shape[0]} "
+            f"probes before it. {status.remedy}"
+        )
+    return finish(TraceResult(estimate, stderr, op.num_matvecs, status, message), f"trace(method={method!r})")
 
 
 def _quadratic_forms(
-    op: _Operator,
+    op: Operator,
     count: int,
     generator: Optional[torch.Generator],
     chunk_size: ChunkSize,
-    bar: _Progress,
+    bar: Progress,
     deflate: Optional[Tensor] = None,
-) -> Tensor:
+) -> Tuple[Tensor, bool]:
     """zᵀHz for ``count`` Rademacher z (projected off the rows of ``deflate``), drawn a
-    block at a time so that memory holds one block of probes, not all of them."""
-    step = _block_size(chunk_size, count, op.device)
+    block at a time so that memory holds one block of probes, not all of them; and
+    whether every product was finite (if not, the samples before the first one that
+    was not, and no more products)."""
+    step = block_size(chunk_size, count, op.device)
     samples = []
     for start in range(0, count, step):
         Z = op.probes(min(step, count - start), generator)
         if deflate is not None:
             Z = Z - (Z @ deflate.T) @ deflate
-        samples.append((Z * op.batch(Z, chunk_size=chunk_size, bar=bar)).sum(dim=1))
-    return torch.cat(samples)
+        forms = (Z * op.batch(Z, chunk_size=chunk_size, bar=bar)).sum(dim=1)
+        finite = torch.isfinite(forms)
+        if not bool(finite.all()):
+            samples.append(forms[: int(finite.to(torch.int8).argmin())])
+            return torch.cat(samples), False
+        samples.append(forms)
+    return torch.cat(samples), True
 
 
 def diagonal(
-    matvec: Callable[[Tree], Tree],
+    matvec: MatvecFn,
     like: Tree,
     *,
     num_probes: int = 100,
@@ -149,10 +170,18 @@ def diagonal(
 
     Returns:
         :class:`~hvpfunc.DiagonalResult`: ``estimate`` and ``stderr`` trees shaped like
-        ``like``, and ``num_matvecs``.
+        ``like``, ``num_matvecs``, and ``status`` as in :func:`trace`.
 
     Raises:
         ValueError: fewer than 2 probes.
+
+    Example:
+        >>> import torch, hvpfunc as hf
+        >>> H = torch.tensor([[2.0, 1.0], [1.0, 3.0]])
+        >>> g = torch.Generator().manual_seed(0)
+        >>> res = hf.diagonal(lambda v: {"w": H @ v["w"]}, {"w": torch.zeros(2)}, num_probes=200, generator=g)
+        >>> res.estimate["w"].round(decimals=1)
+        tensor([2., 3.])
 
     References:
         Bekas, Kokiopoulou & Saad, "An estimator for the diagonal of a matrix",
@@ -160,15 +189,22 @@ def diagonal(
     """
     if num_probes < 2:
         raise ValueError(f"diagonal needs num_probes >= 2 to report a standard error, got {num_probes}")
-    op = _Operator(matvec, like, name="like")
-    step = _block_size(chunk_size, num_probes, op.device)
+    op = Operator(matvec, like, name="like")
+    step = block_size(chunk_size, num_probes, op.device)
     # Running mean and sum of squared deviations, merged chunk by chunk (Chan et al.),
     # so memory holds one chunk of probes and the variance does not cancel.
     count, mean, m2 = 0, torch.zeros(op.n, dtype=op.dtype, device=op.device), None
+    all_finite = True
     for start in range(0, num_probes, step):
         Z = op.probes(min(step, num_probes - start), generator)
         samples = Z * op.batch(Z, chunk_size=chunk_size)
+        finite = torch.isfinite(samples).all(dim=1)
+        if not bool(finite.all()):
+            samples = samples[: int(finite.to(torch.int8).argmin())]
+            all_finite = False
         c = samples.shape[0]
+        if c == 0:
+            break
         c_mean = samples.mean(dim=0)
         c_m2 = ((samples - c_mean) ** 2).sum(dim=0)
         delta = c_mean - mean
@@ -176,14 +212,38 @@ def diagonal(
         mean = mean + delta * (c / total)
         m2 = c_m2 if m2 is None else m2 + c_m2 + delta**2 * (count * c / total)
         count = total
-    stderr = torch.sqrt(m2 / (count - 1)) / math.sqrt(count)
-    return DiagonalResult(
+        if not all_finite:
+            break
+    if count == 0:
+        mean = torch.full_like(mean, math.nan)
+    stderr = torch.sqrt(m2 / (count - 1)) / math.sqrt(count) if count > 1 else torch.full_like(mean, math.nan)
+    status, message = Status.CONVERGED, ""
+    if not all_finite:
+        status = Status.NON_FINITE
+        message = (
+            f"a product was not finite (nan or inf): the estimate uses the {count} probes "
+            f"before it. {status.remedy}"
+        )
+    result = DiagonalResult(
         estimate=op.layout.unflatten(mean),
         stderr=op.layout.unflatten(stderr),
         num_matvecs=op.num_matvecs,
+        status=status,
+        message=message,
     )
+    return finish(result, "diagonal")
+
+
+def _mean(samples: Tensor) -> Tensor:
+    """The mean along dim 0 (nan for no samples, without a warning)."""
+    if samples.shape[0] == 0:
+        return torch.tensor(math.nan, dtype=samples.dtype, device=samples.device)
+    return samples.mean(dim=0)
 
 
 def _stderr(samples: Tensor) -> Tensor:
-    """Standard error of the mean along dim 0: sample std (ddof=1) / sqrt(count)."""
+    """Standard error of the mean along dim 0: sample std (ddof=1) / sqrt(count); nan
+    for fewer than two samples."""
+    if samples.shape[0] < 2:
+        return torch.tensor(math.nan, dtype=samples.dtype, device=samples.device)
     return samples.std(dim=0, correction=1) / math.sqrt(samples.shape[0])

@@ -10,10 +10,10 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 
-from .hvp import Matvec, _hvp_fn, _memory_light_mode
-from .tree import axpy, scale
-
-__all__ = ["model_hvp_fn"]
+from .._types import Mode
+from ..tree import axpy, scale
+from .api import Matvec, build
+from .modes import memory_light_mode
 
 Batch = Tuple[Any, Tensor]
 
@@ -23,7 +23,7 @@ def model_hvp_fn(
     loss_fn: Callable[[Any, Tensor], Tensor],
     data: Batch | Iterable[Batch],
     *,
-    mode: str = "auto",
+    mode: Mode = "auto",
     dropout: str = "error",
     select: Optional[Callable[[str], bool]] = None,
 ) -> Tuple[Matvec, Dict[str, Tensor]]:
@@ -76,10 +76,14 @@ def model_hvp_fn(
             that wrote to a buffer.
 
     Example:
+        >>> import torch, hvpfunc as hf
+        >>> from torch import nn
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
         >>> x, y = torch.randn(32, 4), torch.randn(32, 1)
-        >>> matvec, params = model_hvp_fn(model, nn.functional.mse_loss, (x, y))
+        >>> matvec, params = hf.model_hvp_fn(model, nn.functional.mse_loss, (x, y))
         >>> hv = matvec({k: torch.ones_like(p) for k, p in params.items()})
+        >>> sorted(hv), hv["0.weight"].shape
+        (['0.bias', '0.weight', '2.bias', '2.weight'], torch.Size([8, 4]))
     """
     if dropout not in ("error", "off"):
         raise ValueError(f"dropout must be 'error' or 'off', got {dropout!r}")
@@ -112,11 +116,11 @@ def model_hvp_fn(
 
     cache: dict = {}
     if len(batches) == 1:
-        matvec = _hvp_fn(loss, params, batches[0], {}, mode=mode, cache=cache)
+        matvec = build(loss, params, batches[0], {}, mode=mode, cache=cache)
     else:
-        per_batch = _memory_light_mode(loss, params, *batches[0]) if mode == "auto" else mode
+        per_batch = memory_light_mode(loss, params, *batches[0]) if mode == "auto" else mode
         parts = [
-            (int(y.shape[0]) / total, _hvp_fn(loss, params, (x, y), {}, mode=per_batch, cache=cache))
+            (int(y.shape[0]) / total, build(loss, params, (x, y), {}, mode=per_batch, cache=cache))
             for x, y in batches
         ]
 

@@ -3,38 +3,39 @@
 from __future__ import annotations
 
 import math
-import warnings
-from typing import Any, Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from ._operator import _check_start, _isfinite, _Operator
-from ._progress import _Progress
-from .results import ConvergenceWarning, EigResult
-
-__all__ = ["power_iteration"]
-
-Tree = Any
+from .._operator import Operator, check_start, isfinite
+from .._outcome import finish
+from .._progress import Progress
+from .._types import MatvecFn, ProgressArg, Tree, Which
+from ..results import EigResult, Status
 
 
 class _Run(NamedTuple):
     eigenvalue: float
     vector: Tensor
     residual: float
-    converged: bool
+    status: Status
     reason: str
     norm: float  # the largest ‖(H − shift·I) q‖ seen, a lower bound of that norm
 
+    @property
+    def converged(self) -> bool:
+        return self.status is Status.CONVERGED
+
 
 def power_iteration(
-    matvec: Callable[[Tree], Tree],
+    matvec: MatvecFn,
     v0: Tree,
     *,
-    which: str = "LM",
+    which: Which = "LM",
     tol: float = 1e-6,
     max_iters: int = 1000,
-    progress: Any = False,
+    progress: ProgressArg = False,
 ) -> EigResult:
     """One extreme eigenpair of a symmetric operator by power iteration.
 
@@ -63,21 +64,22 @@ def power_iteration(
             ``progress(step, eigenvalue, residual)``.
 
     Returns:
-        :class:`~hvpfunc.EigResult` with ``k = 1``. ``converged`` is False when
-        ``max_iters`` was reached or a product was not finite (the last finite estimate
-        is returned); a :class:`~hvpfunc.ConvergenceWarning` is issued then too.
+        :class:`~hvpfunc.EigResult` with ``k = 1``; ``status`` is ``"converged"``,
+        ``"max_iters"``, or ``"non_finite"`` (a product was nan or inf; the last finite
+        estimate is returned), with a :class:`~hvpfunc.ConvergenceWarning` for the last two.
 
     Raises:
         ValueError: bad ``which``, ``tol`` or ``max_iters``; zero or non-finite ``v0``; a
             matvec whose output does not match ``v0`` (the message names the leaf).
 
     Example:
-        >>> H = torch.diag(torch.tensor([-3.0, 1.0, 2.0]))
-        >>> v0 = torch.ones(3)
-        >>> power_iteration(lambda v: H @ v, v0).eigenvalues            # largest |λ|
-        tensor([-3.0000])
-        >>> power_iteration(lambda v: H @ v, v0, which="LA").eigenvalues
-        tensor([2.0000])
+        >>> import torch, hvpfunc as hf
+        >>> H = torch.diag(torch.tensor([-3.0, 1.0, 2.0], dtype=torch.float64))
+        >>> v0 = torch.ones(3, dtype=torch.float64)
+        >>> hf.power_iteration(lambda v: H @ v, v0, tol=1e-10).eigenvalues     # largest |λ|
+        tensor([-3.], dtype=torch.float64)
+        >>> hf.power_iteration(lambda v: H @ v, v0, which="LA", tol=1e-10).eigenvalues
+        tensor([2.], dtype=torch.float64)
 
     References:
         Golub & Van Loan, *Matrix Computations*, 4th ed., §7.3 and §8.2.
@@ -88,14 +90,14 @@ def power_iteration(
         raise ValueError(f"tol must be positive, got {tol}")
     if max_iters < 1:
         raise ValueError(f"max_iters must be at least 1, got {max_iters}")
-    op = _Operator(matvec, v0, name="v0")
+    op = Operator(matvec, v0, name="v0")
     x0 = op.layout.flatten(v0)
-    _check_start(x0, name="v0")
-    bar = _Progress(progress, total=max_iters, desc=f"power iteration ({which})")
+    check_start(x0, name="v0")
+    bar = Progress(progress, total=max_iters, desc=f"power iteration ({which})")
     try:
         run = _power(op, x0, shift=0.0, tol=tol, max_iters=max_iters, bar=bar)
         sign = {"LM": 0.0, "LA": 1.0, "SA": -1.0}[which]
-        if sign and not (run.converged and sign * run.eigenvalue >= 0):
+        if sign and run.status is not Status.NON_FINITE and not (run.converged and sign * run.eigenvalue >= 0):
             # Shift so that the wanted end dominates: by the opposite end when it has
             # converged, else by the norm estimate ‖Hq‖ ≤ ‖H‖ (ties such as ±λ stall
             # plain power iteration, which then never converges).
@@ -103,30 +105,32 @@ def power_iteration(
             run = _power(op, x0, shift=shift, tol=tol, max_iters=max_iters, bar=bar)
     finally:
         bar.close()
+    message = ""
     if not run.converged:
-        warnings.warn(
-            f"power_iteration(which={which!r}) did not converge after {op.num_matvecs} "
-            f"products: {run.reason}; residual {run.residual:.3g}",
-            ConvergenceWarning,
-            stacklevel=2,
+        message = (
+            f"stopped after {op.num_matvecs} products: {run.reason}; residual "
+            f"{run.residual:.3g}. {run.status.remedy}"
         )
     vector = run.vector / torch.linalg.vector_norm(run.vector)
-    return EigResult(
+    result = EigResult(
         eigenvalues=torch.tensor([run.eigenvalue], dtype=op.dtype, device=op.device),
         eigenvectors=op.layout.unflatten(vector[None]),
         converged=torch.tensor([run.converged], device=op.device),
         residuals=torch.tensor([run.residual], dtype=op.dtype, device=op.device),
         num_matvecs=op.num_matvecs,
         which=which,
+        status=run.status,
+        message=message,
     )
+    return finish(result, f"power_iteration(which={which!r})")
 
 
 def _power(
-    op: _Operator, x0: Tensor, *, shift: float, tol: float, max_iters: int, bar: _Progress
+    op: Operator, x0: Tensor, *, shift: float, tol: float, max_iters: int, bar: Progress
 ) -> _Run:
     """Power iteration on H − shift·I; returns the eigenvalue of H (shift added back)."""
     q = x0 / torch.linalg.vector_norm(x0)
-    best = _Run(math.nan, q, math.inf, False, f"max_iters={max_iters} reached", 0.0)
+    best = _Run(math.nan, q, math.inf, Status.MAX_ITERS, f"max_iters={max_iters} reached", 0.0)
     previous = math.nan
     eps = torch.finfo(op.dtype).eps
     norm_estimate = 0.0
@@ -136,17 +140,17 @@ def _power(
             w = w - shift * q
         mu = float(torch.dot(q, w))
         residual = float(torch.linalg.vector_norm(w - mu * q))
-        if not _isfinite(mu, residual):
-            return best._replace(converged=False, reason="a product was not finite")
+        if not isfinite(mu, residual):
+            return best._replace(status=Status.NON_FINITE, reason="a product was not finite (nan or inf)")
         lam = mu + shift
         bar.update(lam, residual)
         norm_estimate = max(norm_estimate, abs(lam), abs(shift))
         scale = max(tol * abs(lam), 100 * eps * norm_estimate)
-        best = _Run(lam, q, residual, False, best.reason, max(best.norm, math.hypot(mu, residual)))
+        best = _Run(lam, q, residual, Status.MAX_ITERS, best.reason, max(best.norm, math.hypot(mu, residual)))
         if residual <= scale and abs(lam - previous) <= scale:
-            return best._replace(converged=True, reason="")
+            return best._replace(status=Status.CONVERGED, reason="")
         if residual == 0.0:  # q is an exact eigenvector; w may be zero, so stop here
-            return best._replace(converged=True, reason="")
+            return best._replace(status=Status.CONVERGED, reason="")
         q = w / torch.linalg.vector_norm(w)
         previous = lam
     return best

@@ -1,0 +1,1 @@
+"""Layer 3: extreme eigenpairs (power iteration, thick-restart Lanczos)."""

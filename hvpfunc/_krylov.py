@@ -1,0 +1,66 @@
+"""The Krylov kernel shared by Lanczos and stochastic Lanczos quadrature.
+
+One expansion step of an orthonormal basis (full reorthogonalization: classical
+Gram–Schmidt twice, as matrix products) and the free symmetry check that the
+three-term structure gives. Everything works batched: a basis ``V`` of shape
+``(..., j, n)`` with products ``w`` of shape ``(..., n)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def orthogonalize(V: Tensor, w: Tensor) -> Tuple[Tensor, Tensor]:
+    """Project w off the rows of V twice (classical Gram–Schmidt, "twice is enough").
+
+    Returns the projected w and the coefficients Vᵀw of both passes summed, shape
+    ``(..., j)``.
+
+    Reference: Giraud, Langou & Rozložník, "The loss of orthogonality in the
+    Gram–Schmidt orthogonalization process", Comput. Math. Appl. 50 (2005).
+    """
+    h = (V @ w.unsqueeze(-1)).squeeze(-1)
+    w = w - (h.unsqueeze(-2) @ V).squeeze(-2)
+    h2 = (V @ w.unsqueeze(-1)).squeeze(-1)
+    w = w - (h2.unsqueeze(-2) @ V).squeeze(-2)
+    return w, h + h2
+
+
+def expand(V: Tensor, w: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """One Lanczos expansion: ``w = H v_last`` orthogonalized against the basis ``V``.
+
+    Returns ``(w, h, beta)``: the new direction (not normalized), the projected
+    matrix's new column h = Vᵀ H v_last (shape ``(..., j)``), and β = ‖w‖ (shape
+    ``(...)``). The next basis vector is w / β unless β is at rounding level (the
+    Krylov space became invariant).
+    """
+    w, h = orthogonalize(V, w)
+    return w, h, torch.linalg.vector_norm(w, dim=-1)
+
+
+def symmetry_slack(product_eps: float) -> float:
+    """Relative gap allowed between ⟨v_{j-1}, H v_j⟩ and β_{j-1}: well above the
+    products' rounding (they may be computed in a lower precision than the basis)."""
+    return 10 * math.sqrt(product_eps)
+
+
+def check_symmetric(forward: np.ndarray, backward: np.ndarray, scale: np.ndarray, slack: float) -> None:
+    """Raise unless ⟨v_{j-1}, H v_j⟩ (``forward``) equals β_{j-1} = ⟨H v_{j-1}, v_j⟩
+    (``backward``) up to ``slack · scale``: the three-term recurrence gives this check
+    for free, and a non-symmetric matvec makes every eigenvalue wrong."""
+    gap = np.abs(np.asarray(forward) - np.asarray(backward))
+    bad = np.atleast_1d(gap > slack * np.asarray(scale))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        f, b = np.atleast_1d(forward)[i], np.atleast_1d(backward)[i]
+        raise ValueError(
+            f"the matvec is not symmetric: for consecutive Lanczos vectors, <v_j-1, H v_j> = "
+            f"{f:.6g} but <H v_j-1, v_j> = {b:.6g}. Lanczos, power iteration, CG and SLQ "
+            "need a symmetric operator (check it with hvpfunc.testing.assert_symmetric)."
+        )

@@ -1,0 +1,1 @@
+"""Layer 2: Hessian-vector products (``hvp``, ``hvp_fn`` and its modes, ``model_hvp_fn``)."""

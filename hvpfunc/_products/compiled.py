@@ -1,0 +1,85 @@
+"""``mode="compiled"``: ``torch.compile`` of the product that stores nothing, checked
+against the eager product before it is trusted."""
+
+from __future__ import annotations
+
+import types
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+from torch.utils import _pytree as pytree
+
+from .._types import Tree
+from ..tree import norm, random_like, sub
+from .modes import memory_light_mode
+
+
+class CompiledProduct:
+    """``(p, v, args, kwargs) -> H(p) v`` compiled once for f, shared by the matvecs of
+    several points or batches of f (``model_hvp_fn`` builds one per batch): their
+    arguments are the compiled graph's inputs, so a new batch of the same shape reuses
+    the graph instead of compiling again."""
+
+    def __init__(self, f: Callable[..., Tensor], params: Tree, args: tuple, kwargs: dict):
+        grad_f = torch.func.grad(f)
+        if memory_light_mode(f, params, *args, **kwargs) == "forward-over-reverse":
+            def product(p, v, args, kwargs):
+                return torch.func.jvp(lambda q: grad_f(q, *args, **kwargs), (p,), (v,))[1]
+        else:
+            def product(p, v, args, kwargs):
+                return torch.func.vjp(lambda q: grad_f(q, *args, **kwargs), p)[1](v)[0]
+        self.eager = product
+        self.compiled = torch.compile(_own_code(product))
+
+    def matvec(self, params: Tree, args: tuple, kwargs: dict) -> Callable[[Tree], Tree]:
+        """The matvec at one point, after one compiled product there agreed with the eager one."""
+        probe = random_like(params, generator=torch.Generator().manual_seed(0), kind="gaussian")
+        try:
+            got = self.compiled(params, probe, args, kwargs)
+        except Exception as err:  # Dynamo and Inductor raise many types; all mean "cannot compile"
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise RuntimeError(
+                f"mode='compiled': torch.compile could not compile the product "
+                f"({type(err).__name__}: {first}). Use mode='auto', or "
+                "mode='forward-over-reverse' for the same product uncompiled."
+            ) from err
+        want = self.eager(params, probe, args, kwargs)
+        # Compiled kernels fuse and reorder reductions, so the last bits differ; a wrong
+        # compiled graph is off by far more than the square root of the rounding unit.
+        error, size = norm(sub(got, want)), norm(want)
+        if not bool(error <= _agreement(params) * size):
+            raise RuntimeError(
+                f"mode='compiled': the compiled product disagrees with the eager one (relative "
+                f"error {float(error / size):.2e} on a random vector); torch.compile "
+                "miscompiled f. Use mode='auto' or mode='forward-over-reverse'."
+            )
+        eager, compiled = self.eager, self.compiled
+
+        def matvec(v: Tree) -> Tree:
+            if torch._C._functorch.peek_interpreter_stack() is not None:
+                return eager(params, v, args, kwargs)
+            return compiled(params, v, args, kwargs)
+
+        return matvec
+
+
+def compiled_matvec(f, params, args, kwargs, cache: Optional[dict] = None):
+    cache = {} if cache is None else cache
+    if "compiled" not in cache:
+        cache["compiled"] = CompiledProduct(f, params, args, kwargs)
+    return cache["compiled"].matvec(params, args, kwargs)
+
+
+def _own_code(fn: Callable) -> Callable:
+    """``fn`` with a code object of its own. Dynamo keeps compiled graphs, and counts
+    recompilations, per code object: matvecs compiled from one definition would share
+    its 8 cache slots, and from the ninth on run eagerly with only a logged warning."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+def _agreement(params: Tree) -> float:
+    eps = max(torch.finfo(leaf.dtype).eps for leaf in pytree.tree_leaves(params))
+    return 10 * eps**0.5
+
+

@@ -1,0 +1,147 @@
+"""The ways to compute H·v, each a builder ``(f, params, args, kwargs) -> matvec``, and the
+routing around derivatives PyTorch lacks (fused attention, broken forward-mode formulas)."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor
+from torch.utils import _pytree as pytree
+
+from .._types import Tree
+
+
+@contextlib.contextmanager
+def differentiable_attention() -> Iterator[None]:
+    """Route scaled_dot_product_attention through the math kernel, which has the
+    forward-mode and double-backward derivatives the fused kernels lack."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3: the older per-backend switches
+        with torch.backends.cuda.sdp_kernel(
+            enable_flash=False, enable_math=True, enable_mem_efficient=False
+        ):
+            yield
+        return
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
+
+
+def scalar_fn(f: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Wrap f so that a non-scalar or non-float output is a clear error."""
+
+    def wrapped(*args: Any, **kwargs: Any) -> Tensor:
+        out = f(*args, **kwargs)
+        if not isinstance(out, Tensor):
+            raise TypeError(
+                f"f must return a scalar tensor, it returned a {type(out).__name__}"
+            )
+        if out.dim() != 0:
+            raise ValueError(
+                f"f must return a scalar (0-dim) tensor, it returned shape {tuple(out.shape)}; "
+                "reduce it first, e.g. with .mean() or .sum()"
+            )
+        if not out.is_floating_point():
+            raise TypeError(f"f must return a floating-point scalar, it returned {out.dtype}")
+        return out
+
+    return wrapped
+
+
+def forward_over_reverse(f, params, args, kwargs):
+    grad_f = torch.func.grad(f)
+
+    def matvec(v: Tree) -> Tree:
+        try:
+            return torch.func.jvp(lambda p: grad_f(p, *args, **kwargs), (params,), (v,))[1]
+        except RuntimeError as err:
+            if is_forward_ad_gap(err):
+                raise RuntimeError(
+                    "mode='forward-over-reverse': an operation in f has no working forward-mode "
+                    f"derivative ({err}). Use mode='reverse-over-reverse' or mode='auto'."
+                ) from err
+            raise
+
+    return matvec
+
+
+def reverse_over_reverse_recomputed(f, params, args, kwargs):
+    grad_f = torch.func.grad(f)
+    return lambda v: torch.func.vjp(lambda p: grad_f(p, *args, **kwargs), params)[1](v)[0]
+
+
+def reverse_over_reverse(f, params, args, kwargs):
+    leaves, spec = pytree.tree_flatten(params)
+    inputs = [leaf.detach().requires_grad_(True) for leaf in leaves]
+    with torch.enable_grad():
+        out = f(pytree.tree_unflatten(inputs, spec), *args, **kwargs)
+        grads = torch.autograd.grad(
+            out, inputs, create_graph=True, allow_unused=True, materialize_grads=True
+        )
+    # Leaves whose gradient does not depend on the parameters (f linear in them) have no
+    # graph; their rows of H are zero and autograd must not be asked about them.
+    live = [i for i, g in enumerate(grads) if g.requires_grad]
+
+    def matvec(v: Tree) -> Tree:
+        v_leaves = pytree.tree_leaves(v)
+        if not live:
+            return pytree.tree_map(torch.zeros_like, v)
+        out = torch.autograd.grad(
+            [grads[i] for i in live],
+            inputs,
+            [v_leaves[i] for i in live],
+            retain_graph=True,
+            allow_unused=True,
+            materialize_grads=True,
+        )
+        return pytree.tree_unflatten(list(out), spec)
+
+    return matvec
+
+
+def linearize(f, params, args, kwargs):
+    # torch.func.linearize crashes the process (segmentation fault, torch 2.13) on some
+    # functions whose forward-mode derivative is broken, e.g. F.mse_loss with
+    # reduction="mean" (pytorch/pytorch#123996). One eager forward-over-reverse product
+    # turns that into a RuntimeError first.
+    probe = pytree.tree_map(torch.ones_like, params)
+    forward_over_reverse(f, params, args, kwargs)(probe)
+    grad_f = torch.func.grad(f)
+    with warnings.catch_warnings():
+        # linearize's constant folding warns about attributes it creates itself.
+        warnings.filterwarnings("ignore", module=r"torch\.fx\..*")
+        _, jvp_fn = torch.func.linearize(lambda p: grad_f(p, *args, **kwargs), params)
+    return jvp_fn
+
+
+BUILDERS = {
+    "forward-over-reverse": forward_over_reverse,
+    "reverse-over-reverse": reverse_over_reverse,
+    "reverse-over-reverse-recomputed": reverse_over_reverse_recomputed,
+    "linearize": linearize,
+}
+
+FORWARD_AD_GAPS = ("forward ad", "forward-mode", "forward mode", "zerotensor", "jvp")
+
+
+def is_forward_ad_gap(err: BaseException) -> bool:
+    """Whether an error says that some operation lacks a usable forward-mode derivative."""
+    text = str(err).lower()
+    return any(pattern in text for pattern in FORWARD_AD_GAPS)
+
+
+def memory_light_mode(f: Callable[..., Tensor], params: Tree, *args: Any, **kwargs: Any) -> str:
+    """The mode that stores nothing between products: forward-over-reverse where f's
+    operations support forward-mode AD (cheaper), else reverse-over-reverse-recomputed."""
+    probe = pytree.tree_map(torch.ones_like, params)
+    try:
+        with differentiable_attention():
+            forward_over_reverse(scalar_fn(f), params, args, kwargs)(probe)
+        return "forward-over-reverse"
+    except RuntimeError as err:
+        if is_forward_ad_gap(err):
+            return "reverse-over-reverse-recomputed"
+        raise

@@ -1,0 +1,98 @@
+"""(H + δI) x = b as the iterative solvers see it: checked inputs, the counted operator,
+and the products with A = H + δI and with M⁻¹."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .._operator import Operator
+from .._outcome import solve_result
+from .._types import MatvecFn, Tree
+from ..results import SolveResult, Status
+
+
+def check_tol_damping(tol: float, damping: float) -> None:
+    """A positive relative tolerance and a non-negative damping, for the solvers that
+    need a positive-definite H + δI."""
+    if not tol > 0:
+        raise ValueError(f"tol must be positive, got {tol}")
+    if not damping >= 0:
+        raise ValueError(f"damping must be non-negative, got {damping}")
+
+
+def finite_rhs(b: Tensor) -> Tensor:
+    """The flat right-hand side(s), refused if any entry is nan or inf."""
+    if not bool(torch.isfinite(b).all()):
+        raise ValueError("b has non-finite entries (nan or inf)")
+    return b
+
+
+def iteration_limit(max_iters: Optional[int], n: int) -> int:
+    """``max_iters``, default ``min(10 n, 1000)``; negative is an error."""
+    limit = max_iters if max_iters is not None else min(10 * n, 1000)
+    if limit < 0:
+        raise ValueError(f"max_iters must be non-negative, got {max_iters}")
+    return limit
+
+
+def non_finite_message(what: str = "a product") -> str:
+    return f"{what} was not finite (nan or inf); the last finite iterate is returned"
+
+
+class LinearSystem:
+    """The counted operator, b flat and checked, the iteration limit, and the products
+    with A = H + δI and with M⁻¹."""
+
+    def __init__(
+        self,
+        matvec: MatvecFn,
+        b: Tree,
+        *,
+        damping: float,
+        max_iters: Optional[int] = None,
+        preconditioner: Optional[Callable[[Tree], Tree]] = None,
+    ):
+        self.op = Operator(matvec, b, name="b")
+        self.b = finite_rhs(self.op.layout.flatten(b))
+        self.limit = iteration_limit(max_iters, self.op.n)
+        self.b_norm = float(torch.linalg.vector_norm(self.b))
+        self.damping = damping
+        self.preconditioner = preconditioner
+
+    def A(self, v: Tensor) -> Tensor:
+        """(H + δI) v."""
+        return self.op(v) + self.damping * v if self.damping else self.op(v)
+
+    def M(self, r: Tensor) -> Tensor:
+        """M⁻¹ r (the identity without a preconditioner)."""
+        if self.preconditioner is None:
+            return r
+        return self.op.layout.flatten(self.preconditioner(self.op.layout.unflatten(r)))
+
+    def zero_solution(self) -> SolveResult:
+        """The answer for b = 0: x = 0, converged, no products."""
+        return self.result(torch.zeros_like(self.b), Status.CONVERGED, "b is zero, so x = 0", 0.0)
+
+    def result(
+        self,
+        x: Tensor,
+        status: Status,
+        message: str,
+        residual_norm: float,
+        stats: Optional[dict] = None,
+        *,
+        extra_matvecs: int = 0,
+    ) -> SolveResult:
+        """The solver's :class:`~hvpfunc.SolveResult` for the flat iterate ``x``."""
+        return solve_result(
+            self.op.layout.unflatten(x),
+            status,
+            message,
+            num_matvecs=self.op.num_matvecs + extra_matvecs,
+            residual_norm=residual_norm,
+            stats=stats or {},
+        )
+

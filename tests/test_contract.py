@@ -1,0 +1,178 @@
+"""The contract every solver and estimator keeps, checked over one table of them all:
+a non-finite product is reported (status, warning, finite iterate), never raised or
+returned as converged; a matvec whose output does not match names the leaf;
+half-precision vectors are computed in float32; the same generator gives the same
+result; every status is a ``hf.Status``."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from references import DT, flat
+
+import hvpfunc as hf
+
+LAM = [1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0]
+
+
+def _operator(dtype=DT):
+    """diag(LAM) on the tree {"a": (3,), "b": [(5, 1)]}, products computed in float64 and
+    returned in ``dtype`` (so a bfloat16 operator rounds its products as bfloat16 would)."""
+    lam = torch.tensor(LAM, dtype=DT)
+
+    def matvec(v):
+        x = torch.cat([v["a"].to(DT), v["b"][0].reshape(-1).to(DT)])
+        y = (lam * x).to(dtype)
+        return {"a": y[:3], "b": [y[3:].reshape(5, 1)]}
+
+    like = {"a": torch.zeros(3, dtype=dtype), "b": [torch.zeros(5, 1, dtype=dtype)]}
+    return matvec, like
+
+
+def _ones(like):
+    return hf.tree.random_like(like, generator=torch.Generator().manual_seed(1), kind="rademacher")
+
+
+def _stack2(tree):
+    return torch.utils._pytree.tree_map(lambda t: torch.stack([t, 2 * t]), tree)
+
+
+# name -> (run(matvec, like, generator, tol), value(result), reference value)
+_B = torch.ones(8, dtype=DT)
+_SOLUTION = _B / torch.tensor(LAM, dtype=DT)
+SOLVERS = {
+    "power_iteration": (
+        lambda mv, like, g, tol: hf.power_iteration(mv, _ones(like), tol=tol),
+        lambda r: r.eigenvalues, torch.tensor([6.0])),
+    "lanczos": (
+        lambda mv, like, g, tol: hf.lanczos(mv, _ones(like), k=2, tol=tol, generator=g),
+        lambda r: r.eigenvalues, torch.tensor([6.0, 5.0])),
+    "trace/hutchinson": (
+        lambda mv, like, g, tol: hf.trace(mv, like, num_probes=10, method="hutchinson", generator=g, chunk_size=1),
+        lambda r: r.estimate, torch.tensor(sum(LAM))),
+    "trace/hutch++": (
+        lambda mv, like, g, tol: hf.trace(mv, like, num_probes=30, generator=g, chunk_size=1),
+        lambda r: r.estimate, torch.tensor(sum(LAM))),
+    "diagonal": (
+        lambda mv, like, g, tol: hf.diagonal(mv, like, num_probes=6, generator=g, chunk_size=1),
+        lambda r: flat(r.estimate), torch.tensor(LAM)),
+    "spectral_density": (
+        lambda mv, like, g, tol: hf.spectral_density(mv, like, num_probes=3, num_iters=4, generator=g, chunk_size=1),
+        lambda r: (r.nodes * r.weights).sum(dim=1).mean(), torch.tensor(sum(LAM) / 8)),
+    "cg": (
+        lambda mv, like, g, tol: hf.cg(mv, _ones(like), tol=tol),
+        lambda r: flat(r.x).abs(), _SOLUTION),
+    "cg_batched": (
+        lambda mv, like, g, tol: hf.cg_batched(mv, _stack2(_ones(like)), tol=tol, chunk_size=1),
+        lambda r: flat(r[0].x).abs(), _SOLUTION),
+    "minres": (
+        lambda mv, like, g, tol: hf.minres(mv, _ones(like), tol=tol),
+        lambda r: flat(r.x).abs(), _SOLUTION),
+    "neumann": (
+        lambda mv, like, g, tol: hf.neumann(mv, _ones(like), tol=tol, num_terms=1000),
+        lambda r: flat(r.x).abs(), _SOLUTION),
+    "lissa": (
+        lambda mv, like, g, tol: hf.lissa(mv, _ones(like), scale=6.0, tol=tol),
+        lambda r: flat(r.x).abs(), _SOLUTION),
+}
+
+
+def _results(result):
+    return result if isinstance(result, list) else [result]
+
+
+def _nan_from_call(matvec, first_bad: int):
+    calls = {"n": 0}
+
+    def flaky(v):
+        calls["n"] += 1
+        out = matvec(v)
+        if calls["n"] >= first_bad:
+            out = {"a": out["a"] * math.nan, "b": out["b"]}
+        return out
+
+    return flaky
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+@pytest.mark.parametrize("first_bad", [1, 3])
+def test_a_non_finite_product_is_a_status_and_a_warning(name, first_bad):
+    run, _, _ = SOLVERS[name]
+    matvec, like = _operator()
+    with pytest.warns(hf.ConvergenceWarning, match="non_finite") as caught:
+        result = run(_nan_from_call(matvec, first_bad), like, torch.Generator().manual_seed(0), 1e-8)
+    assert [w.filename for w in caught] == [__file__]  # one warning, at the caller's line
+    for res in _results(result):
+        assert res.status is hf.Status.NON_FINITE
+        assert res.status == "non_finite" and "not finite" in res.message
+        if isinstance(res, hf.SolveResult):
+            assert torch.isfinite(flat(res.x)).all() and not res.converged
+        if isinstance(res, hf.EigResult):
+            assert not bool(res.converged.all())
+            if first_bad > 1:  # a finite basis came before the bad product: its pairs are returned
+                assert torch.isfinite(res.eigenvalues).all()
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_a_matvec_output_that_does_not_match_names_the_leaf(name):
+    run, _, _ = SOLVERS[name]
+    matvec, like = _operator()
+
+    def wrong(v):
+        return {"a": torch.zeros(2, dtype=DT), "b": matvec(v)["b"]}
+
+    with pytest.raises(ValueError, match=r"matvec\(v\)\['a'\] has shape \(2,\)"):
+        run(wrong, like, torch.Generator().manual_seed(0), 1e-8)
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_half_precision_vectors_are_computed_in_float32(name):
+    run, value, reference = SOLVERS[name]
+    matvec, like = _operator(torch.bfloat16)
+    seen = []
+
+    def spy(v):
+        seen.append({leaf.dtype for leaf in torch.utils._pytree.tree_leaves(v)})
+        return matvec(v)
+
+    result = run(spy, like, torch.Generator().manual_seed(0), 3e-2)
+    assert seen and all(dtypes == {torch.bfloat16} for dtypes in seen)  # the matvec sees its own dtype
+    for res in _results(result):
+        assert res.status is hf.Status.CONVERGED, res.message
+    got = value(result)
+    if isinstance(result, (hf.EigResult, hf.TraceResult)):
+        assert got.dtype == torch.float32  # computed in float32, not bfloat16
+    torch.testing.assert_close(got.double(), reference.double(), rtol=4e-2, atol=4e-2)
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_same_generator_same_result_and_status_is_a_status(name):
+    run, value, reference = SOLVERS[name]
+    matvec, like = _operator()
+    first = run(matvec, like, torch.Generator().manual_seed(5), 1e-10)
+    second = run(matvec, like, torch.Generator().manual_seed(5), 1e-10)
+    torch.testing.assert_close(value(first), value(second), rtol=1e-12, atol=0)
+    for res in _results(first):
+        assert isinstance(res.status, hf.Status) and res.status is hf.Status.CONVERGED
+        assert str(res.status) == "converged" and f"{res.status}" == "converged"
+    torch.testing.assert_close(value(first).double(), reference.double(), rtol=1e-6, atol=1e-6)
+
+
+def test_a_failed_solve_inside_hypergradient_warns_at_the_callers_line_with_its_status():
+    X = torch.eye(3, dtype=DT)
+    inner = lambda w, lam: 0.5 * ((X @ w) ** 2).sum() + 0.5 * lam * (w**2).sum()  # noqa: E731
+    outer = lambda w, lam: w.sum()  # noqa: E731
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, res = hf.hypergradient(inner, outer, torch.ones(3, dtype=DT), torch.tensor(-1.0, dtype=DT))
+    assert res.status is hf.Status.NEGATIVE_CURVATURE or res.status is hf.Status.NON_FINITE
+    assert [w.filename for w in caught if w.category is hf.ConvergenceWarning] == [__file__]
+
+
+def test_every_status_carries_a_remedy():
+    for status in hf.Status:
+        assert isinstance(status, str) and hf.Status(status.value) is status
+        assert (status.remedy == "") == (status is hf.Status.CONVERGED)
