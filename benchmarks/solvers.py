@@ -48,6 +48,9 @@ def _problem(device: torch.device, tiny: bool):
 _RUNS = 4  # one warm-up run, then the median of three
 
 
+_CG_DAMPING = 1.0  # makes the network Hessian positive definite, so CG runs all its iterations
+
+
 def _timed(fn: Callable, device: torch.device):
     """(result of the last run, median seconds of runs 2–4); product counters wrapped
     around ``fn`` see ``_RUNS`` runs and are divided by it."""
@@ -236,8 +239,20 @@ def run(device: torch.device, *, tiny: bool = False) -> str:
             table(["estimator", "seconds", "products", "mean rel. error"], rows), ""]
 
     overhead = max(0.0, lanczos_seconds - lanczos_products * t_product) / lanczos_seconds
+    # CG's recurrence is shared with cg_batched (rows of (K, n) tensors); its cost per
+    # iteration outside the product, against a dense operator whose product is ~free.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hf.ConvergenceWarning)
+        res, cg_seconds = _timed(lambda: hf.cg(mv, params, damping=_CG_DAMPING, tol=1e-30, max_iters=100), device)
+        diag = torch.linspace(1.0, 1e4, 4096, device=device)
+        free, free_seconds = _timed(lambda: hf.cg(lambda v: diag * v, torch.ones_like(diag), tol=1e-30, max_iters=100),
+                                    device)
+    cg_overhead = max(0.0, cg_seconds - res.num_matvecs * t_product) / cg_seconds
     out += ["### Solver overhead\n",
             f"hvpfunc lanczos(k=5, tol=1e-6): {lanczos_seconds:.3f} s for {lanczos_products} products of "
             f"{t_product * 1e3:.2f} ms: {100 * overhead:.0f}% of the time outside the products "
-            "(orthogonalization, small eigenproblems, checks).", ""]
+            "(orthogonalization, small eigenproblems, checks).\n",
+            f"hvpfunc cg (100 iterations): {cg_seconds:.3f} s for {res.num_matvecs} products: "
+            f"{100 * cg_overhead:.0f}% outside the products; on an operator whose product is almost free "
+            f"(a diagonal of size 4096) {1e6 * free_seconds / max(free.num_matvecs, 1):.0f} µs per iteration.", ""]
     return "\n".join(out)

@@ -10,22 +10,21 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from ._types import ChunkSize, Tree
+from ._types import ChunkSize, MatvecFn, Tree
 from .tree import check_like, check_tree, leaves_with_paths
 
-# vmap over 16 tangents cost 0.42–1.0 of a gradient per vector on an H100 against about
-# 1× for one, so "auto" batches on GPUs. On a 2-core CPU it was 3× slower than a loop for
-# a CNN, as fast for a 400k-parameter MLP and 2.4× faster for a 4k-parameter one
-# (benchmarks/): vmap amortizes per-operator overhead, which dominates only small
-# products. So on CPUs "auto" times 16 looped products and, if one takes under
-# _VMAP_TRIAL_SECONDS (too short to touch much memory, so 16 at once stay small), one
-# vmapped chunk, and keeps the faster. Every product of the trial is used.
+# On GPUs vmap over many tangents costs far less per vector than a loop, so "auto"
+# batches there. On CPUs vmap only amortizes per-operator overhead, which dominates small
+# products alone (DESIGN.md and benchmarks/ have the figures): "auto" times 16 looped
+# products and, if one takes under _VMAP_TRIAL_SECONDS (too short to touch much memory, so
+# 16 at once stay small), one vmapped chunk, and keeps the faster. Every product of the
+# trial is used.
 _AUTO_CHUNK = 16
 _VMAP_TRIAL_SECONDS = 5e-3
 
@@ -82,7 +81,7 @@ class Operator:
     so a matvec that returns something else fails with a message naming the leaf.
     """
 
-    def __init__(self, matvec: Callable[[Tree], Tree], like: Tree, *, name: str = "v0"):
+    def __init__(self, matvec: MatvecFn, like: Tree, *, name: str = "v0"):
         if not callable(matvec):
             raise TypeError(f"matvec must be callable, got {type(matvec).__name__}")
         self.matvec = matvec
@@ -128,7 +127,7 @@ class Operator:
         ``chunk_size=1`` calls the matvec row by row without ``vmap``, for matvecs that
         do not support it; ``None`` puts all rows through one call; ``"auto"`` is 16 on
         a GPU and, on a CPU, whichever of a loop and chunks of 16 its trial found faster
-        (see ``VMAP_TRIAL_SECONDS``). ``bar`` (a ``_Progress``) advances by the rows
+        (see ``_VMAP_TRIAL_SECONDS``). ``bar`` (a ``Progress``) advances by the rows
         done after each chunk.
         """
         b = X.shape[0]

@@ -8,6 +8,8 @@ from typing import Any, Mapping, NamedTuple
 
 from torch import Tensor
 
+from ._types import Which
+
 __all__ = [
     "Status",
     "ConvergenceWarning",
@@ -107,7 +109,7 @@ class EigResult(NamedTuple):
     converged: Tensor
     residuals: Tensor
     num_matvecs: int
-    which: str
+    which: Which
     status: Status = Status.CONVERGED
     message: str = ""
 

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ._operator import Layout, Operator
 from ._products.api import hvp_fn
-from ._types import Tree
+from ._types import MatvecFn, Mode, Tree
 from .tree import dot, norm, random_like
 
 __all__ = [
@@ -46,7 +46,7 @@ def dense_hessian(f: Callable[..., Tensor], params: Tree, *args: Any, **kwargs: 
     )
 
 
-def dense_matrix(matvec: Callable[[Tree], Tree], like: Tree, *, chunk_size: Optional[int] = None) -> Tensor:
+def dense_matrix(matvec: MatvecFn, like: Tree, *, chunk_size: Optional[int] = None) -> Tensor:
     """The (n, n) matrix of a tree matvec, by applying it to the identity's rows."""
     op = Operator(matvec, like, name="like")
     eye = torch.eye(op.n, dtype=op.dtype, device=op.device)
@@ -54,7 +54,7 @@ def dense_matrix(matvec: Callable[[Tree], Tree], like: Tree, *, chunk_size: Opti
 
 
 def assert_symmetric(
-    matvec: Callable[[Tree], Tree],
+    matvec: MatvecFn,
     like: Tree,
     *,
     num_pairs: int = 3,
@@ -92,7 +92,7 @@ def assert_hvp_matches_hessian(
     params: Tree,
     *args: Any,
     v: Optional[Tree] = None,
-    mode: str = "auto",
+    mode: Mode = "auto",
     rtol: float = 1e-7,
     atol: float = 1e-9,
     **kwargs: Any,

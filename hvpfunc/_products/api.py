@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from .._types import Mode, Tree
+from .._types import MatvecFn, Mode, Tree
 from ..tree import check_like, check_tree
 from .auto import choose
 from .compiled import compiled_matvec
@@ -81,7 +81,7 @@ class Matvec:
         timings: for ``"auto"``, seconds per product of each mode it timed.
     """
 
-    def __init__(self, fn: Callable[[Tree], Tree], params: Tree, mode: str,
+    def __init__(self, fn: MatvecFn, params: Tree, mode: str,
                  timings: Optional[Dict[str, float]] = None):
         self._fn = fn
         self.params = params

@@ -8,7 +8,7 @@ from typing import Callable, Dict, Tuple
 import torch
 from torch.utils import _pytree as pytree
 
-from .._types import Tree
+from .._types import MatvecFn, Tree
 from .modes import BUILDERS, differentiable_attention
 
 
@@ -19,7 +19,7 @@ def _sync(params: Tree) -> None:
             return
 
 
-def _seconds_per_product(fn: Callable[[Tree], Tree], probe: Tree, params: Tree) -> float:
+def _seconds_per_product(fn: MatvecFn, probe: Tree, params: Tree) -> float:
     """Best of two timed products after one warm-up call."""
     fn(probe)
     best = float("inf")
@@ -32,7 +32,7 @@ def _seconds_per_product(fn: Callable[[Tree], Tree], probe: Tree, params: Tree) 
     return best
 
 
-def choose(f, params, args, kwargs) -> Tuple[Callable[[Tree], Tree], str, Dict[str, float]]:
+def choose(f, params, args, kwargs) -> Tuple[MatvecFn, str, Dict[str, float]]:
     """Build and time the two stored modes, keep the faster; if neither can be built,
     fall back to the modes that recompute f (forward-mode first, it is cheaper).
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from .._types import Tree
+from .._types import MatvecFn, Tree
 from ..tree import norm, random_like, sub
 from .modes import memory_light_mode
 
@@ -32,7 +32,7 @@ class CompiledProduct:
         self.eager = product
         self.compiled = torch.compile(_own_code(product))
 
-    def matvec(self, params: Tree, args: tuple, kwargs: dict) -> Callable[[Tree], Tree]:
+    def matvec(self, params: Tree, args: tuple, kwargs: dict) -> MatvecFn:
         """The matvec at one point, after one compiled product there agreed with the eager one."""
         probe = random_like(params, generator=torch.Generator().manual_seed(0), kind="gaussian")
         try:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, List, Optional
 
 import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from .._operator import Operator, isfinite
+from .._operator import Operator
 from .._outcome import finish, finish_all, solve_result
 from .._progress import Progress
 from .._types import ChunkSize, MatvecFn, ProgressArg, Tree
@@ -29,7 +30,7 @@ def cg(
     tol: float = 1e-6,
     max_iters: Optional[int] = None,
     x0: Optional[Tree] = None,
-    preconditioner: Optional[Callable[[Tree], Tree]] = None,
+    preconditioner: Optional[MatvecFn] = None,
     progress: ProgressArg = False,
 ) -> SolveResult:
     """Solve (H + δI) x = b by (preconditioned) conjugate gradients.
@@ -82,62 +83,26 @@ def cg(
     """
     check_tol_damping(tol, damping)
     system = LinearSystem(matvec, b, damping=damping, max_iters=max_iters, preconditioner=preconditioner)
-    op, bf, b_norm, limit, A, M = system.op, system.b, system.b_norm, system.limit, system.A, system.M
-    if b_norm == 0.0:
+    if system.b_norm == 0.0:
         return system.zero_solution()
-
-    if x0 is None:
-        x = torch.zeros_like(bf)
-        r = bf.clone()
-    else:
-        x = op.flatten_input(x0, name="x0")
+    x = None
+    if x0 is not None:
+        x = system.op.flatten_input(x0, name="x0")
         if not bool(torch.isfinite(x).all()):
             raise ValueError("x0 has non-finite entries (nan or inf)")
-        r = bf - A(x)
-    target = tol * b_norm
-    z = M(r)
-    p = z.clone()
-    rz = float(torch.dot(r, z))
-    r_norm = float(torch.linalg.vector_norm(r))
-    status, message = Status.MAX_ITERS, f"max_iters={limit} iterations reached. {Status.MAX_ITERS.remedy}"
-    bar = Progress(progress, total=limit, desc="cg")
-    try:
-        it = 0
-        while True:
-            if r_norm <= target:
-                true_r = bf - A(x)  # confirm on the true residual before declaring success
-                r_norm = float(torch.linalg.vector_norm(true_r))
-                if r_norm <= target:
-                    status, message = Status.CONVERGED, ""
-                    break
-                r, z = true_r, M(true_r)
-                p, rz = z.clone(), float(torch.dot(true_r, z))
-            if it >= limit:
-                break
-            Ap = A(p)
-            curvature = float(torch.dot(p, Ap))
-            if not isfinite(curvature):
-                status, message = Status.NON_FINITE, non_finite_message()
-                break
-            if curvature <= 0:
-                status, message = Status.NEGATIVE_CURVATURE, _negative_curvature_message(curvature)
-                break
-            step = rz / curvature
-            x = x + step * p
-            it += 1
-            if it % _RESIDUAL_REFRESH == 0:
-                r = bf - A(x)
-            else:
-                r = r - step * Ap
-            z = M(r)
-            rz_new = float(torch.dot(r, z))
-            p = z + (rz_new / rz) * p
-            rz = rz_new
-            r_norm = float(torch.linalg.vector_norm(r))
-            bar.update(r_norm / b_norm)
-    finally:
-        bar.close()
-    return finish(system.result(x, status, message, r_norm, {"iterations": it}), "cg")
+        x = x[None]
+
+    def A(rows: Tensor) -> Tensor:
+        return system.A(rows[0])[None]
+
+    def M(rows: Tensor) -> Tensor:
+        return system.M(rows[0])[None] if preconditioner is not None else rows
+
+    state = _run(system.b[None], x, A, M, tol=tol, limit=system.limit, progress=progress, desc="cg",
+                 report=lambda s: s.r_norms[0] / system.b_norm)
+    result = system.result(state.X[0], state.status[0], state.messages[0], state.r_norms[0],
+                           {"iterations": state.iterations[0]})
+    return finish(result, "cg")
 
 
 def _negative_curvature_message(curvature: float) -> str:
@@ -206,97 +171,188 @@ def cg_batched(
     like = pytree.tree_map(lambda leaf: leaf[0], b)
     op = Operator(matvec, like, name="b[0]")
     B = finite_rhs(op.layout.flatten(b, batch_dims=1))
-    K = B.shape[0]
-    limit = iteration_limit(max_iters, op.n)
 
     def A(rows: Tensor) -> Tensor:
         out = op.batch(rows, chunk_size=chunk_size)
         return out + damping * rows if damping else out
 
-    b_norms = torch.linalg.vector_norm(B, dim=1)
-    targets = tol * b_norms
-    X = torch.zeros_like(B)
-    R = B.clone()
-    P = R.clone()
-    rr = (R * R).sum(dim=1)
-    status = [Status.MAX_ITERS] * K
-    messages = [f"max_iters={limit} iterations reached. {Status.MAX_ITERS.remedy}"] * K
-    products = [0] * K
-    iterations = [0] * K
-    residuals = b_norms.tolist()
-    active = [i for i in range(K) if b_norms[i] > 0]
-    for i in range(K):
-        if b_norms[i] == 0:
-            status[i], messages[i], residuals[i] = Status.CONVERGED, "b is zero, so x = 0", 0.0
-    bar = Progress(progress, total=limit, desc=f"cg ({K} systems)")
-    try:
-        while active:
-            idx = torch.tensor(active, device=B.device)
-            r_norms = torch.sqrt(rr[idx]).tolist()
-            done = [i for i, r in zip(active, r_norms) if r <= float(targets[i])]
-            if done:  # confirm on the true residual, as cg does
-                d = torch.tensor(done, device=B.device)
-                true = B[d] - A(X[d])
-                for i in done:
-                    products[i] += 1
-                true_norms = torch.linalg.vector_norm(true, dim=1).tolist()
-                for row, (i, t) in enumerate(zip(done, true_norms)):
-                    residuals[i] = t
-                    if t <= float(targets[i]):
-                        status[i], messages[i] = Status.CONVERGED, ""
-                        active.remove(i)
-                    else:  # restart this system from its true residual
-                        R[i], P[i], rr[i] = true[row], true[row], (true[row] * true[row]).sum()
-            active = [i for i in active if iterations[i] < limit]
-            if not active:
-                break
-            idx = torch.tensor(active, device=B.device)
-            AP = A(P[idx])
-            curvature = (P[idx] * AP).sum(dim=1)
-            keep = []
-            for row, i in enumerate(active):
-                products[i] += 1
-                c = float(curvature[row])
-                if not math.isfinite(c):
-                    status[i], messages[i] = Status.NON_FINITE, non_finite_message()
-                elif c <= 0:
-                    status[i], messages[i] = Status.NEGATIVE_CURVATURE, _negative_curvature_message(c)
-                else:
-                    keep.append(row)
-            if not keep:
-                active = []
-                break
-            rows = torch.tensor(keep, device=B.device)
-            kept = idx[rows]
-            step = rr[kept] / curvature[rows]
-            X[kept] += step[:, None] * P[kept]
-            R[kept] -= step[:, None] * AP[rows]
-            active = [active[row] for row in keep]
-            for i in active:
-                iterations[i] += 1
-            refresh = [i for i in active if iterations[i] % _RESIDUAL_REFRESH == 0]
-            if refresh:
-                f = torch.tensor(refresh, device=B.device)
-                R[f] = B[f] - A(X[f])
-                for i in refresh:
-                    products[i] += 1
-            rr_new = (R[kept] * R[kept]).sum(dim=1)
-            P[kept] = R[kept] + (rr_new / rr[kept])[:, None] * P[kept]
-            rr[kept] = rr_new
-            for i in active:
-                residuals[i] = float(torch.sqrt(rr[i]))
-            bar.update(float(len(active)))
-    finally:
-        bar.close()
+    state = _run(B, None, A, lambda rows: rows, tol=tol, limit=iteration_limit(max_iters, op.n), progress=progress,
+                 desc=f"cg ({B.shape[0]} systems)", report=lambda s: float(len(s.active)))
     results = [
         solve_result(
-            op.layout.unflatten(X[i].clone()),
-            status[i],
-            messages[i],
-            num_matvecs=products[i],
-            residual_norm=residuals[i],
-            stats={"iterations": iterations[i]},
+            op.layout.unflatten(state.X[i].clone()),
+            state.status[i],
+            state.messages[i],
+            num_matvecs=state.products[i],
+            residual_norm=state.r_norms[i],
+            stats={"iterations": state.iterations[i]},
         )
-        for i in range(K)
+        for i in range(B.shape[0])
     ]
     return finish_all(results, "cg_batched")
+
+
+@dataclass
+class _State:
+    """K conjugate-gradient recurrences on the rows of ``(K, n)`` tensors, between steps.
+
+    ``active`` lists the systems still iterating; a system leaves it with its status.
+    """
+
+    B: Tensor
+    X: Tensor
+    R: Tensor
+    P: Tensor
+    rz: Tensor  # ⟨r, M⁻¹ r⟩ per row
+    targets: List[float]
+    r_norms: List[float]
+    iterations: List[int]
+    products: List[int]
+    status: List[Status]
+    messages: List[str]
+    active: List[int]
+
+
+def _run(
+    B: Tensor,
+    X0: Optional[Tensor],
+    A: Callable[[Tensor], Tensor],
+    M: Callable[[Tensor], Tensor],
+    *,
+    tol: float,
+    limit: int,
+    progress: ProgressArg,
+    desc: str,
+    report: Callable[[_State], float],
+) -> _State:
+    """CG on every row of B until each converges, fails or reaches ``limit`` iterations.
+
+    ``A`` and ``M`` map rows to rows: (H + δI) and M⁻¹, one batched call per step.
+    """
+    state = _start(B, X0, A, M, tol, limit)
+    bar = Progress(progress, total=limit, desc=desc)
+    try:
+        while state.active:
+            _confirm(state, A, M)
+            state.active = [i for i in state.active if state.iterations[i] < limit]
+            if not state.active:
+                break
+            _step(state, A, M)
+            bar.update(report(state))
+    finally:
+        bar.close()
+    return state
+
+
+def _start(B: Tensor, X0: Optional[Tensor], A, M, tol: float, limit: int) -> _State:
+    K = B.shape[0]
+    b_norms = torch.linalg.vector_norm(B, dim=1).tolist()
+    products = [0] * K
+    if X0 is None:
+        X, R = torch.zeros_like(B), B.clone()
+    else:
+        X, R = X0.clone(), B - A(X0)
+        products = [1] * K
+    Z = M(R)
+    status = [Status.MAX_ITERS] * K
+    messages = [f"max_iters={limit} iterations reached. {Status.MAX_ITERS.remedy}"] * K
+    active = []
+    for i, b_norm in enumerate(b_norms):
+        if b_norm == 0.0:
+            X[i] = 0.0
+            status[i], messages[i] = Status.CONVERGED, "b is zero, so x = 0"
+        else:
+            active.append(i)
+    return _State(
+        B=B, X=X, R=R, P=Z.clone(), rz=torch.linalg.vecdot(R, Z),
+        targets=[tol * b for b in b_norms],
+        r_norms=torch.linalg.vector_norm(R, dim=1).tolist(),
+        iterations=[0] * K, products=products, status=status, messages=messages, active=active,
+    )
+
+
+def _rows(indices: List[int], K: int):
+    """An index for the rows ``indices``: a slice when they are all rows in order, so that
+    a single system (``cg``) updates its vectors in place instead of gathering copies."""
+    if len(indices) == K and indices == list(range(K)):
+        return slice(None)
+    return torch.tensor(indices, dtype=torch.long)
+
+
+def _take(tensor: Tensor, rows) -> Tensor:
+    """``tensor[rows]``; the tensor itself for all rows (a view would cost a dispatch)."""
+    return tensor if isinstance(rows, slice) else tensor[rows]
+
+
+def _confirm(state: _State, A, M) -> None:
+    """Rows whose recursive residual meets the target: converged if the true residual
+    b − Ax does too, else restarted from it (the recursive residual drifts from it)."""
+    done = [i for i in state.active if state.r_norms[i] <= state.targets[i]]
+    if not done:
+        return
+    rows = _rows(done, state.B.shape[0])
+    true = state.B[rows] - A(state.X[rows])
+    for i in done:
+        state.products[i] += 1
+    restart = []
+    for row, (i, norm) in enumerate(zip(done, torch.linalg.vector_norm(true, dim=1).tolist())):
+        state.r_norms[i] = norm
+        if norm <= state.targets[i]:
+            state.status[i], state.messages[i] = Status.CONVERGED, ""
+            state.active.remove(i)
+        else:
+            restart.append(row)
+    if restart:
+        picked = torch.tensor(restart, dtype=torch.long)
+        index = torch.tensor([done[r] for r in restart], dtype=torch.long)
+        R = true[picked]
+        Z = M(R)
+        state.R[index], state.P[index] = R, Z
+        state.rz[index] = torch.linalg.vecdot(R, Z)
+
+
+def _step(state: _State, A, M) -> None:
+    """One CG iteration of every active system, with one batched product; a system whose
+    curvature pᵀAp is not finite or not positive stops there with that status."""
+    K = state.B.shape[0]
+    idx = _rows(state.active, K)
+    P = _take(state.P, idx)
+    AP = A(P)
+    curvature = torch.linalg.vecdot(P, AP)
+    keep = []
+    for row, (i, c) in enumerate(zip(state.active, curvature.tolist())):
+        state.products[i] += 1
+        if not math.isfinite(c):
+            state.status[i], state.messages[i] = Status.NON_FINITE, non_finite_message()
+        elif c <= 0:
+            state.status[i], state.messages[i] = Status.NEGATIVE_CURVATURE, _negative_curvature_message(c)
+        else:
+            keep.append(row)
+    state.active = [state.active[row] for row in keep]
+    if not keep:
+        return
+    if len(keep) < curvature.shape[0]:
+        picked = torch.tensor(keep, dtype=torch.long)
+        AP, curvature = AP[picked], curvature[picked]
+    kept = _rows(state.active, K)
+    # With every system active, kept is a slice and these are views: updated in place.
+    X, R, P, rz = (_take(t, kept) for t in (state.X, state.R, state.P, state.rz))
+    step = rz.div(curvature).unsqueeze_(1)
+    X.addcmul_(step, P)
+    R.addcmul_(step, AP, value=-1.0)
+    for i in state.active:
+        state.iterations[i] += 1
+    refresh = [row for row, i in enumerate(state.active) if state.iterations[i] % _RESIDUAL_REFRESH == 0]
+    if refresh:
+        f = _rows(refresh, R.shape[0])
+        R[f] = state.B[kept][f] - A(X[f])
+        for row in refresh:
+            state.products[state.active[row]] += 1
+    Z = M(R)
+    rz_new = torch.linalg.vecdot(R, Z)
+    P.mul_(rz_new.div(rz).unsqueeze_(1)).add_(Z)
+    rz.copy_(rz_new)
+    if not isinstance(kept, slice):  # gathered copies: scatter them back
+        state.X[kept], state.R[kept], state.P[kept], state.rz[kept] = X, R, P, rz
+    for i, norm in zip(state.active, torch.linalg.vector_norm(R, dim=1).tolist()):
+        state.r_norms[i] = norm

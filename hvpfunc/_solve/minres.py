@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -26,7 +26,7 @@ def minres(
     damping: float = 0.0,
     tol: float = 1e-6,
     max_iters: Optional[int] = None,
-    preconditioner: Optional[Callable[[Tree], Tree]] = None,
+    preconditioner: Optional[MatvecFn] = None,
     progress: ProgressArg = False,
 ) -> SolveResult:
     """Solve (H + δI) x = b by MINRES, for symmetric H of any inertia.

@@ -3,7 +3,7 @@ and the products with A = H + δI and with M⁻¹."""
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -53,7 +53,7 @@ class LinearSystem:
         *,
         damping: float,
         max_iters: Optional[int] = None,
-        preconditioner: Optional[Callable[[Tree], Tree]] = None,
+        preconditioner: Optional[MatvecFn] = None,
     ):
         self.op = Operator(matvec, b, name="b")
         self.b = finite_rhs(self.op.layout.flatten(b))

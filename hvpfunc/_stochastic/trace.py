@@ -49,14 +49,13 @@ def trace(
         method: ``"hutch++"`` (default) or ``"hutchinson"``.
         generator: draws the probes; the same generator state gives the same estimate.
             ``None`` uses PyTorch's global generator.
-        chunk_size: probes per ``vmap`` call (memory grows with it: 16 vectors through
-            one ``vmap`` measured 17–24× a gradient's memory on GPU); ``1`` calls the
-            matvec one probe at a time without ``vmap``; ``None`` all at once;
-            ``"auto"`` (default) 16 on a GPU; on a CPU, where ``vmap`` pays for small
-            models only (3× slower than a loop on a CNN, 2.4× faster on a 4k-parameter
-            MLP), a loop unless a looped product takes under 5 ms and a ``vmap`` of 16
-            proved faster on the first probes. The chunking never changes the numbers
-            drawn, only rounding.
+        chunk_size: probes per ``vmap`` call (memory grows with it, about one
+            gradient's worth per probe); ``1`` calls the matvec one probe at a time
+            without ``vmap``; ``None`` all at once; ``"auto"`` (default) 16 on a GPU; on a
+            CPU, where ``vmap`` pays for small models only (README: benchmarks), a loop
+            unless a looped product takes under 5 ms and a ``vmap`` of 16 proved faster
+            on the first probes. The chunking never changes the numbers drawn, only
+            rounding.
         progress: ``True`` for a progress bar, or a callable ``progress(products_done)``
             called after every chunk.
 
