@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional
+import contextlib
+from typing import Any, Callable, Dict, Hashable, Optional
 
 import torch
 from torch import Tensor
@@ -10,7 +11,8 @@ from torch.utils import _pytree as pytree
 
 from .._types import MatvecFn, Mode, Tree
 from ..tree import check_like, check_tree
-from .auto import choose
+from .auto import AutoProduct, signature
+from .checks import check_product, inspect
 from .compiled import compiled_matvec
 from .modes import BUILDERS, differentiable_attention, is_forward_ad_gap, scalar_fn
 
@@ -73,33 +75,88 @@ class Matvec:
     """``v -> H v`` at a fixed point: the operator the solvers take.
 
     Calling it checks ``v`` against the parameters (structure, shapes, dtypes, devices)
-    and returns a tree shaped like them. It works under ``torch.func.vmap`` over ``v``.
+    and returns a tree shaped like them. It works under ``torch.func.vmap`` over ``v``,
+    and inside ``torch.inference_mode()`` (it computes outside it).
 
     Attributes:
-        mode: the mode that computes the product (for ``"auto"``, the one it chose).
-        params: the point, as given (detached).
-        timings: for ``"auto"``, seconds per product of each mode it timed.
+        mode: the mode that computes the product now (``"auto"`` may switch between
+            calls: see ``switches``).
+        params: the point (detached; inference tensors cloned out of inference mode).
+        timings: seconds per product of each mode ``"auto"`` timed.
+        switches: ``"auto"``'s decisions, each a ``Switch(after_products, from_mode,
+            to_mode, reason)``; empty for an explicit mode.
     """
 
-    def __init__(self, fn: MatvecFn, params: Tree, mode: str,
-                 timings: Optional[Dict[str, float]] = None):
-        self._fn = fn
+    def __init__(self, product: Any, params: Tree):
+        self._product = product
         self.params = params
-        self.mode = mode
-        self.timings = dict(timings or {})
-        # The stored modes replay what was built under the math attention kernel; only
-        # the modes that evaluate f again need the kernel switched on each call.
-        self._evaluates_f = mode not in ("reverse-over-reverse", "linearize")
+
+    @property
+    def mode(self) -> str:
+        return self._product.mode
+
+    @property
+    def timings(self) -> Dict[str, float]:
+        return dict(self._product.timings)
+
+    @property
+    def switches(self) -> list:
+        return list(self._product.switches)
 
     def __call__(self, v: Tree) -> Tree:
         check_like(v, self.params, name="v")
-        if not self._evaluates_f:
-            return self._fn(v)
-        with differentiable_attention():
-            return self._fn(v)
+        with _outside_inference_mode():
+            if _has_inference(v):
+                v = pytree.tree_map(_usable, v)
+            if not self._product.evaluates_f:
+                return self._product(v)
+            with differentiable_attention():
+                return self._product(v)
 
     def __repr__(self) -> str:
         return f"Matvec(mode={self.mode!r})"
+
+
+class Fixed:
+    """The product of an explicit mode."""
+
+    timings: Dict[str, float] = {}
+    switches: list = []
+
+    def __init__(self, fn: MatvecFn, mode: str):
+        self._fn, self.mode = fn, mode
+        # The stored modes replay what was built under the math attention kernel; only
+        # the modes that evaluate f again need the kernel switched on each call.
+        self.evaluates_f = mode not in ("reverse-over-reverse", "linearize")
+
+    def __call__(self, v: Tree) -> Tree:
+        return self._fn(v)
+
+
+def _outside_inference_mode():
+    """Autograd does not run in inference mode; products compute outside it."""
+    return torch.inference_mode(False) if torch.is_inference_mode_enabled() else contextlib.nullcontext()
+
+
+def _has_inference(tree: Tree) -> bool:
+    return any(isinstance(t, Tensor) and t.is_inference() for t in pytree.tree_leaves(tree))
+
+
+def _usable(x: Any) -> Any:
+    """A tensor autograd can differentiate through: detached, and an inference tensor
+    (made under ``torch.inference_mode()``, e.g. a checkpoint loaded there) cloned into a
+    normal one; autograd refuses inference tensors, and a traced product would treat
+    them as constants (zero products)."""
+    if not isinstance(x, Tensor):
+        return x
+    x = x.detach()
+    return x.clone() if x.is_inference() else x
+
+
+def usable(tree: Tree) -> Tree:
+    """:func:`_usable` on every leaf; call it outside inference mode."""
+    with _outside_inference_mode():
+        return pytree.tree_map(_usable, tree)
 
 
 def hvp_fn(
@@ -124,21 +181,31 @@ def hvp_fn(
     * ``"forward-over-reverse"``: ``jvp(grad(f))``, recomputed each call; stores nothing.
     * ``"reverse-over-reverse-recomputed"``: ``vjp(grad(f))``, recomputed each call;
       stores nothing and needs no forward-mode derivatives.
-    * ``"auto"``: builds both stored modes, times a few products of each and keeps the
-      faster; a mode that fails for lack of a derivative is skipped, and if neither
-      stored mode works, the recomputing modes are tried. For one product use :func:`hvp`.
+    * ``"auto"`` (default): starts at once with the reused graph (about one gradient to
+      build), or where f has no double backward with a recomputing mode; once the time
+      spent in products reaches the cost of tracing (measured on an earlier matvec of the
+      same f and input shapes, else estimated as 50 builds), it traces ``"linearize"``,
+      checks it, and keeps whichever is faster per product (ski rental: never much more
+      than twice the best fixed choice). The outcome is remembered per process for f and
+      its input signature, so a later matvec does not repeat a trace that lost.
+      ``Matvec.switches`` records every decision. For one product use :func:`hvp`.
     * ``"compiled"`` (opt-in, never chosen by ``"auto"``): ``torch.compile`` of the
       product that stores nothing, checked against the eager product at construction
       (a failure to compile or a disagreement raises). Code Dynamo cannot trace runs
       eagerly between compiled pieces; under ``torch.func`` transforms the product runs
       eagerly (compiled functions cannot be called inside them, pytorch#128711).
 
-    Missing derivatives are handled, not passed on: every mode evaluates f under the
-    math kernel of ``scaled_dot_product_attention`` (the fused kernels have neither
-    forward-mode AD nor a double backward); where an operation's forward-mode formula
-    is broken (``F.mse_loss``, pytorch#123996) ``"auto"`` skips the forward modes and
-    ``"linearize"`` raises a ``RuntimeError`` after checking one forward-mode product
-    (tracing such a function crashes the process).
+    A mode is trusted only after it is checked. At construction f is evaluated twice
+    (finite and deterministic, or ``ValueError``), recording the operations it
+    dispatches: ``torch.func.linearize`` crashes the process on some (``F.mse_loss`` in
+    torch 2.13), so ``"linearize"`` is refused for them before any tracing. A traced
+    map must replay bit for bit and agree with an independent mode on two vectors before
+    it is used (with ``BCEWithLogitsLoss`` and recurrent layers it mutates its own
+    constants and drifts). Every mode evaluates f under the math kernel of
+    ``scaled_dot_product_attention`` (the fused kernels have neither forward-mode AD
+    nor a double backward). Inference tensors (made under ``torch.inference_mode()``)
+    are cloned into normal tensors: autograd refuses them, and a traced map would treat
+    them as constants.
 
     Args:
         f: ``f(params, *args, **kwargs)`` returning a 0-dim floating tensor.
@@ -154,10 +221,12 @@ def hvp_fn(
         A :class:`Matvec`; its ``mode`` attribute says which mode computes products.
 
     Raises:
-        ValueError: unknown ``mode``; ``f`` does not return a scalar; ``f`` is not
-            deterministic (two evaluations at ``params``, made at construction, differ).
+        ValueError: unknown ``mode``; ``f`` does not return a scalar; ``f`` is not finite
+            or not deterministic at ``params`` (two evaluations at construction).
         TypeError: a leaf of ``params`` is not a floating tensor.
         RuntimeError: no mode can differentiate f twice (the message lists each error);
+            ``mode="linearize"`` for an f it would crash on, or whose traced map does not
+            replay bit for bit or disagrees with an independent mode;
             ``mode="compiled"`` and ``torch.compile`` fails on f or disagrees with the
             eager product.
 
@@ -173,40 +242,31 @@ def hvp_fn(
     return build(f, params, args, kwargs, mode=mode)
 
 
-def build(f, params, args, kwargs, *, mode: str, cache: Optional[dict] = None) -> Matvec:
+def build(f, params, args, kwargs, *, mode: str, cache: Optional[dict] = None,
+          key: Optional[Hashable] = None) -> Matvec:
     """:func:`hvp_fn`; matvecs built with one ``cache`` for the same f at several points
-    or data share what can be shared (the compiled product)."""
+    or data share what can be shared (the compiled product). ``key`` names f and its
+    input signature for ``"auto"``'s memory (default: f's code and the inputs' shapes)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     check_tree(params, name="params")
-    params = pytree.tree_map(lambda t: t.detach(), params)
-    f = scalar_fn(f)
-    check_deterministic(f, params, args, kwargs)
-    if mode == "auto":
-        fn, chosen, timings = choose(f, params, args, kwargs)
-        return Matvec(fn, params, chosen, timings)
-    with differentiable_attention():
-        if mode == "compiled":
-            fn = compiled_matvec(f, params, args, kwargs, cache)
-        else:
-            fn = BUILDERS[mode](f, params, args, kwargs)
-    return Matvec(fn, params, mode)
-
-
-def check_deterministic(f, params, args, kwargs) -> None:
-    """Evaluate f twice at the point: a function with randomness inside (dropout,
-    sampling, augmentation) would make every product random, and a stored mode would
-    freeze one random draw into the operator, both silently."""
-    with torch.no_grad(), differentiable_attention():
-        first, second = f(params, *args, **kwargs), f(params, *args, **kwargs)
-    a, b = float(first), float(second)
-    # GPU reductions may differ in the last bits between runs; randomness does not hide there
-    if abs(a - b) > 1e-6 * max(abs(a), abs(b)) + 1e-30:
-        raise ValueError(
-            f"f is not deterministic: two evaluations at the same params gave {a!r} and "
-            f"{b!r}. Randomness inside f (dropout, sampling, data augmentation) would make "
-            "every Hessian-vector product random and solvers would not converge: make f "
-            "deterministic (model.eval(), fixed noise, or model_hvp_fn(..., dropout='off'))."
-        )
-
-
+    with _outside_inference_mode():
+        params, args, kwargs = usable(params), usable(args), usable(kwargs)
+        f = scalar_fn(f)
+        inspection = inspect(f, params, args, kwargs)
+        if mode == "auto":
+            return Matvec(AutoProduct(f, params, args, kwargs, inspection, key or signature(f, params, args, kwargs)),
+                          params)
+        with differentiable_attention():
+            if mode == "compiled":
+                fn = compiled_matvec(f, params, args, kwargs, cache)
+            elif mode == "linearize":
+                if inspection.linearize_hazard is not None:
+                    raise RuntimeError(f"mode='linearize' is refused: {inspection.linearize_hazard}. "
+                                       "Use mode='auto' or mode='reverse-over-reverse'.")
+                fn = BUILDERS[mode](f, params, args, kwargs)
+                check_product(fn, BUILDERS["reverse-over-reverse-recomputed"](f, params, args, kwargs), params,
+                              mode="linearize")
+            else:
+                fn = BUILDERS[mode](f, params, args, kwargs)
+    return Matvec(Fixed(fn, mode), params)

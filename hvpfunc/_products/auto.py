@@ -1,15 +1,63 @@
-"""``mode="auto"``: build the stored modes, time them on this function, keep the faster."""
+"""``mode="auto"``: start with the product that is cheapest to build, and trace a faster
+one only once the products already spent show that it will pay (ski rental)."""
 
 from __future__ import annotations
 
 import time
-from typing import Callable, Dict, Tuple
+from collections import OrderedDict
+from typing import Any, Callable, Dict, Hashable, List, NamedTuple, Optional
 
 import torch
 from torch.utils import _pytree as pytree
 
 from .._types import MatvecFn, Tree
+from .checks import Inspection, check_product
 from .modes import BUILDERS, differentiable_attention
+
+# Tracing torch.func.linearize cost about 50 gradients on a ResNet-style CNN (DESIGN.md);
+# before a first trace of f is timed, that multiple of building the double-backward graph
+# (about one gradient) stands in for it.
+_TRACE_COST_IN_BUILDS = 50.0
+_MEMORY_SIZE = 256
+
+
+class Switch(NamedTuple):
+    """One decision of ``mode="auto"``, in :attr:`Matvec.switches`."""
+
+    after_products: int  # calls of the matvec before it
+    from_mode: str
+    to_mode: str
+    reason: str
+
+
+class Outcome(NamedTuple):
+    """What ``auto`` learned about one function and input signature."""
+
+    winner: str
+    trace_seconds: Optional[float]
+
+
+# Per process: the outcome of auto's experiment for each function and input signature, so
+# that the next matvec of the same f (at a new point, or on a new batch of the same shape)
+# neither repeats a trace that lost or failed, nor guesses the tracing cost again.
+_OUTCOMES: OrderedDict[Hashable, Outcome] = OrderedDict()
+
+
+def remember(key: Hashable, outcome: Outcome) -> None:
+    _OUTCOMES[key] = outcome
+    _OUTCOMES.move_to_end(key)
+    while len(_OUTCOMES) > _MEMORY_SIZE:
+        _OUTCOMES.popitem(last=False)
+
+
+def signature(f: Callable[..., Any], params: Tree, args: tuple, kwargs: dict) -> Hashable:
+    """f's code (or type) and the structure, shapes, dtypes and devices of its inputs."""
+    code = getattr(f, "__code__", None) or type(f)
+    leaves, spec = pytree.tree_flatten((params, args, kwargs))
+    shapes = tuple(
+        (tuple(x.shape), x.dtype, str(x.device)) if isinstance(x, torch.Tensor) else type(x).__name__ for x in leaves
+    )
+    return (code, str(spec), shapes)
 
 
 def _sync(params: Tree) -> None:
@@ -19,48 +67,117 @@ def _sync(params: Tree) -> None:
             return
 
 
-def _seconds_per_product(fn: MatvecFn, probe: Tree, params: Tree) -> float:
-    """Best of two timed products after one warm-up call."""
-    fn(probe)
-    best = float("inf")
-    for _ in range(2):
-        _sync(params)
-        start = time.perf_counter()
-        fn(probe)
-        _sync(params)
-        best = min(best, time.perf_counter() - start)
-    return best
+def _under_transform() -> bool:
+    return torch._C._functorch.peek_interpreter_stack() is not None
 
 
-def choose(f, params, args, kwargs) -> Tuple[MatvecFn, str, Dict[str, float]]:
-    """Build and time the two stored modes, keep the faster; if neither can be built,
-    fall back to the modes that recompute f (forward-mode first, it is cheaper).
+class AutoProduct:
+    """The product of ``mode="auto"``; it may change mode between calls.
 
-    Returns the chosen matvec, its mode, and the seconds per product of every mode timed.
+    Start: the reused double-backward graph (one gradient to build, and autograd's own
+    second derivative); where f has no double backward, a mode that recomputes f
+    (forward-over-reverse, else reverse-over-reverse recomputed). Then, unless f
+    dispatches an operation that crashes the tracer or an earlier experiment on the same
+    signature lost: once the time spent in products reaches the tracing cost (measured on
+    an earlier matvec of the same signature, else estimated from the build), trace
+    ``torch.func.linearize``, check its replays against the current mode on two vectors,
+    and keep whichever is faster per product. So ``auto`` never costs much more than twice
+    the best fixed choice, and approaches it on long solves.
     """
-    probe = pytree.tree_map(torch.ones_like, params)
-    errors: Dict[str, Exception] = {}
-    timings: Dict[str, float] = {}
-    built: Dict[str, Callable] = {}
 
-    def attempt(mode: str) -> bool:
-        try:
-            built[mode] = BUILDERS[mode](f, params, args, kwargs)
-            timings[mode] = _seconds_per_product(built[mode], probe, params)
-            return True
-        except (RuntimeError, NotImplementedError) as err:
-            errors[mode] = err
-            built.pop(mode, None)
-            return False
+    def __init__(self, f, params: Tree, args: tuple, kwargs: dict, inspection: Inspection, key: Hashable):
+        self._f, self._params, self._args, self._kwargs, self._key = f, params, args, kwargs, key
+        self.timings: Dict[str, float] = {}
+        self.switches: List[Switch] = []
+        self.calls = 0
+        self._spent = 0.0
+        errors: Dict[str, BaseException] = {}
+        memory = _OUTCOMES.get(key)
+        start = time.perf_counter()
+        self.mode, self._fn = self._first_mode(errors)
+        _sync(params)
+        self.build_seconds = time.perf_counter() - start
+        self._trace_cost: Optional[float] = None
+        if inspection.linearize_hazard is None and (memory is None or memory.winner == "linearize"):
+            if memory is not None and memory.trace_seconds is not None:
+                self._trace_cost = memory.trace_seconds
+            else:
+                self._trace_cost = _TRACE_COST_IN_BUILDS * self.build_seconds
+        reason = "cheapest to build"
+        if errors:
+            reason += "; " + "; ".join(f"{m} failed: {type(e).__name__}: {e}" for m, e in errors.items())
+        if inspection.linearize_hazard is not None:
+            reason += f"; never linearize: {inspection.linearize_hazard}"
+        elif memory is not None and memory.winner != "linearize":
+            reason += f"; an earlier matvec of this f found {memory.winner!r} best"
+        self.switches.append(Switch(0, "", self.mode, reason))
 
-    with differentiable_attention():
-        stored = [attempt("reverse-over-reverse"), attempt("linearize")]
-        if not any(stored) and not attempt("forward-over-reverse"):
-            attempt("reverse-over-reverse-recomputed")
-    if not timings:
+    def _first_mode(self, errors: Dict[str, BaseException]):
+        f, params, args, kwargs = self._f, self._params, self._args, self._kwargs
+        for mode in ("reverse-over-reverse", "forward-over-reverse", "reverse-over-reverse-recomputed"):
+            try:
+                with differentiable_attention():
+                    fn = BUILDERS[mode](f, params, args, kwargs)
+                    if mode == "forward-over-reverse":
+                        fn(pytree.tree_map(torch.ones_like, params))  # forward-mode gaps show here
+                return mode, fn
+            except (RuntimeError, NotImplementedError) as err:
+                errors[mode] = err
         detail = "; ".join(f"{m}: {type(e).__name__}: {e}" for m, e in errors.items())
         raise RuntimeError(f"hvp_fn(mode='auto'): no mode could compute a product ({detail})")
-    mode = min(timings, key=timings.get)
-    return built[mode], mode, timings
 
+    @property
+    def evaluates_f(self) -> bool:
+        return self.mode not in ("reverse-over-reverse", "linearize")
 
+    def __call__(self, v: Tree) -> Tree:
+        if self._trace_cost is None or _under_transform():
+            self.calls += 1
+            return self._fn(v)
+        _sync(self._params)
+        start = time.perf_counter()
+        out = self._fn(v)
+        _sync(self._params)
+        self._spent += time.perf_counter() - start
+        self.calls += 1
+        if self._spent >= self._trace_cost:
+            self._try_linearize()
+        return out
+
+    def _try_linearize(self) -> None:
+        """Trace, check, time; keep the faster mode and remember the outcome."""
+        self._trace_cost = None  # one experiment per matvec
+        current = self.mode
+        start = time.perf_counter()
+        try:
+            with differentiable_attention():
+                traced = BUILDERS["linearize"](self._f, self._params, self._args, self._kwargs)
+                _sync(self._params)
+                trace_seconds = time.perf_counter() - start
+                check_product(traced, self._fn, self._params, mode="linearize")
+                self.timings[current] = self._seconds_per_product(self._fn)
+                self.timings["linearize"] = self._seconds_per_product(traced)
+        except (RuntimeError, NotImplementedError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            self.switches.append(Switch(self.calls, current, current, f"linearize rejected: {reason}"))
+            remember(self._key, Outcome(current, None))
+            return
+        if self.timings["linearize"] < self.timings[current]:
+            self.mode, self._fn = "linearize", traced
+            winner, why = "linearize", "faster per product"
+        else:
+            winner, why = current, "linearize was not faster"
+        self.switches.append(Switch(self.calls, current, winner,
+                                    f"{why} (traced in {trace_seconds:.3g} s after {self._spent:.3g} s of products)"))
+        remember(self._key, Outcome(winner, trace_seconds))
+
+    def _seconds_per_product(self, fn: MatvecFn) -> float:
+        probe = pytree.tree_map(torch.ones_like, self._params)
+        best = float("inf")
+        for _ in range(2):
+            _sync(self._params)
+            start = time.perf_counter()
+            fn(probe)
+            _sync(self._params)
+            best = min(best, time.perf_counter() - start)
+        return best

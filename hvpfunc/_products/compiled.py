@@ -8,10 +8,10 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor
-from torch.utils import _pytree as pytree
 
 from .._types import MatvecFn, Tree
 from ..tree import norm, random_like, sub
+from .checks import agreement
 from .modes import memory_light_mode
 
 
@@ -48,7 +48,7 @@ class CompiledProduct:
         # Compiled kernels fuse and reorder reductions, so the last bits differ; a wrong
         # compiled graph is off by far more than the square root of the rounding unit.
         error, size = norm(sub(got, want)), norm(want)
-        if not bool(error <= _agreement(params) * size):
+        if not bool(error <= agreement(params) * size):
             raise RuntimeError(
                 f"mode='compiled': the compiled product disagrees with the eager one (relative "
                 f"error {float(error / size):.2e} on a random vector); torch.compile "
@@ -76,10 +76,3 @@ def _own_code(fn: Callable) -> Callable:
     recompilations, per code object: matvecs compiled from one definition would share
     its 8 cache slots, and from the ninth on run eagerly with only a logged warning."""
     return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
-
-
-def _agreement(params: Tree) -> float:
-    eps = max(torch.finfo(leaf.dtype).eps for leaf in pytree.tree_leaves(params))
-    return 10 * eps**0.5
-
-

@@ -12,7 +12,7 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from .._types import Mode
 from ..tree import axpy, scale
-from .api import Matvec, build
+from .api import Fixed, Matvec, build, usable
 from .modes import memory_light_mode
 
 Batch = Tuple[Any, Tensor]
@@ -101,9 +101,9 @@ def model_hvp_fn(
     chosen = {k for k, p in named.items() if p.requires_grad and (select is None or select(k))}
     if not chosen:
         raise ValueError("no parameter to differentiate: select chose none of " + ", ".join(named))
-    params = {k: p.detach() for k, p in named.items() if k in chosen}
-    frozen = {k: p.detach() for k, p in named.items() if k not in chosen}
-    buffers = _read_only_buffers(model)
+    params = usable({k: p for k, p in named.items() if k in chosen})
+    frozen = usable({k: p for k, p in named.items() if k not in chosen})
+    buffers = usable(_read_only_buffers(model))
     versions = {k: b._version for k, b in model.named_buffers()}
     total = sum(int(y.shape[0]) for _, y in batches)
 
@@ -116,7 +116,13 @@ def model_hvp_fn(
 
     cache: dict = {}
     if len(batches) == 1:
-        matvec = build(loss, params, batches[0], {}, mode=mode, cache=cache)
+        # auto's memory: this model's parameter shapes, this loss and the batch's shapes
+        # (the loss closure's code is the same for every model)
+        key = (type(model), tuple((k, tuple(p.shape), p.dtype) for k, p in params.items()),
+               getattr(loss_fn, "__code__", None) or type(loss_fn), repr(getattr(loss_fn, "reduction", None)),
+               tuple((tuple(t.shape), t.dtype) for t in torch.utils._pytree.tree_leaves(batches[0])
+                     if isinstance(t, Tensor)))
+        matvec = build(loss, params, batches[0], {}, mode=mode, cache=cache, key=key)
     else:
         per_batch = memory_light_mode(loss, params, *batches[0]) if mode == "auto" else mode
         parts = [
@@ -131,7 +137,7 @@ def model_hvp_fn(
                 acc = scale(weight, hv) if acc is None else axpy(weight, hv, acc)
             return acc
 
-        matvec = Matvec(summed, params, per_batch)
+        matvec = Matvec(Fixed(summed, per_batch), params)
     for name, buf in model.named_buffers():
         if buf._version != versions[name]:
             raise ValueError(

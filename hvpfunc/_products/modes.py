@@ -103,10 +103,12 @@ def reverse_over_reverse(f, params, args, kwargs):
 
 
 def linearize(f, params, args, kwargs):
-    # torch.func.linearize crashes the process (segmentation fault, torch 2.13) on some
-    # functions whose forward-mode derivative is broken, e.g. F.mse_loss with
-    # reduction="mean" (pytorch/pytorch#123996). One eager forward-over-reverse product
-    # turns that into a RuntimeError first.
+    """``torch.func.linearize(grad(f))``: traced once, replayed. Callers check the
+    operations f dispatches first (some crash the tracer) and the replays after
+    (:mod:`.checks`)."""
+    # Broken forward-mode formulas (F.mse_loss with reduction="mean",
+    # pytorch/pytorch#123996) raise in one eager forward-over-reverse product; tracing
+    # them would not raise.
     probe = pytree.tree_map(torch.ones_like, params)
     forward_over_reverse(f, params, args, kwargs)(probe)
     grad_f = torch.func.grad(f)

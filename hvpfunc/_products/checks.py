@@ -1,0 +1,113 @@
+"""What must hold before a product mode is trusted: f is finite and deterministic at the
+point, its operations are none that make a mode crash, and a stored or traced product
+replays bit for bit and agrees with an independent mode."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, FrozenSet, Optional
+
+import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .._types import MatvecFn, Tree
+from ..tree import norm, random_like, sub
+from .modes import differentiable_attention
+
+# Operations for which torch.func.linearize takes the process down (segmentation fault in
+# torch 2.13; every reduction of aten.mse_loss, found by tracing each torch.nn loss in a
+# subprocess): they are detected from the operations f dispatches, never by trying.
+_LINEARIZE_CRASHES = frozenset({"aten::mse_loss"})
+
+
+class _OpRecorder(TorchDispatchMode):
+    """Records the names of the ATen operations dispatched while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+class Inspection:
+    """What one look at f told: the operations it dispatches and the modes they rule out."""
+
+    def __init__(self, ops: FrozenSet[str]):
+        self.ops = ops
+        crashing = sorted(ops & _LINEARIZE_CRASHES)
+        self.linearize_hazard: Optional[str] = (
+            f"torch.func.linearize crashes the process on {', '.join(crashing)} (torch 2.13)" if crashing else None
+        )
+
+
+def inspect(f: Callable[..., Any], params: Tree, args: tuple, kwargs: dict) -> Inspection:
+    """Evaluate f twice at the point (the first time recording its operations).
+
+    Raises ``ValueError`` when f is not finite there (every product would be nan, yet
+    nan passes every comparison a solver makes) or not deterministic (randomness inside f
+    would make every product random, and a stored mode would freeze one random draw into
+    the operator, both silently).
+    """
+    recorder = _OpRecorder()
+    with torch.no_grad(), differentiable_attention():
+        with recorder:
+            first = f(params, *args, **kwargs)
+        second = f(params, *args, **kwargs)
+    a, b = float(first), float(second)
+    if not math.isfinite(a):
+        raise ValueError(
+            f"f is not finite at params (f = {a!r}): every Hessian-vector product would be nan "
+            "or inf. Check the loss at these parameters and data (a log or sqrt of a negative "
+            "number, a division by zero, an overflow)."
+        )
+    # GPU reductions may differ in the last bits between runs; randomness does not hide there
+    if abs(a - b) > 1e-6 * max(abs(a), abs(b)) + 1e-30:
+        raise ValueError(
+            f"f is not deterministic: two evaluations at the same params gave {a!r} and "
+            f"{b!r}. Randomness inside f (dropout, sampling, data augmentation) would make "
+            "every Hessian-vector product random and solvers would not converge: make f "
+            "deterministic (model.eval(), fixed noise, or model_hvp_fn(..., dropout='off'))."
+        )
+    return Inspection(frozenset(recorder.names))
+
+
+def agreement(params: Tree) -> float:
+    """Relative gap two correct products may show: far above rounding (modes reorder
+    sums), far below a wrong product (a drifting replay is off by percents)."""
+    eps = max(torch.finfo(leaf.dtype).eps for leaf in pytree.tree_leaves(params))
+    return 10 * eps**0.5
+
+
+def check_product(fn: MatvecFn, reference: MatvecFn, params: Tree, *, mode: str) -> None:
+    """Trust ``fn`` only if, on two random vectors, it replays bit for bit and agrees
+    with ``reference`` (an independent mode). Raises ``RuntimeError`` otherwise.
+
+    Two vectors, because a stored map that mutates its own constants is right once and
+    wrong after (torch.func.linearize over BCEWithLogitsLoss or recurrent layers).
+    """
+    generator = torch.Generator().manual_seed(0)
+    tolerance = agreement(params)
+    for _ in range(2):
+        v = random_like(params, generator=generator, kind="gaussian")
+        first, again = fn(v), fn(v)
+        same = all(torch.equal(a, b) for a, b in zip(pytree.tree_leaves(first), pytree.tree_leaves(again)))
+        want = reference(v)
+        error, size = float(norm(sub(again, want))), float(norm(want))
+        if not same:
+            drift = float(norm(sub(again, first))) / max(float(norm(first)), 1e-300)
+            raise RuntimeError(
+                f"mode={mode!r} is not trustworthy for this f: the same vector gave different "
+                f"products on two calls (relative change {drift:.2e}); the replayed map "
+                "mutates its own constants (a PyTorch bug seen with BCEWithLogitsLoss and "
+                "recurrent layers). Use mode='reverse-over-reverse' or mode='auto'."
+            )
+        if not error <= tolerance * size:
+            raise RuntimeError(
+                f"mode={mode!r} disagrees with an independent mode (relative error "
+                f"{error / max(size, 1e-300):.2e} on a random vector). Use "
+                "mode='reverse-over-reverse' or mode='auto'."
+            )
