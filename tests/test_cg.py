@@ -154,3 +154,26 @@ def test_batched_cg_bad_input():
         hf.cg_batched(matvec, {"a": torch.full((2, 1), float("nan"), dtype=DT), "b": [torch.zeros(2, 2, 1, dtype=DT)]})
     with pytest.raises(ValueError, match=r"b\[0\]\['a'\] has shape|missing leaves"):
         hf.cg_batched(lambda v: {"a": v["a"]}, {"a": torch.ones(2, 1, dtype=DT), "b": [torch.ones(2, 2, 1, dtype=DT)]})
+
+
+def test_singular_psd_system_with_a_null_space_part_stops_instead_of_a_one_over_eps_step():
+    # collinear features, no regularization: H = XᵀX is singular and b = Xᵀy + null part
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(20, 2, generator=gen, dtype=DT)
+    X = torch.cat([X, X[:, :1]], dim=1)
+    H = X.T @ X
+    null = torch.tensor([1.0, 0.0, -1.0], dtype=DT) / 2**0.5
+    b = X.T @ torch.randn(20, generator=gen, dtype=DT) + 0.3 * null
+    with pytest.warns(hf.ConvergenceWarning, match="inconsistent.*singular"):
+        res = hf.cg(lambda v: H @ v, b)
+    assert res.status is hf.Status.INCONSISTENT and "hf.minres" in res.message
+    assert torch.isfinite(res.x).all() and float(res.x.norm()) < 1e3  # it was 3.6e17
+    # no x does better than the null-space part of b; CG's iterate stays near it
+    assert 0.3 - 1e-12 <= float((b - H @ res.x).norm()) <= float(b.norm())
+    with pytest.warns(hf.ConvergenceWarning, match="inconsistent"):  # the advised least-squares solver
+        ls = hf.minres(lambda v: H @ v, b)
+    assert ls.status is hf.Status.INCONSISTENT
+    assert float((b - H @ ls.x).norm()) == pytest.approx(0.3, rel=1e-6)
+    # a consistent singular system still converges
+    ok = hf.cg(lambda v: H @ v, b - 0.3 * null, tol=1e-10)
+    assert ok.converged and torch.allclose(H @ ok.x, b - 0.3 * null, atol=1e-8)

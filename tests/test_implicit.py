@@ -145,3 +145,46 @@ def test_non_finite_outer_gradient_is_an_error_naming_the_leaf():
         hf.hypergradient(inner, bad_outer, w, {"log_l2": torch.tensor(0.0, dtype=DT)})
     with pytest.raises(ValueError, match="solver must be one of"):
         hf.hypergradient(inner, outer, w, {"log_l2": torch.tensor(0.0, dtype=DT)}, solver="lu")
+
+
+def test_parameters_the_inner_loss_ignores_are_held_fixed_and_the_hypergradient_is_exact():
+    # the outer loss has an offset c the inner (ridge) loss never sees; the solve used to
+    # meet its zero Hessian block and return 5e154 marked "non_finite"
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(20, 3, generator=g, dtype=DT), torch.randn(20, generator=g, dtype=DT)
+    Xv, yv = torch.randn(10, 3, generator=g, dtype=DT), torch.randn(10, generator=g, dtype=DT)
+    c = torch.tensor(0.3, dtype=DT)
+
+    def inner(w, lam):
+        return 0.5 * ((X @ w["w"] - y) ** 2).sum() + 0.5 * lam * (w["w"] ** 2).sum()
+
+    def outer(w, lam):
+        return 0.5 * ((Xv @ w["w"] + w["c"] - yv) ** 2).sum()
+
+    def w_star(lam):
+        return torch.linalg.solve(X.T @ X + lam * torch.eye(3, dtype=DT), X.T @ y)
+
+    lam = torch.tensor(1.0, dtype=DT)
+    want = torch.func.grad(lambda lam: outer({"w": w_star(lam), "c": c}, lam))(lam)
+    got, res = hf.hypergradient(inner, outer, {"w": w_star(lam), "c": c}, lam, tol=1e-12)
+    assert res.converged and res.stats["held_fixed"] == ["['c']"]
+    assert torch.allclose(got, want, rtol=1e-9)
+
+
+def test_a_singular_inner_hessian_is_flagged_with_advice():
+    g = torch.Generator().manual_seed(1)
+    X, y = torch.randn(20, 2, generator=g, dtype=DT), torch.randn(20, generator=g, dtype=DT)
+    X = torch.cat([X, X[:, :1]], dim=1)  # collinear: the unregularized optimum is not unique
+    Xv, yv = torch.randn(10, 3, generator=g, dtype=DT), torch.randn(10, generator=g, dtype=DT)
+
+    def inner(w, lam):
+        return 0.5 * ((X @ w - y) ** 2).sum() + 0.5 * lam * (w**2).sum()
+
+    def outer(w, lam):
+        return 0.5 * ((Xv @ w - yv) ** 2).sum()
+
+    w = torch.linalg.lstsq(X, y).solution
+    with pytest.warns(hf.ConvergenceWarning, match="inconsistent.*not unique"):
+        got, res = hf.hypergradient(inner, outer, w, torch.tensor(0.0, dtype=DT))
+    assert res.status is hf.Status.INCONSISTENT and "damping" in res.message
+    assert torch.isfinite(got).all()

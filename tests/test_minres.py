@@ -80,3 +80,29 @@ def test_max_iters_and_bad_input():
         hf.minres(matvec, {"a": b["a"] * float("inf"), "b": b["b"]})
     with pytest.raises(ValueError, match="tol must be positive"):
         hf.minres(matvec, b, tol=-1.0)
+
+
+def test_singular_inconsistent_softmax_hessian_stops_at_a_least_squares_iterate():
+    # Every softmax cross-entropy Hessian is singular; a random b has a null-space part.
+    # Plain MINRES ran to max_iters here with ‖x‖ = 1e17 and ‖b − Hx‖ = 7e15 (‖b‖ = 5.6).
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    X, Y = torch.randn(40, 4, dtype=DT), torch.randint(0, 3, (40,))
+    mv, p = hf.model_hvp_fn(model, nn.functional.cross_entropy, (X, Y))
+    b = hf.tree.random_like(p, generator=torch.Generator().manual_seed(2), kind="gaussian")
+    H = dense_hessian(lambda q: nn.functional.cross_entropy(torch.func.functional_call(model, q, (X,)), Y), p)
+    lam, Q = torch.linalg.eigh(H)
+    null = Q[:, lam.abs() <= 1e-10 * lam.abs().max()]
+    assert null.shape[1] >= 7  # (last hidden width + 1) zero eigenvalues
+    ls_residual = float((null @ (null.T @ flat(b))).norm())  # min ‖b − Hx‖ over x
+    with pytest.warns(hf.ConvergenceWarning, match="inconsistent"):
+        res = hf.minres(mv, b)
+    x = flat(res.x)
+    r = flat(b) - H @ x
+    assert res.status is hf.Status.INCONSISTENT and res.num_matvecs < 200
+    assert torch.isfinite(x).all() and float(x.norm()) < 1e5
+    assert float(r.norm()) == pytest.approx(ls_residual, rel=1e-6)
+    assert float((H @ r).norm()) <= 1e-5 * float(lam.abs().max()) * float(r.norm())  # normal equations, to tol
+    assert res.residual_norm == pytest.approx(float(r.norm()), rel=1e-8)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
 import torch
@@ -16,6 +16,9 @@ from .._progress import Progress
 from .._types import ChunkSize, MatvecFn, ProgressArg, Tree
 from ..results import SolveResult, Status
 from .system import LinearSystem, check_tol_damping, finite_rhs, iteration_limit, non_finite_message
+
+# Curvature pᵀAp within this many rounding units of ‖A‖‖p‖² counts as zero.
+_CURVATURE_FLOOR = 10.0
 
 # Recompute the true residual b − Ax this often: the recursive residual drifts from it
 # in floating point, and convergence must be judged on the real one.
@@ -98,11 +101,21 @@ def cg(
     def M(rows: Tensor) -> Tensor:
         return system.M(rows[0])[None] if preconditioner is not None else rows
 
-    state = _run(system.b[None], x, A, M, tol=tol, limit=system.limit, progress=progress, desc="cg",
+    state = _run(system.b[None], x, A, M, tol=tol, limit=system.limit, eps=system.op.layout.product_eps,
+                 progress=progress, desc="cg",
                  report=lambda s: s.r_norms[0] / system.b_norm)
     result = system.result(state.X[0], state.status[0], state.messages[0], state.r_norms[0],
                            {"iterations": state.iterations[0]})
     return finish(result, "cg")
+
+
+def _singular_message(curvature: float, pp: float, norm_estimate: float) -> str:
+    return (
+        f"found a direction p with pᵀ(H + δI)p = {curvature:.3g}, zero to rounding against "
+        f"‖H + δI‖‖p‖² ≈ {norm_estimate * pp:.3g}: H + δI is singular and b has a component in "
+        "its null space, so (H + δI)x = b has no solution; x is the last iterate. Add damping "
+        "(a regularized solution), or use hf.minres (a least-squares solution)."
+    )
 
 
 def _negative_curvature_message(curvature: float) -> str:
@@ -176,7 +189,8 @@ def cg_batched(
         out = op.batch(rows, chunk_size=chunk_size)
         return out + damping * rows if damping else out
 
-    state = _run(B, None, A, lambda rows: rows, tol=tol, limit=iteration_limit(max_iters, op.n), progress=progress,
+    state = _run(B, None, A, lambda rows: rows, tol=tol, limit=iteration_limit(max_iters, op.n),
+                 eps=op.layout.product_eps, progress=progress,
                  desc=f"cg ({B.shape[0]} systems)", report=lambda s: float(len(s.active)))
     results = [
         solve_result(
@@ -211,6 +225,8 @@ class _State:
     status: List[Status]
     messages: List[str]
     active: List[int]
+    norm_estimates: List[float] = field(default_factory=list)  # the largest pᵀAp/‖p‖² seen, ≤ ‖A‖
+    floor: float = 0.0  # curvature below floor·‖A‖‖p‖² is zero to the products' rounding
 
 
 def _run(
@@ -221,6 +237,7 @@ def _run(
     *,
     tol: float,
     limit: int,
+    eps: float,
     progress: ProgressArg,
     desc: str,
     report: Callable[[_State], float],
@@ -230,6 +247,7 @@ def _run(
     ``A`` and ``M`` map rows to rows: (H + δI) and M⁻¹, one batched call per step.
     """
     state = _start(B, X0, A, M, tol, limit)
+    state.floor = _CURVATURE_FLOOR * eps
     bar = Progress(progress, total=limit, desc=desc)
     try:
         while state.active:
@@ -268,6 +286,7 @@ def _start(B: Tensor, X0: Optional[Tensor], A, M, tol: float, limit: int) -> _St
         targets=[tol * b for b in b_norms],
         r_norms=torch.linalg.vector_norm(R, dim=1).tolist(),
         iterations=[0] * K, products=products, status=status, messages=messages, active=active,
+        norm_estimates=[0.0] * K,
     )
 
 
@@ -320,12 +339,20 @@ def _step(state: _State, A, M) -> None:
     AP = A(P)
     curvature = torch.linalg.vecdot(P, AP)
     keep = []
-    for row, (i, c) in enumerate(zip(state.active, curvature.tolist())):
+    host = torch.stack([curvature, torch.linalg.vecdot(P, P)]).tolist()  # one transfer
+    for row, (i, c, pp) in enumerate(zip(state.active, *host)):
         state.products[i] += 1
         if not math.isfinite(c):
             state.status[i], state.messages[i] = Status.NON_FINITE, non_finite_message()
-        elif c <= 0:
+            continue
+        state.norm_estimates[i] = max(state.norm_estimates[i], abs(c) / pp)
+        zero = state.floor * state.norm_estimates[i] * pp
+        if c < -zero:
             state.status[i], state.messages[i] = Status.NEGATIVE_CURVATURE, _negative_curvature_message(c)
+        elif c <= zero:
+            # pᵀAp ≈ 0 on a positive semi-definite A: p lies in its null space, which CG
+            # only reaches when b has a component there. The step would be 1/ε.
+            state.status[i], state.messages[i] = Status.INCONSISTENT, _singular_message(c, pp, state.norm_estimates[i])
         else:
             keep.append(row)
     state.active = [state.active[row] for row in keep]

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import warnings
+from types import MappingProxyType
 from typing import Any, Callable, Tuple
 
 import torch
 from torch import Tensor
+from torch.utils import _pytree as pytree
 
 from .._outcome import finish
 from .._products.api import hvp_fn
 from .._types import Mode, Solver, Tree
-from ..results import ConvergenceWarning, SolveResult
+from ..results import ConvergenceWarning, SolveResult, Status
 from ..tree import check_tree, leaves_with_paths, sub
 from .cg import cg
 from .minres import minres
@@ -58,7 +60,10 @@ def hypergradient(
 
     Returns:
         ``(hypergradient, solve_result)``: a tree shaped like ``hparams``, and the linear
-        solve's :class:`~hvpfunc.SolveResult`. If the solve did not converge the result
+        solve's :class:`~hvpfunc.SolveResult`. Parameters ``inner_loss`` does not use are
+        held fixed (the inner problem does not move them; ``stats["held_fixed"]`` lists
+        them). ``"inconsistent"`` means the inner Hessian is singular on directions the
+        outer gradient needs (the inner optimum is not unique there). If the solve did not converge the result
         says so (and a :class:`~hvpfunc.ConvergenceWarning` was issued): the
         hypergradient is then only as good as that solve's ``x``, which is finite.
 
@@ -94,15 +99,47 @@ def hypergradient(
     grad_out_w, grad_out_h = torch.func.grad(outer_loss, argnums=(0, 1))(params, hparams)
     _check_finite(grad_out_w, "d outer_loss / d params")
     _check_finite(grad_out_h, "d outer_loss / d hparams")
+    # Parameters the inner loss does not use have zero rows and columns in H and no mixed
+    # term: the inner problem does not move them (dw/dλ = 0 there), so the outer
+    # gradient's part on them drops out of the solve instead of making it inconsistent.
+    held = _unused_by(inner_loss, params, hparams)
+    if held:
+        grad_out_w = pytree.tree_unflatten(
+            [torch.zeros_like(g) if unused else g for g, unused in zip(pytree.tree_leaves(grad_out_w), held)],
+            pytree.tree_structure(grad_out_w),
+        )
     matvec = hvp_fn(inner_loss, params, hparams, mode=mode)
     with warnings.catch_warnings():
         # the solver's warning would point here; hypergradient's own points at the caller
         warnings.simplefilter("ignore", ConvergenceWarning)
         result = _SOLVERS[solver](matvec, grad_out_w, **solver_options)
+    if held:
+        paths = [path for (path, _), unused in zip(leaves_with_paths(params)[0], held) if unused]
+        result = result._replace(stats=MappingProxyType({**result.stats, "held_fixed": paths}))
+    if result.status is Status.INCONSISTENT:
+        result = result._replace(message=(
+            "the inner Hessian is singular on directions the outer gradient needs: the inner "
+            "optimum is not unique there (e.g. collinear features without regularization), so "
+            "the hypergradient is not defined by the implicit function theorem. Regularize the "
+            "inner loss, pass damping=..., or solver='minres' for the least-squares choice. "
+            f"The solver said: {result.message}"
+        ))
     grad_in_w = torch.func.grad(inner_loss, argnums=0)
     _, vjp_fn = torch.func.vjp(lambda h: grad_in_w(params, h), hparams)
     (mixed,) = vjp_fn(result.x)
     return sub(grad_out_h, mixed), finish(result, f"hypergradient(solver={solver!r})")
+
+
+def _unused_by(inner_loss: Callable[[Tree, Tree], Tensor], params: Tree, hparams: Tree) -> list:
+    """For each leaf of params, whether inner_loss ignores it (autograd finds no path);
+    an empty list when it uses them all."""
+    leaves, spec = pytree.tree_flatten(params)
+    inputs = [leaf.detach().requires_grad_(True) for leaf in leaves]
+    with torch.enable_grad():
+        out = inner_loss(pytree.tree_unflatten(inputs, spec), hparams)
+        grads = torch.autograd.grad(out, inputs, allow_unused=True)
+    unused = [g is None for g in grads]
+    return unused if any(unused) else []
 
 
 def _check_finite(tree: Tree, what: str) -> None:

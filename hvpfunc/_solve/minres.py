@@ -14,8 +14,9 @@ from ..results import SolveResult, Status
 from .system import LinearSystem, non_finite_message
 
 _INCONSISTENT = (
-    "b is not in the range of H + δI (a singular, inconsistent system): x is the "
-    "least-squares iterate reached, the residual left lies in the null space"
+    "b is not in the range of H + δI to the tolerance (a singular or numerically singular, "
+    "inconsistent system): x is the least-squares iterate reached, and the residual left "
+    "lies (to tol) in the null space. Add damping for a regularized solution."
 )
 
 
@@ -89,7 +90,7 @@ def minres(
     beta1 = math.sqrt(max(float(torch.dot(r1, y)), 0.0))
     if preconditioner is not None and not beta1 > 0:
         raise ValueError("the preconditioner is not positive definite: bᵀM⁻¹b ≤ 0")
-    oldb, beta, dbar, epsln, phibar, tnorm2 = 0.0, beta1, 0.0, 0.0, beta1, 0.0
+    oldb, beta, dbar, epsln, phibar, tnorm2, gmax = 0.0, beta1, 0.0, 0.0, beta1, 0.0, 0.0
     cs, sn = -1.0, 0.0
     w = torch.zeros_like(bf)
     w2 = torch.zeros_like(bf)
@@ -123,17 +124,20 @@ def minres(
             epsln = sn * beta
             dbar = -cs * beta
             gamma = math.hypot(gbar, beta)
-            if gamma <= eps * math.sqrt(tnorm2):
-                # The projected matrix became singular: b has a component in the null
-                # space of a singular H + δI. The update would divide by ~0 (plain
-                # MINRES, scipy's included, then returns entries of order 1/ε), so stop
-                # at the least-squares iterate reached so far.
+            # ‖A r‖ / (‖A‖ ‖r‖) for the current x (Paige & Saunders' test2): at most tol,
+            # r is orthogonal to the range of A to that tolerance, so x is a least-squares
+            # solution; and a gamma at rounding level relative to the largest one (a
+            # condition estimate of 1/ε) would divide by ~0 in the update below (plain
+            # MINRES then returns entries of order 1/ε). Either way, stop before the
+            # update, at the iterate reached.
+            if it > 1 and (math.hypot(gbar, dbar) <= tol * math.sqrt(tnorm2) or gamma <= 10 * eps * max(gmax, gamma)):
                 residual_norm = float(torch.linalg.vector_norm(bf - A(x)))
                 if residual_norm <= target:
                     status, message = Status.CONVERGED, ""
                 else:
                     status, message = Status.INCONSISTENT, _INCONSISTENT
                 break
+            gmax = max(gmax, gamma)
             cs, sn = gbar / gamma, beta / gamma
             phi = cs * phibar
             phibar = sn * phibar
