@@ -98,8 +98,13 @@ def check_like(
             detail += f" missing leaves {missing}"
         if extra:
             detail += f" unexpected leaves {extra}"
+        if not detail and [p for p, _ in leaves] != [p for p, _ in like_leaves]:
+            detail = (
+                " the same keys in another order (trees are matched leaf by leaf, in order); "
+                f"build {name} in the order of {like_name}, e.g. {{k: {name}[k] for k in {like_name}}}"
+            )
         if not detail:
-            detail = f" container types differ: {spec} vs {like_spec}"
+            detail = f" container types differ: {_kinds(tree)} vs {_kinds(like)}"
         raise ValueError(f"{name} does not have the tree structure of {like_name}:{detail}")
     batch_shape = None
     for (path, leaf), (_, ref) in zip(leaves, like_leaves):
@@ -154,6 +159,18 @@ def _matches(tree: Tree, like: Tree, batch_dims: int) -> bool:
         if shape != ref.shape:
             return False
     return True
+
+
+def _kinds(tree: Tree) -> str:
+    """The container types of a tree, outermost first, without pytree's spec dump."""
+    spec = pytree.tree_structure(tree)
+    kinds, todo = [], [spec]
+    while todo and len(kinds) < 6:
+        node = todo.pop(0)
+        if node.type is not None and not node.is_leaf():
+            kinds.append(node.type.__name__)
+            todo.extend(node.children())
+    return " > ".join(dict.fromkeys(kinds)) or "a single leaf"
 
 
 def _fmt(path: str) -> str:

@@ -188,3 +188,18 @@ def test_a_singular_inner_hessian_is_flagged_with_advice():
         got, res = hf.hypergradient(inner, outer, w, torch.tensor(0.0, dtype=DT))
     assert res.status is hf.Status.INCONSISTENT and "damping" in res.message
     assert torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_inner_optimum_from_inference_mode_gives_the_same_hypergradient(inside):
+    # a hypergradient at an optimum computed under torch.inference_mode() came out -0.571
+    # against -0.422, marked converged (inference tensors were treated as constants)
+    inner, outer, solution = _ridge(0)
+    log_l2 = torch.tensor(0.5, dtype=DT)
+    exact = torch.func.grad(lambda h: outer({"w": solution(h)}, {"log_l2": h}))(log_l2)
+    with torch.inference_mode():
+        wi, lami = {"w": solution(log_l2)}, {"log_l2": log_l2.clone()}
+    context = torch.inference_mode() if inside else torch.no_grad()
+    with context:
+        got, res = hf.hypergradient(inner, outer, wi, lami, tol=1e-12)
+    assert res.converged and torch.allclose(got["log_l2"], exact, rtol=1e-8)

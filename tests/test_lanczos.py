@@ -175,3 +175,13 @@ def test_a_non_symmetric_matvec_is_an_error_not_wrong_eigenvalues():
     slightly = (A + A.T) / 2 + 1e-3 * A  # an operator a user got almost right
     with pytest.raises(ValueError, match="not symmetric"):
         hf.lanczos(lambda v: slightly @ v, torch.ones(20, dtype=DT), k=2)
+
+
+def test_numpy_integers_are_integers():
+    import numpy as np
+
+    matvec, like, H = spectrum_operator([1.0, 2.0, 3.0, 4.0, 5.0])
+    res = hf.lanczos(matvec, random_tree(like, 0), k=np.int64(2), tol=1e-10)
+    assert torch.allclose(res.eigenvalues, torch.tensor([5.0, 4.0], dtype=DT))
+    with pytest.raises(ValueError, match="k must be an integer"):
+        hf.lanczos(matvec, random_tree(like, 0), k=True)

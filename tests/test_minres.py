@@ -106,3 +106,9 @@ def test_singular_inconsistent_softmax_hessian_stops_at_a_least_squares_iterate(
     assert float(r.norm()) == pytest.approx(ls_residual, rel=1e-6)
     assert float((H @ r).norm()) <= 1e-5 * float(lam.abs().max()) * float(r.norm())  # normal equations, to tol
     assert res.residual_norm == pytest.approx(float(r.norm()), rel=1e-8)
+
+
+def test_non_finite_damping_is_refused():
+    matvec, like, _ = spectrum_operator([1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="damping must be finite"):
+        hf.minres(matvec, random_tree(like, 0), damping=float("nan"))

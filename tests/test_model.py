@@ -1,6 +1,6 @@
 import pytest
 import torch
-from references import DT, flat, mlp
+from references import DT, flat, mlp, random_tree
 from torch import nn
 
 import hvpfunc as hf
@@ -231,3 +231,86 @@ def test_compiled_mode_compiles_once_for_all_batches(monkeypatch):
     assert split.mode == "compiled" and len(compiles) == 1
     v = T.random_like(params, generator=torch.Generator().manual_seed(0), kind="gaussian")
     assert torch.allclose(flat(split(v)), flat(full(v)), rtol=1e-10, atol=1e-12)
+
+
+class _GRUClassifier(nn.Module):
+    def __init__(self, dropout=0.0):
+        super().__init__()
+        self.rnn = nn.GRU(3, 5, num_layers=2, batch_first=True, dropout=dropout)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+def _gru_problem(dropout=0.0):
+    torch.manual_seed(0)
+    model = _GRUClassifier(dropout).double()
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 4, 3, generator=gen, dtype=DT), torch.randint(0, 2, (6,), generator=gen)
+    return model, x, y
+
+
+def _dense(model, x, y, params):
+    return dense_hessian(lambda p: nn.functional.cross_entropy(torch.func.functional_call(model, p, (x,)), y), params)
+
+
+def test_recurrent_layers_are_exact_under_auto_and_their_drifting_traced_map_is_refused(monkeypatch):
+    # torch.func.linearize over GRU/LSTM/RNN: the first replay is right, later ones drift
+    from hvpfunc._products import auto
+
+    monkeypatch.setattr(auto, "_TRACE_COST_IN_BUILDS", 0.0)
+    model, x, y = _gru_problem()
+    mv, params = hf.model_hvp_fn(model, nn.functional.cross_entropy, (x, y))
+    H = _dense(model.eval(), x, y, params)
+    v = random_tree(params, 3)
+    for _ in range(4):
+        assert torch.allclose(flat(mv(v)), H @ flat(v), rtol=1e-9, atol=1e-11)
+    assert mv.mode == "reverse-over-reverse" and "linearize rejected" in mv.switches[-1].reason
+    with pytest.raises(RuntimeError, match="not trustworthy|disagrees"):
+        hf.model_hvp_fn(model, nn.functional.cross_entropy, (x, y), mode="linearize")
+
+
+def test_dropout_inside_recurrent_layers_is_found_and_switched_off():
+    model, x, y = _gru_problem(dropout=0.5)
+    model.train()
+    with pytest.raises(ValueError, match="active dropout at 'rnn' \\(p=0.5\\)"):
+        hf.model_hvp_fn(model, nn.functional.cross_entropy, (x, y))
+    mv, params = hf.model_hvp_fn(model, nn.functional.cross_entropy, (x, y), dropout="off")
+    assert model.rnn.dropout == 0.5  # restored
+    reference, _, _ = _gru_problem(dropout=0.0)
+    H = _dense(reference.train(), x, y, params)
+    v = random_tree(params, 4)
+    assert torch.allclose(flat(mv(v)), H @ flat(v), rtol=1e-9, atol=1e-11)
+
+
+def test_functional_dropout_in_forward_is_named_as_what_dropout_off_cannot_reach():
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 1)
+
+        def forward(self, x):
+            return self.lin(nn.functional.dropout(x, 0.5, training=self.training))
+
+    model = Noisy().double().train()
+    x, y = torch.randn(50, 3, dtype=DT), torch.randn(50, 1, dtype=DT)
+    with pytest.raises(ValueError, match="cannot switch off.*functional.dropout.*model.eval"):
+        hf.model_hvp_fn(model, nn.functional.mse_loss, (x, y), dropout="off")
+
+
+def test_messages_name_the_real_cause():
+    model = nn.Linear(2, 1).double()
+    x, y = torch.randn(4, 2, dtype=DT), torch.randn(4, 1, dtype=DT)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="every parameter of the model has requires_grad=False"):
+        hf.model_hvp_fn(model, nn.functional.mse_loss, (x, y))
+    for p in model.parameters():
+        p.requires_grad_(True)
+    # one example with a 0-dim target: one batch needs no batch dimension
+    mv, params = hf.model_hvp_fn(model, lambda out, t: (out.sum() - t) ** 2, (x[0], y[0, 0]))
+    assert torch.allclose(mv({"weight": torch.ones(1, 2, dtype=DT), "bias": torch.zeros(1, dtype=DT)})["bias"],
+                          2 * x[0].sum().reshape(1))
+    with pytest.raises(ValueError, match="same keys in another order"):
+        mv({"bias": torch.zeros(1, dtype=DT), "weight": torch.ones(1, 2, dtype=DT)})

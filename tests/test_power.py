@@ -93,3 +93,9 @@ def test_tied_magnitudes_stall_lm_but_not_the_algebraic_ends():
     sa = hf.power_iteration(matvec, random_tree(like, 0), which="SA", tol=1e-8, max_iters=2000)
     assert bool(la.converged[0]) and float(la.eigenvalues[0]) == pytest.approx(2.0, rel=1e-7)
     assert bool(sa.converged[0]) and float(sa.eigenvalues[0]) == pytest.approx(-2.0, rel=1e-7)
+
+
+def test_max_iters_none_is_the_default():
+    matvec, like, _ = spectrum_operator([1.0, 3.0, -0.5])
+    res = hf.power_iteration(matvec, random_tree(like, 0), max_iters=None, tol=1e-10)
+    assert res.converged and float(res.eigenvalues[0]) == pytest.approx(3.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
 
@@ -100,7 +101,9 @@ def lanczos(
         raise ValueError(f"tol must be positive, got {tol}")
     op = Operator(matvec, v0, name="v0")
     n = op.n
-    if not isinstance(k, int) or not 1 <= k <= n:
+    if isinstance(k, numbers.Integral) and not isinstance(k, bool):
+        k = int(k)  # numpy integers too
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= n:
         raise ValueError(f"k must be an integer between 1 and the dimension {n}, got {k}")
     m = min(max_basis if max_basis is not None else max(2 * k + 1, 20), n)
     if m < n and m < k + 2:

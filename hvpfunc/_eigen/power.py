@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -34,7 +34,7 @@ def power_iteration(
     *,
     which: Which = "LM",
     tol: float = 1e-6,
-    max_iters: int = 1000,
+    max_iters: Optional[int] = 1000,
     progress: ProgressArg = False,
 ) -> EigResult:
     """One extreme eigenpair of a symmetric operator by power iteration.
@@ -58,8 +58,8 @@ def power_iteration(
         which: ``"LM"`` largest magnitude (with its sign), ``"LA"`` largest algebraic,
             ``"SA"`` smallest algebraic.
         tol: relative tolerance (see above).
-        max_iters: most products per run (``"LA"``/``"SA"`` may need two runs: one for
-            the shift, one shifted).
+        max_iters: most products per run (``None``: the default, 1000); ``"LA"`` and
+            ``"SA"`` may need two runs, one for the shift and one shifted.
         progress: ``True`` for a tqdm bar (or a text line without tqdm), or a callable
             ``progress(step, eigenvalue, residual)``.
 
@@ -88,6 +88,8 @@ def power_iteration(
         raise ValueError(f"which must be 'LM', 'LA' or 'SA', got {which!r}")
     if not tol > 0:
         raise ValueError(f"tol must be positive, got {tol}")
+    if max_iters is None:
+        max_iters = 1000
     if max_iters < 1:
         raise ValueError(f"max_iters must be at least 1, got {max_iters}")
     op = Operator(matvec, v0, name="v0")

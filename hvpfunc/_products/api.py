@@ -105,7 +105,7 @@ class Matvec:
 
     def __call__(self, v: Tree) -> Tree:
         check_like(v, self.params, name="v")
-        with _outside_inference_mode():
+        with outside_inference_mode():
             if _has_inference(v):
                 v = pytree.tree_map(_usable, v)
             if not self._product.evaluates_f:
@@ -133,7 +133,7 @@ class Fixed:
         return self._fn(v)
 
 
-def _outside_inference_mode():
+def outside_inference_mode():
     """Autograd does not run in inference mode; products compute outside it."""
     return torch.inference_mode(False) if torch.is_inference_mode_enabled() else contextlib.nullcontext()
 
@@ -155,7 +155,7 @@ def _usable(x: Any) -> Any:
 
 def usable(tree: Tree) -> Tree:
     """:func:`_usable` on every leaf; call it outside inference mode."""
-    with _outside_inference_mode():
+    with outside_inference_mode():
         return pytree.tree_map(_usable, tree)
 
 
@@ -250,7 +250,7 @@ def build(f, params, args, kwargs, *, mode: str, cache: Optional[dict] = None,
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     check_tree(params, name="params")
-    with _outside_inference_mode():
+    with outside_inference_mode():
         params, args, kwargs = usable(params), usable(args), usable(kwargs)
         f = scalar_fn(f)
         inspection = inspect(f, params, args, kwargs)

@@ -57,7 +57,8 @@ def model_hvp_fn(
             ``torch.compile``, compiled once for all the batches (a batch of another
             shape, such as a smaller last one, compiles once more).
         dropout: what to do when the model is in training mode with active dropout
-            (``nn.Dropout*`` or ``nn.MultiheadAttention`` with p > 0), which would make
+            (``nn.Dropout*``, or ``nn.MultiheadAttention``, ``nn.RNN``/``LSTM``/``GRU``
+            with ``dropout`` > 0), which would make
             every product random: ``"error"`` (default) raises, ``"off"`` evaluates the
             loss with those modules switched off, the rest of the model unchanged.
         select: ``select(name) -> bool`` picks the parameters to differentiate (e.g.
@@ -100,12 +101,16 @@ def model_hvp_fn(
     named = dict(model.named_parameters())
     chosen = {k for k, p in named.items() if p.requires_grad and (select is None or select(k))}
     if not chosen:
+        if select is None:
+            raise ValueError(
+                "no parameter to differentiate: every parameter of the model has "
+                "requires_grad=False (set it on the ones whose Hessian you want)"
+            )
         raise ValueError("no parameter to differentiate: select chose none of " + ", ".join(named))
     params = usable({k: p for k, p in named.items() if k in chosen})
     frozen = usable({k: p for k, p in named.items() if k not in chosen})
     buffers = usable(_read_only_buffers(model))
     versions = {k: b._version for k, b in model.named_buffers()}
-    total = sum(int(y.shape[0]) for _, y in batches)
 
     # One loss with the batch as arguments: matvecs of the batches can then share one
     # compiled product (mode="compiled") instead of compiling a closure per batch.
@@ -122,13 +127,16 @@ def model_hvp_fn(
                getattr(loss_fn, "__code__", None) or type(loss_fn), repr(getattr(loss_fn, "reduction", None)),
                tuple((tuple(t.shape), t.dtype) for t in torch.utils._pytree.tree_leaves(batches[0])
                      if isinstance(t, Tensor)))
-        matvec = build(loss, params, batches[0], {}, mode=mode, cache=cache, key=key)
+        with _explained_randomness(dropouts):
+            matvec = build(loss, params, batches[0], {}, mode=mode, cache=cache, key=key)
     else:
-        per_batch = memory_light_mode(loss, params, *batches[0]) if mode == "auto" else mode
-        parts = [
-            (int(y.shape[0]) / total, build(loss, params, (x, y), {}, mode=per_batch, cache=cache))
-            for x, y in batches
-        ]
+        total = sum(int(y.shape[0]) for _, y in batches)
+        with _explained_randomness(dropouts):
+            per_batch = memory_light_mode(loss, params, *batches[0]) if mode == "auto" else mode
+            parts = [
+                (int(y.shape[0]) / total, build(loss, params, (x, y), {}, mode=per_batch, cache=cache))
+                for x, y in batches
+            ]
 
         def summed(v: Dict[str, Tensor]) -> Dict[str, Tensor]:
             acc = None
@@ -144,6 +152,24 @@ def model_hvp_fn(
                 f"the forward pass wrote to buffer '{name}'; hvpfunc keeps buffers read-only"
             )
     return matvec, params
+
+
+@contextlib.contextmanager
+def _explained_randomness(dropouts: List[Tuple[str, nn.Module, float]]) -> Iterator[None]:
+    """Say where randomness the dropout switch cannot reach may come from."""
+    try:
+        yield
+    except ValueError as err:
+        if "not deterministic" not in str(err):
+            raise
+        switched = ", ".join(f"'{name}'" for name, _, _ in dropouts)
+        raise ValueError(
+            "the loss is not deterministic"
+            + (f" even with dropout switched off at {switched}" if switched else "")
+            + ": the randomness comes from code hvpfunc cannot switch off, such as "
+            "torch.nn.functional.dropout(..., training=True) or sampling in forward(). Call "
+            f"model.eval() or make forward() deterministic. ({err})"
+        ) from None
 
 
 def _batches(data: Any) -> List[Batch]:
@@ -201,17 +227,18 @@ def _active_dropout(model: nn.Module) -> List[Tuple[str, nn.Module, float]]:
             continue
         if isinstance(module, _DropoutNd) and module.p > 0:
             found.append((name, module, module.p))
-        elif isinstance(module, nn.MultiheadAttention) and module.dropout > 0:
+        elif isinstance(module, (nn.MultiheadAttention, nn.RNNBase)) and module.dropout > 0:
             found.append((name, module, module.dropout))
     return found
 
 
 @contextlib.contextmanager
 def _dropout_off(dropouts: List[Tuple[str, nn.Module, float]]) -> Iterator[None]:
-    """Switch the given dropout modules off for the duration of one loss evaluation."""
+    """Switch the given dropout modules off for the duration of one loss evaluation
+    (recurrent layers and attention by their ``dropout`` attribute)."""
     saved = []
     for _, module, _ in dropouts:
-        if isinstance(module, nn.MultiheadAttention):
+        if isinstance(module, (nn.MultiheadAttention, nn.RNNBase)):
             saved.append((module, "dropout", module.dropout))
             module.dropout = 0.0
         else:

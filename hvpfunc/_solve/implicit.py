@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from .._outcome import finish
-from .._products.api import hvp_fn
+from .._products.api import hvp_fn, outside_inference_mode, usable
 from .._types import Mode, Solver, Tree
 from ..results import ConvergenceWarning, SolveResult, Status
 from ..tree import check_tree, leaves_with_paths, sub
@@ -96,6 +96,13 @@ def hypergradient(
         raise ValueError(f"solver must be one of {tuple(_SOLVERS)}, got {solver!r}")
     check_tree(params, name="params")
     check_tree(hparams, name="hparams")
+    with outside_inference_mode():  # autograd refuses inference tensors; clone them out
+        params, hparams = usable(params), usable(hparams)
+        grad, result = _hypergradient(inner_loss, outer_loss, params, hparams, solver, mode, solver_options)
+    return grad, finish(result, f"hypergradient(solver={solver!r})")
+
+
+def _hypergradient(inner_loss, outer_loss, params, hparams, solver, mode, solver_options):
     grad_out_w, grad_out_h = torch.func.grad(outer_loss, argnums=(0, 1))(params, hparams)
     _check_finite(grad_out_w, "d outer_loss / d params")
     _check_finite(grad_out_h, "d outer_loss / d hparams")
@@ -127,7 +134,7 @@ def hypergradient(
     grad_in_w = torch.func.grad(inner_loss, argnums=0)
     _, vjp_fn = torch.func.vjp(lambda h: grad_in_w(params, h), hparams)
     (mixed,) = vjp_fn(result.x)
-    return sub(grad_out_h, mixed), finish(result, f"hypergradient(solver={solver!r})")
+    return sub(grad_out_h, mixed), result
 
 
 def _unused_by(inner_loss: Callable[[Tree, Tree], Tensor], params: Tree, hparams: Tree) -> list:

@@ -77,6 +77,8 @@ def minres(
     """
     if not tol > 0:
         raise ValueError(f"tol must be positive, got {tol}")
+    if not math.isfinite(damping):
+        raise ValueError(f"damping must be finite, got {damping}")
     system = LinearSystem(matvec, b, damping=damping, max_iters=max_iters, preconditioner=preconditioner)
     op, bf, b_norm, limit, A, M = system.op, system.b, system.b_norm, system.limit, system.A, system.M
     if b_norm == 0.0:
@@ -130,7 +132,7 @@ def minres(
             # condition estimate of 1/ε) would divide by ~0 in the update below (plain
             # MINRES then returns entries of order 1/ε). Either way, stop before the
             # update, at the iterate reached.
-            if it > 1 and (math.hypot(gbar, dbar) <= tol * math.sqrt(tnorm2) or gamma <= 10 * eps * max(gmax, gamma)):
+            if math.hypot(gbar, dbar) <= tol * math.sqrt(tnorm2) or gamma <= 10 * eps * max(gmax, gamma):
                 residual_norm = float(torch.linalg.vector_norm(bf - A(x)))
                 if residual_norm <= target:
                     status, message = Status.CONVERGED, ""

@@ -1,0 +1,92 @@
+"""The one rule, fuzzed over small random problems (singular, indefinite, nan-producing,
+made in inference mode): every number a solver returns is right against a dense
+reference, or the result says it is not (status, converged, one ConvergenceWarning)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from references import DT
+
+import hvpfunc as hf
+
+
+@st.composite
+def problems(draw):
+    n = draw(st.integers(3, 8))
+    eigenvalues = draw(st.lists(st.sampled_from([0.0, 0.0, -2.0, -0.5, 0.1, 0.7, 1.0, 2.5, 4.0]), min_size=n, max_size=n))
+    seed = draw(st.integers(0, 2**16))
+    nan_after = draw(st.sampled_from([None, None, None, 1, 3]))
+    inference = draw(st.booleans())
+    gen = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=DT))
+    H = (Q * torch.tensor(eigenvalues, dtype=DT)) @ Q.T
+    H = (H + H.T) / 2
+    b = torch.randn(n, generator=gen, dtype=DT)
+    if inference:
+        with torch.inference_mode():
+            H, b = H.clone(), b.clone()
+    return H, b, nan_after
+
+
+def _matvec(H, nan_after):
+    calls = {"n": 0}
+
+    def matvec(v):
+        calls["n"] += 1
+        out = H @ v
+        return out * math.nan if nan_after is not None and calls["n"] > nan_after else out
+
+    return matvec
+
+
+def _run(fn):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = fn()
+    flagged = [w for w in caught if issubclass(w.category, hf.ConvergenceWarning)]
+    return result, flagged
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems())
+def test_linear_solvers_are_right_or_flagged(problem):
+    H, b, nan_after = problem
+    for solver in (hf.cg, hf.minres):
+        res, flagged = _run(lambda: solver(_matvec(H, nan_after), b, tol=1e-8))
+        assert isinstance(res.status, hf.Status) and torch.isfinite(res.x).all()
+        assert res.converged == (res.status is hf.Status.CONVERGED) == (not flagged)
+        if res.converged:
+            assert float((b - H @ res.x).norm()) <= 1.01e-8 * float(b.norm()) + 1e-300
+        else:
+            assert len(flagged) == 1 and res.message
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems(), st.sampled_from(["LA", "SA", "LM"]))
+def test_eigensolvers_are_right_or_flagged(problem, which):
+    H, b, nan_after = problem
+    exact = torch.linalg.eigvalsh(H)
+    want = {"LA": exact[-1], "SA": exact[0], "LM": exact[exact.abs().argmax()]}[which]
+    runs = [
+        lambda: hf.lanczos(_matvec(H, nan_after), b, k=1, which=which, tol=1e-8),
+        lambda: hf.power_iteration(_matvec(H, nan_after), b, which=which, tol=1e-8, max_iters=3000),
+    ]
+    for run in runs:
+        res, flagged = _run(run)
+        assert isinstance(res.status, hf.Status)
+        assert (res.status is hf.Status.CONVERGED) == (not flagged) and len(flagged) <= 1
+        if res.status is hf.Status.CONVERGED:
+            assert bool(res.converged.all())
+        else:
+            assert res.message
+        if bool(res.converged[0]):  # a pair marked converged is the wanted one, whatever the run's status
+            got = float(res.eigenvalues[0])
+            if which == "LM":  # ±λ ties: either sign is a largest-magnitude eigenvalue
+                assert abs(abs(got) - abs(float(want))) <= 1e-6 * max(1.0, abs(float(want)))
+            else:
+                assert abs(got - float(want)) <= 1e-6 * max(1.0, abs(float(want)))
