@@ -65,11 +65,16 @@ def test_uneven_batches_give_the_full_batch_hessian():
     v = T.random_like(params, generator=torch.Generator().manual_seed(0), kind="gaussian")
     want = flat(full(v))
     for mode in ["auto", "reverse-over-reverse"]:
-        split, _ = hf.model_hvp_fn(model, nn.functional.mse_loss, batches, mode=mode)
+        split, _ = hf.model_hvp_fn(model, nn.MSELoss(), batches, mode=mode)
         assert torch.allclose(flat(split(v)), want, rtol=1e-10, atol=1e-12), mode
-    # an iterator (read once) and a list of lists, as a DataLoader yields them
-    split, _ = hf.model_hvp_fn(model, nn.functional.mse_loss, iter([[a, b] for a, b in batches]))
+    # streamed: a DataLoader over the same data, read once per product
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=10)
+    split, _ = hf.model_hvp_fn(model, nn.MSELoss(), loader)
     assert torch.allclose(flat(split(v)), want, rtol=1e-10, atol=1e-12)
+    # an iterator can be read only once: the first product says so
+    once, _ = hf.model_hvp_fn(model, nn.MSELoss(), iter([[a, b] for a, b in batches]))
+    with pytest.raises(RuntimeError, match="read only once"):
+        once(v)
     # mse_loss lacks a working forward-mode derivative, so the memory-light choice is:
     assert split.mode == "reverse-over-reverse-recomputed"
     batched = torch.func.vmap(split)(T.stack([v, v]))
@@ -80,7 +85,7 @@ def test_batchnorm_train_mode_with_batches_matches_per_batch_average():
     model = _bn_model().train()
     x, y = _data(12)
     batches = [(x[:8], y[:8]), (x[8:], y[8:])]
-    matvec, params = hf.model_hvp_fn(model, nn.functional.mse_loss, batches)
+    matvec, params = hf.model_hvp_fn(model, nn.functional.mse_loss, batches, reduction="mean")
     parts = [hf.model_hvp_fn(model, nn.functional.mse_loss, b)[0] for b in batches]
     H = dense_matrix(matvec, params)
     want = (8 * dense_matrix(parts[0], params) + 4 * dense_matrix(parts[1], params)) / 12
@@ -180,7 +185,7 @@ def test_forward_mode_modes_with_batchnorm_train_and_cross_entropy(mode):
 
 def test_several_batches_use_forward_over_reverse_when_the_loss_allows():
     model, x, y = _cross_entropy_model_data()
-    matvec, params = hf.model_hvp_fn(model.eval(), nn.functional.cross_entropy, [(x[:5], y[:5]), (x[5:], y[5:])])
+    matvec, params = hf.model_hvp_fn(model.eval(), nn.CrossEntropyLoss(), [(x[:5], y[:5]), (x[5:], y[5:])])
     assert matvec.mode == "forward-over-reverse"
     full, _ = hf.model_hvp_fn(model, nn.functional.cross_entropy, (x, y))
     assert torch.allclose(dense_matrix(matvec, params), dense_matrix(full, params), rtol=1e-9, atol=1e-11)
@@ -227,7 +232,7 @@ def test_compiled_mode_compiles_once_for_all_batches(monkeypatch):
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn: compiles.append(fn) or real_compile(fn))
     batches = [(x[:10], y[:10]), (x[10:20], y[10:20]), (x[20:], y[20:])]
-    split, _ = hf.model_hvp_fn(model, nn.functional.mse_loss, batches, mode="compiled")
+    split, _ = hf.model_hvp_fn(model, nn.functional.mse_loss, batches, mode="compiled", reduction="mean")
     assert split.mode == "compiled" and len(compiles) == 1
     v = T.random_like(params, generator=torch.Generator().manual_seed(0), kind="gaussian")
     assert torch.allclose(flat(split(v)), flat(full(v)), rtol=1e-10, atol=1e-12)
@@ -314,3 +319,239 @@ def test_messages_name_the_real_cause():
                           2 * x[0].sum().reshape(1))
     with pytest.raises(ValueError, match="same keys in another order"):
         mv({"bias": torch.zeros(1, dtype=DT), "weight": torch.ones(1, 2, dtype=DT)})
+
+
+# ---- the loss the user wrote, over data of any size (reductions, inputs, streaming) ----
+
+
+def _concatenated_hessian(model, loss_fn, batches, params):
+    """The reference: torch.autograd.functional.hessian of loss_fn over all the data at once."""
+    xs = torch.cat([x for x, _ in batches])
+    ys = torch.cat([y for _, y in batches])
+    return dense_hessian(lambda p: loss_fn(torch.func.functional_call(model, p, (xs,)), ys), params)
+
+
+def test_sum_reduction_over_batches_adds_the_batch_hessians():
+    # the issue's example: it gave ¼H₁ + ¾H₂ instead of H₁ + H₂
+    torch.manual_seed(0)
+    model = nn.Linear(2, 1, bias=False).double()
+    x1, x2 = torch.randn(1, 2, dtype=DT), torch.randn(3, 2, dtype=DT)
+    y1, y2 = torch.randn(1, 1, dtype=DT), torch.randn(3, 1, dtype=DT)
+    mv, p = hf.model_hvp_fn(model, nn.MSELoss(reduction="sum"), [(x1, y1), (x2, y2)])
+    X = torch.cat([x1, x2])
+    assert torch.allclose(mv({"weight": torch.eye(2, dtype=DT)[:1]})["weight"][0], (2 * X.T @ X)[0])
+
+
+class _SeqModel(nn.Module):
+    """Token-level classifier: (N, T, 3) -> (N, 4, T) logits, as CrossEntropyLoss takes them."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 4)
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x)).transpose(1, 2)
+
+
+def _case(name, gen):
+    """(model, loss class kwargs, batches): unequal batches for each loss."""
+    if name in ("cross_entropy", "nll", "weighted_ce"):
+        model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4))
+        sizes = [2, 5, 3]
+        batches = [(torch.randn(n, 3, generator=gen), torch.randint(0, 4, (n,), generator=gen)) for n in sizes]
+    elif name == "tokens":  # sequences: the mean is over tokens, and ignored targets do not count
+        model = _SeqModel()
+        shapes = [(2, 3), (3, 1)]
+        batches = []
+        for n, t in shapes:
+            y = torch.randint(0, 4, (n, t), generator=gen)
+            y[0, 0] = -100  # CrossEntropyLoss's ignore_index
+            batches.append((torch.randn(n, t, 3, generator=gen), y))
+    else:  # mse, bce_logits: elementwise losses with 2 outputs
+        model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
+        sizes = [1, 4, 2]
+        batches = [(torch.randn(n, 3, generator=gen), torch.rand(n, 2, generator=gen)) for n in sizes]
+    model = model.double()
+    batches = [(x.double(), y.double() if y.is_floating_point() else y) for x, y in batches]
+    return model, batches
+
+
+_LOSSES = {
+    "mse": lambda r: nn.MSELoss(reduction=r),
+    "bce_logits": lambda r: nn.BCEWithLogitsLoss(reduction=r),
+    "cross_entropy": lambda r: nn.CrossEntropyLoss(reduction=r),
+    "weighted_ce": lambda r: nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=DT), reduction=r),
+    "nll": lambda r: _LogSoftmaxNLL(reduction=r),
+    "tokens": lambda r: nn.CrossEntropyLoss(reduction=r),
+}
+
+
+class _LogSoftmaxNLL(nn.NLLLoss):
+    def forward(self, input, target):
+        return super().forward(torch.log_softmax(input, dim=1), target)
+
+
+@pytest.mark.parametrize("name", list(_LOSSES))
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_losses_and_reductions_over_unequal_batches_match_the_concatenated_data(name, reduction):
+    gen = torch.Generator().manual_seed(3)
+    model, batches = _case(name, gen)
+    loss_fn = _LOSSES[name](reduction)
+    mv, params = hf.model_hvp_fn(model, loss_fn, batches)
+    if name == "tokens":  # sequences of different lengths: compare with the flattened tokens
+        tokens = [(x.reshape(-1, 1, 3), y.reshape(-1, 1)) for x, y in batches]
+        want = _concatenated_hessian(model, loss_fn, tokens, params)
+    else:
+        want = _concatenated_hessian(model, loss_fn, batches, params)
+    assert torch.allclose(dense_matrix(mv, params), want, rtol=1e-9, atol=1e-11)
+
+
+def test_plain_callables_over_several_batches_must_say_how_they_reduce():
+    model = mlp([3, 4, 1])
+    x, y = _data(9)
+    batches = [(x[:2], y[:2]), (x[2:], y[2:])]
+    with pytest.raises(ValueError, match="cannot know.*reduction='mean'.*reduction='sum'"):
+        hf.model_hvp_fn(model, lambda out, t: ((out - t) ** 2).mean(), batches)
+    with pytest.raises(ValueError, match="contradicts loss_fn.reduction='sum'"):
+        hf.model_hvp_fn(model, nn.MSELoss(reduction="sum"), batches, reduction="mean")
+    _, params = hf.model_hvp_fn(model, nn.MSELoss(), (x, y))
+    mean, _ = hf.model_hvp_fn(model, lambda out, t: ((out - t) ** 2).mean(), batches, reduction="mean")
+    total, _ = hf.model_hvp_fn(model, lambda out, t: ((out - t) ** 2).sum(), batches, reduction="sum")
+    assert torch.allclose(dense_matrix(mean, params), _concatenated_hessian(model, nn.MSELoss(), batches, params))
+    assert torch.allclose(dense_matrix(total, params),
+                          _concatenated_hessian(model, nn.MSELoss(reduction="sum"), batches, params))
+    # inputs whose batch size is not len(targets): say it with batch_size=
+    paired = [((x[:2], x[:2]), y[:2]), ((x[2:], x[2:]), y[2:])]
+
+    class Sum(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, a, b):
+            return self.inner(a) + self.inner(b)
+
+    weights = []
+    hf.model_hvp_fn(Sum(), lambda o, t: ((o - t) ** 2).mean(), paired, reduction="mean",
+                    batch_size=lambda batch: weights.append(len(batch[0][0])) or len(batch[0][0]))
+    assert weights == [2, 7]
+
+
+def test_every_mapping_is_passed_as_keywords_or_whole_as_chosen():
+    from collections import UserDict
+
+    class Keywords(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 1).double()
+
+        def forward(self, u=None, w=None, batch=None):
+            if batch is not None:
+                u, w = batch["u"], batch["w"]
+            return torch.tanh(self.lin(u)) * w
+
+    model = Keywords()
+    u, w, y = torch.randn(5, 2, dtype=DT), torch.randn(5, 1, dtype=DT), torch.randn(5, 1, dtype=DT)
+    ref, params = hf.model_hvp_fn(model, nn.MSELoss(), ({"u": u, "w": w}, y))
+    H = dense_matrix(ref, params)
+    user, _ = hf.model_hvp_fn(model, nn.MSELoss(), (UserDict(u=u, w=w), y))  # a Mapping that is not a dict
+    assert torch.allclose(dense_matrix(user, params), H)
+
+    class Whole(Keywords):
+        def forward(self, batch):
+            return super().forward(batch=batch)
+
+    whole = Whole()
+    whole.load_state_dict(model.state_dict())
+    one, _ = hf.model_hvp_fn(whole, nn.MSELoss(), (UserDict(u=u, w=w), y), unpack_inputs=False)
+    assert torch.allclose(dense_matrix(one, params), H)
+
+
+class _Counted(torch.utils.data.IterableDataset):
+    """Yields fresh batches on every pass and counts how many are alive at once."""
+
+    def __init__(self, x, y, size, shuffle=False):
+        self.x, self.y, self.size, self.shuffle = x, y, size, shuffle
+        self.alive = 0
+        self.most_alive = 0
+        self.passes = 0
+
+    def _born(self):
+        self.alive += 1
+        self.most_alive = max(self.most_alive, self.alive)
+
+    def _died(self):
+        self.alive -= 1
+
+    def __iter__(self):
+        import weakref
+
+        self.passes += 1
+        order = torch.randperm(len(self.x)) if self.shuffle else torch.arange(len(self.x))
+        for start in range(0, len(self.x), self.size):
+            idx = order[start : start + self.size]
+            x = self.x[idx].clone()
+            self._born()
+            weakref.finalize(x, self._died)
+            yield x, self.y[idx]
+            del x
+
+
+def test_streamed_data_holds_one_batch_at_a_time_and_is_checked_on_every_pass():
+    import gc
+
+    model = mlp([3, 6, 1])
+    x, y = _data(40)
+    full, params = hf.model_hvp_fn(model, nn.MSELoss(), (x, y))
+    v = T.random_like(params, generator=torch.Generator().manual_seed(1), kind="gaussian")
+    data = _Counted(x, y, 8)
+    mv, _ = hf.model_hvp_fn(model, nn.MSELoss(), data)
+    gc.collect()
+    for _ in range(2):
+        assert torch.allclose(flat(mv(v)), flat(full(v)), rtol=1e-10, atol=1e-12)
+    assert data.passes == 3 and data.most_alive <= 2  # 5 batches, never more than 2 alive
+    batched = torch.func.vmap(mv)(T.stack([v, v]))
+    assert torch.allclose(flat(T.index(batched, 0)), flat(full(v)), rtol=1e-10, atol=1e-12)
+
+    shuffled = _Counted(x, y, 8, shuffle=True)
+    mv, _ = hf.model_hvp_fn(model, nn.MSELoss(), shuffled)
+    with pytest.raises(RuntimeError, match="differs from the one read first.*shuffle"):
+        mv(v)
+    unchecked, _ = hf.model_hvp_fn(model, nn.MSELoss(), shuffled, check_data=False)
+    assert torch.allclose(flat(unchecked(v)), flat(full(v)), rtol=1e-10, atol=1e-12)  # a mean over the same set
+    with pytest.raises(ValueError, match="streamed data"):
+        hf.model_hvp_fn(model, nn.MSELoss(), data, mode="reverse-over-reverse")
+
+
+def test_at_given_parameters_tied_weights_frozen_parameters_and_buffers():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Linear(3, 3, bias=False)
+            self.dec = nn.Linear(3, 3, bias=False)
+            self.dec.weight = self.enc.weight  # one Parameter used twice
+            self.frozen = nn.Linear(3, 3)
+            self.frozen.requires_grad_(False)
+            self.register_buffer("scale", torch.tensor(0.7))
+
+        def forward(self, x):
+            return self.frozen(self.dec(torch.tanh(self.enc(x)))) * self.scale
+
+    torch.manual_seed(0)
+    model = Tied().double()
+    x, y = torch.randn(7, 3, dtype=DT), torch.randn(7, 3, dtype=DT)
+    point = {"enc.weight": torch.randn(3, 3, dtype=DT)}
+    before = {k: t.clone() for k, t in model.state_dict().items()}
+    mv, params = hf.model_hvp_fn(model, nn.MSELoss(), (x, y), at=point)
+    assert list(params) == ["enc.weight"]  # tied: one entry; frozen: a constant
+
+    def f(p):
+        w = p["enc.weight"]
+        hidden = torch.tanh(x @ w.T) @ w.T  # both uses of the tied weight
+        out = (hidden @ model.frozen.weight.T + model.frozen.bias) * model.scale
+        return ((out - y) ** 2).mean()
+
+    assert torch.allclose(dense_matrix(mv, params), dense_hessian(f, point), rtol=1e-10, atol=1e-12)
+    assert all(torch.equal(model.state_dict()[k], t) for k, t in before.items())  # the module is untouched
+    with pytest.raises(ValueError, match=r"at names no parameter of the model: \['nope'\]"):
+        hf.model_hvp_fn(model, nn.MSELoss(), (x, y), at={"nope": torch.zeros(1)})

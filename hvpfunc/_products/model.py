@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+import copy
+import math
+from collections.abc import Mapping
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Literal, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 
-from .._types import Mode
+from .._types import Mode, Tree
 from ..tree import axpy, scale
 from .api import Fixed, Matvec, build, usable
-from .modes import memory_light_mode
+from .checks import inspect
+from .modes import BUILDERS, differentiable_attention, memory_light_mode, scalar_fn
 
 Batch = Tuple[Any, Tensor]
 
@@ -24,47 +28,77 @@ def model_hvp_fn(
     data: Batch | Iterable[Batch],
     *,
     mode: Mode = "auto",
+    reduction: Optional[Literal["mean", "sum"]] = None,
     dropout: str = "error",
     select: Optional[Callable[[str], bool]] = None,
+    unpack_inputs: bool = True,
+    batch_size: Optional[Callable[[Batch], int]] = None,
+    check_data: bool = True,
+    at: Optional[Mapping] = None,
 ) -> Tuple[Matvec, Dict[str, Tensor]]:
     """The Hessian of a model's loss over data, as a matvec on its parameter dict.
 
-    .. math:: H = \\nabla^2_\\theta \\frac{1}{N} \\sum_b n_b\\, L_b(\\theta),
-              \\qquad L_b = \\text{loss\\_fn}(\\text{model}_\\theta(x_b), y_b)
+    With one batch, H is the Hessian of ``loss_fn(model(x), y)``. With several, it is the
+    Hessian of the loss the user wrote, over the whole data set:
 
-    where batch b holds n_b examples (the length of ``y_b``'s first dimension) and
-    N = Σ n_b: with a mean-reduced ``loss_fn`` this is exactly the full-data Hessian,
-    whatever the batch sizes. The model is called through
-    ``torch.func.functional_call``; the module itself is not modified.
+    .. math:: H = \nabla^2_\theta \\sum_b w_b\\, L_b(\theta), \\qquad
+              w_b = 1 \\;(\text{"sum"}), \\qquad
+              w_b = m_b / \textstyle\\sum_c m_c \\;(\text{"mean"})
+
+    where L_b = loss_fn(model(x_b), y_b) and m_b is what batch b's loss averages over:
+    for a ``torch.nn`` loss, the ratio of its ``reduction="sum"`` and ``"mean"`` values
+    at the point (elements for ``MSELoss``, non-ignored targets for ``CrossEntropyLoss``,
+    the total class weight with ``weight=``, tokens for sequence losses), so "mean" is
+    the mean over everything the loss averages, whatever the batch sizes; for a plain
+    callable, ``batch_size(batch)`` (default: the length of the targets). The model is
+    called through ``torch.func.functional_call``; the module is not modified.
 
     Buffers are read and never written. BatchNorm (and any ``_NormBase`` layer) in
     training mode normalizes with the batch's statistics, as in training, while its
     running statistics stay untouched; in eval mode it uses the running statistics.
-    Parameters with ``requires_grad=False`` are constants.
+    Parameters with ``requires_grad=False`` are constants; a parameter shared by two
+    modules (tied weights) is one entry, differentiated through both uses.
 
     Args:
         model: the network.
-        loss_fn: ``loss_fn(model(inputs), targets)`` returning a 0-dim tensor, usually a
-            mean over the batch.
-        data: one batch ``(inputs, targets)`` or an iterable of such batches (a list, a
-            ``DataLoader``: it is read once, here). ``inputs`` is a tensor (``model(x)``),
-            a tuple (``model(*x)``) or a dict (``model(**x)``); ``targets`` is a tensor.
-        mode: as in :func:`hvpfunc.hvp_fn`. With one batch, ``"auto"`` times the modes;
-            with several it uses a mode that stores nothing, so memory stays at one
-            batch's (the stored modes would keep one graph per batch alive):
-            ``"forward-over-reverse"``, or ``"reverse-over-reverse-recomputed"`` where the
-            loss lacks forward-mode derivatives. ``"compiled"`` is that product through
-            ``torch.compile``, compiled once for all the batches (a batch of another
-            shape, such as a smaller last one, compiles once more).
+        loss_fn: ``loss_fn(model(inputs), targets)`` returning a 0-dim tensor.
+        data: one batch ``(inputs, targets)``; a list or tuple of batches, held in
+            memory; or any other iterable of batches (a ``DataLoader``), streamed: read
+            once here and once per product, so memory holds one batch at a time.
+        mode: as in :func:`hvpfunc.hvp_fn`. With one batch, ``"auto"`` starts with the
+            reused graph. With several it uses a mode that stores nothing, so memory
+            stays at one batch's: ``"forward-over-reverse"``, or
+            ``"reverse-over-reverse-recomputed"`` where the loss lacks forward-mode
+            derivatives. ``"compiled"`` (batches in memory) is that product through
+            ``torch.compile``, compiled once for all the batches. Streamed data takes
+            ``"auto"`` or those two modes.
+        reduction: ``"mean"`` or ``"sum"``: how the batches' losses combine. ``None``
+            (default) reads ``loss_fn.reduction`` for ``torch.nn`` losses; a plain
+            callable over several batches must say (hvpfunc does not guess). Ignored
+            for one batch.
         dropout: what to do when the model is in training mode with active dropout
             (``nn.Dropout*``, or ``nn.MultiheadAttention``, ``nn.RNN``/``LSTM``/``GRU``
-            with ``dropout`` > 0), which would make
-            every product random: ``"error"`` (default) raises, ``"off"`` evaluates the
-            loss with those modules switched off, the rest of the model unchanged.
+            with ``dropout`` > 0), which would make every product random: ``"error"``
+            (default) raises, ``"off"`` evaluates the loss with those modules switched
+            off, the rest of the model unchanged.
         select: ``select(name) -> bool`` picks the parameters to differentiate (e.g.
             ``lambda n: n.startswith("layer4.")``); the others are held constant, so the
             matvec is the diagonal block of the Hessian for the selected ones. Default:
             every parameter with ``requires_grad``.
+        unpack_inputs: ``True`` (default): a tuple or list of inputs is unpacked,
+            ``model(*x)``, and any ``Mapping`` (``dict``, Hugging Face's
+            ``BatchEncoding``) is passed as keywords, ``model(**x)``; other inputs (a
+            tensor, a ``PackedSequence``) as ``model(x)``. ``False``: always ``model(x)``.
+        batch_size: ``batch_size(batch) -> int``, the examples in a batch, for a plain
+            callable with ``reduction="mean"`` whose batches' size is not
+            ``len(targets)``.
+        check_data: with streamed data, check on every pass that the batches are the
+            ones read first (a fingerprint of each): shuffling, random augmentation or a
+            sampler that changes the set would otherwise mix different Hessians. Turn it
+            off only for data known to repeat (it costs a read of each batch's tensors).
+        at: the point, by parameter name (e.g. a checkpoint's state dict, or iterates of
+            an optimizer): those values replace the module's own, which are left
+            untouched; names not given take the module's values.
 
     Returns:
         ``(matvec, params)``: the matvec (a :class:`hvpfunc.Matvec`) and the dict
@@ -72,23 +106,29 @@ def model_hvp_fn(
         its vectors.
 
     Raises:
-        ValueError: empty data, a batch that is not ``(inputs, targets)``, active dropout
-            with ``dropout="error"``, ``select`` choosing no parameter, or a forward pass
-            that wrote to a buffer.
+        ValueError: empty data, a batch that is not ``(inputs, targets)``, several batches
+            with a loss whose reduction is unknown (or ``"none"``, or contradicting
+            ``reduction=``), active dropout with ``dropout="error"``, no parameter to
+            differentiate, a stored mode with streamed data, or a forward pass that wrote
+            to a buffer.
+        RuntimeError: (when a product runs) streamed data that cannot be re-iterated or
+            that changed between passes.
 
     Example:
         >>> import torch, hvpfunc as hf
         >>> from torch import nn
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
         >>> x, y = torch.randn(32, 4), torch.randn(32, 1)
-        >>> matvec, params = hf.model_hvp_fn(model, nn.functional.mse_loss, (x, y))
+        >>> matvec, params = hf.model_hvp_fn(model, nn.MSELoss(), [(x[:20], y[:20]), (x[20:], y[20:])])
         >>> hv = matvec({k: torch.ones_like(p) for k, p in params.items()})
         >>> sorted(hv), hv["0.weight"].shape
         (['0.bias', '0.weight', '2.bias', '2.weight'], torch.Size([8, 4]))
     """
     if dropout not in ("error", "off"):
         raise ValueError(f"dropout must be 'error' or 'off', got {dropout!r}")
-    batches = _batches(data)
+    if reduction not in (None, "mean", "sum"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or None, got {reduction!r}")
+    single, batches, stream = _source(data)
     dropouts = _active_dropout(model)
     if dropouts and dropout == "error":
         names = ", ".join(f"'{name}' (p={p})" for name, _, p in dropouts)
@@ -99,6 +139,8 @@ def model_hvp_fn(
             "statistics), or pass dropout='off' to switch only dropout off."
         )
     named = dict(model.named_parameters())
+    if at is not None:
+        named = _at(named, at)
     chosen = {k for k, p in named.items() if p.requires_grad and (select is None or select(k))}
     if not chosen:
         if select is None:
@@ -112,46 +154,190 @@ def model_hvp_fn(
     buffers = usable(_read_only_buffers(model))
     versions = {k: b._version for k, b in model.named_buffers()}
 
+    def forward(p: Dict[str, Tensor], x: Any) -> Any:
+        with _dropout_off(dropouts):
+            return torch.func.functional_call(model, (p, frozen, buffers), *_as_call(x, unpack_inputs))
+
     # One loss with the batch as arguments: matvecs of the batches can then share one
     # compiled product (mode="compiled") instead of compiling a closure per batch.
     def loss(p: Dict[str, Tensor], x: Any, y: Tensor) -> Tensor:
-        with _dropout_off(dropouts):
-            out = torch.func.functional_call(model, (p, frozen, buffers), *_as_call(x))
-        return loss_fn(out, y)
+        return loss_fn(forward(p, x), y)
 
     cache: dict = {}
-    if len(batches) == 1:
+    if single is not None:
         # auto's memory: this model's parameter shapes, this loss and the batch's shapes
         # (the loss closure's code is the same for every model)
         key = (type(model), tuple((k, tuple(p.shape), p.dtype) for k, p in params.items()),
                getattr(loss_fn, "__code__", None) or type(loss_fn), repr(getattr(loss_fn, "reduction", None)),
-               tuple((tuple(t.shape), t.dtype) for t in torch.utils._pytree.tree_leaves(batches[0])
+               tuple((tuple(t.shape), t.dtype) for t in torch.utils._pytree.tree_leaves(single)
                      if isinstance(t, Tensor)))
         with _explained_randomness(dropouts):
-            matvec = build(loss, params, batches[0], {}, mode=mode, cache=cache, key=key)
+            matvec = build(loss, params, single, {}, mode=mode, cache=cache, key=key)
     else:
-        total = sum(int(y.shape[0]) for _, y in batches)
-        with _explained_randomness(dropouts):
-            per_batch = memory_light_mode(loss, params, *batches[0]) if mode == "auto" else mode
-            parts = [
-                (int(y.shape[0]) / total, build(loss, params, (x, y), {}, mode=per_batch, cache=cache))
-                for x, y in batches
-            ]
-
-        def summed(v: Dict[str, Tensor]) -> Dict[str, Tensor]:
-            acc = None
-            for weight, mv in parts:
-                hv = mv(v)
-                acc = scale(weight, hv) if acc is None else axpy(weight, hv, acc)
-            return acc
-
-        matvec = Matvec(Fixed(summed, per_batch), params)
+        kind = _reduction(loss_fn, reduction)
+        weigh = _weigher(kind, loss_fn, forward, params, batch_size)
+        if stream is None:
+            with _explained_randomness(dropouts):
+                per_batch = memory_light_mode(loss, params, *batches[0]) if mode == "auto" else mode
+                parts = [(weigh(batch), build(loss, params, batch, {}, mode=per_batch, cache=cache))
+                         for batch in batches]
+            total = sum(m for m, _ in parts) if kind == "mean" else 1.0
+            matvec = Matvec(Fixed(_summed([(m / total, mv) for m, mv in parts]), per_batch), params)
+        else:
+            matvec = _streamed(stream, loss, params, mode, weigh, kind, check_data, dropouts)
     for name, buf in model.named_buffers():
         if buf._version != versions[name]:
             raise ValueError(
                 f"the forward pass wrote to buffer '{name}'; hvpfunc keeps buffers read-only"
             )
     return matvec, params
+
+
+def _at(named: Dict[str, Tensor], at: Mapping) -> Dict[str, Tensor]:
+    """The module's parameters with the values of ``at`` in their place (requires_grad
+    kept from the module's)."""
+    unknown = [k for k in at if k not in named]
+    if unknown:
+        raise ValueError(f"at names no parameter of the model: {unknown}; its parameters: {list(named)}")
+    out = dict(named)
+    for k, value in at.items():
+        if tuple(value.shape) != tuple(named[k].shape) or value.dtype != named[k].dtype:
+            raise ValueError(
+                f"at[{k!r}] has shape {tuple(value.shape)} and dtype {value.dtype}, but the parameter has "
+                f"shape {tuple(named[k].shape)} and dtype {named[k].dtype}"
+            )
+        out[k] = value.detach().requires_grad_(named[k].requires_grad) if value.is_leaf else value
+    return out
+
+
+def _summed(parts: List[Tuple[float, Callable[[Tree], Tree]]]) -> Callable[[Tree], Tree]:
+    def summed(v: Tree) -> Tree:
+        acc = None
+        for weight, mv in parts:
+            hv = mv(v)
+            acc = scale(weight, hv) if acc is None else axpy(weight, hv, acc)
+        return acc
+
+    return summed
+
+
+def _reduction(loss_fn: Any, reduction: Optional[str]) -> str:
+    """How several batches' losses combine: the ``torch.nn`` loss's own reduction, or the
+    one the user gave; never a guess."""
+    own = getattr(loss_fn, "reduction", None) if isinstance(loss_fn, nn.Module) else None
+    if own is not None:
+        kind = {"mean": "mean", "batchmean": "mean", "sum": "sum"}.get(own)
+        if kind is None:
+            raise ValueError(
+                f"loss_fn has reduction={own!r}: its output is not a scalar; use 'mean' or 'sum'"
+            )
+        if reduction is not None and reduction != kind:
+            raise ValueError(f"reduction={reduction!r} contradicts loss_fn.reduction={own!r}")
+        return kind
+    if reduction is None:
+        raise ValueError(
+            "several batches and a loss whose reduction hvpfunc cannot know (a plain callable): "
+            "pass reduction='mean' (the mean over all examples; batch_size= says how many a "
+            "batch holds if not len(targets)) or reduction='sum' (the batches' losses added)"
+        )
+    return reduction
+
+
+def _weigher(kind: str, loss_fn: Any, forward: Callable, params: Dict[str, Tensor],
+             batch_size: Optional[Callable[[Batch], int]]) -> Callable[[Batch], float]:
+    """What each batch's loss averages over (m_b), or 1 for sums."""
+    if kind == "sum":
+        return lambda batch: 1.0
+    if batch_size is not None:
+        return lambda batch: float(batch_size(batch))
+    if isinstance(loss_fn, nn.Module) and hasattr(loss_fn, "reduction"):
+        summed = copy.copy(loss_fn)
+        summed.reduction = "sum"
+
+        def elements(batch: Batch) -> float:
+            x, y = batch
+            with torch.no_grad():
+                out = forward(params, x)
+                mean, total = float(loss_fn(out, y)), float(summed(out, y))
+            if mean != 0.0 and math.isfinite(total / mean):
+                return total / mean
+            return float(y.numel())  # a zero loss: count the targets' elements
+
+        return elements
+
+    def examples(batch: Batch) -> float:
+        y = batch[1]
+        if y.dim() == 0:
+            raise ValueError(
+                "targets without a batch dimension: pass batch_size= to say how many examples a batch holds"
+            )
+        return float(y.shape[0])
+
+    return examples
+
+
+def _fingerprint(batch: Batch) -> tuple:
+    """Shapes, dtypes and two moments of every tensor in a batch: equal for the same
+    data, different after shuffling or random augmentation."""
+    out = []
+    for t in torch.utils._pytree.tree_leaves(batch):
+        if isinstance(t, Tensor):
+            d = t.detach().double()
+            out.append((tuple(t.shape), t.dtype, float(d.sum()), float((d * d).sum())))
+    return tuple(out)
+
+
+def _streamed(stream: Iterable, loss: Callable, params: Dict[str, Tensor], mode: str,
+              weigh: Callable[[Batch], float], kind: str, check_data: bool, dropouts) -> Matvec:
+    """A matvec that reads the data once per product, one batch alive at a time."""
+    if mode not in ("auto", "forward-over-reverse", "reverse-over-reverse-recomputed"):
+        raise ValueError(
+            f"mode={mode!r} with streamed data: every product recomputes each batch, so only "
+            "'auto', 'forward-over-reverse' or 'reverse-over-reverse-recomputed' apply; pass "
+            "the batches as a list to keep stored products in memory"
+        )
+    weights, prints, per_batch = [], [], mode
+    with _explained_randomness(dropouts):
+        for i, batch in enumerate(stream):
+            batch = usable(_checked(batch, i))
+            if i == 0:
+                inspect(scalar_fn(loss), params, batch, {})
+                if mode == "auto":
+                    per_batch = memory_light_mode(loss, params, *batch)
+            weights.append(weigh(batch))
+            prints.append(_fingerprint(batch) if check_data else None)
+    if not weights:
+        raise ValueError("data holds no batches")
+    total = sum(weights) if kind == "mean" else 1.0
+    weights = [w / total for w in weights]
+    product = BUILDERS[per_batch]
+
+    def streamed(v: Tree) -> Tree:
+        acc, count = None, 0
+        for i, batch in enumerate(_outside_transforms(stream)):
+            batch = usable(_checked(batch, i))
+            if i >= len(weights):
+                raise RuntimeError(f"the data gave more than the {len(weights)} batches it gave when read first")
+            if check_data and _fingerprint(batch) != prints[i]:
+                raise RuntimeError(
+                    f"batch {i} differs from the one read first: the data changes between passes "
+                    "(DataLoader(shuffle=True), random augmentation, a random sampler), so products "
+                    "would mix different Hessians. Use a fixed order and deterministic transforms, "
+                    "or pass check_data=False if the data repeats and only its fingerprint changes."
+                )
+            with differentiable_attention():
+                hv = product(loss, params, batch, {})(v)
+            acc = scale(weights[i], hv) if acc is None else axpy(weights[i], hv, acc)
+            count = i + 1
+        if count != len(weights):
+            raise RuntimeError(
+                f"the data gave {count} batches on this pass but {len(weights)} when read first"
+                + (": an iterator or generator can be read only once; pass a list or a DataLoader"
+                   if count == 0 else "")
+            )
+        return acc
+
+    return Matvec(Fixed(streamed, per_batch), params)
 
 
 @contextlib.contextmanager
@@ -172,37 +358,57 @@ def _explained_randomness(dropouts: List[Tuple[str, nn.Module, float]]) -> Itera
         ) from None
 
 
-def _batches(data: Any) -> List[Batch]:
+def _outside_transforms(stream: Iterable) -> Iterator[Any]:
+    """The batches of ``stream``, read outside any ``torch.func`` transform: a matvec runs
+    under ``vmap`` over tangents, where a DataLoader's seed draw on ``iter()`` would be a
+    random operation inside the transform (an error); the data are not batched anyway."""
+    with torch._C._DisableFuncTorch():
+        it = iter(stream)
+    while True:
+        with torch._C._DisableFuncTorch():
+            batch = next(it, _END)
+        if batch is _END:
+            return
+        yield batch
+
+
+_END = object()
+
+
+def _source(data: Any) -> Tuple[Optional[Batch], List[Batch], Optional[Iterable]]:
+    """(one batch, None, None), (None, batches in memory, None) or (None, [], a stream)."""
     if _is_batch(data):
-        return [tuple(data)]
+        return tuple(data), [], None
+    if isinstance(data, (list, tuple)):
+        if not data:
+            raise ValueError("data holds no batches")
+        batches = [_checked(batch, i) for i, batch in enumerate(data)]
+        return (batches[0] if len(batches) == 1 else None), batches, None
     try:
-        batches = list(data)
+        iter(data)
     except TypeError as err:
         raise ValueError(
             "data must be an (inputs, targets) batch or an iterable of such batches, got "
             f"{type(data).__name__}"
         ) from err
-    if not batches:
-        raise ValueError("data holds no batches")
-    for i, batch in enumerate(batches):
-        if not _is_batch(batch):
-            raise ValueError(
-                f"data[{i}] is not an (inputs, targets) pair with a tensor of targets"
-            )
-        if batch[1].dim() == 0:
-            raise ValueError(f"data[{i}]: targets must have a batch dimension")
-    return [tuple(b) for b in batches]
+    return None, [], data
+
+
+def _checked(batch: Any, i: int) -> Batch:
+    if not _is_batch(batch):
+        raise ValueError(f"data[{i}] is not an (inputs, targets) pair with a tensor of targets")
+    return tuple(batch)
 
 
 def _is_batch(obj: Any) -> bool:
     return isinstance(obj, (tuple, list)) and len(obj) == 2 and isinstance(obj[1], Tensor)
 
 
-def _as_call(x: Any) -> Tuple[tuple, ...]:
+def _as_call(x: Any, unpack: bool) -> Tuple[tuple, ...]:
     """functional_call's (args,) or (args, kwargs) for model(x), model(*x), model(**x)."""
-    if isinstance(x, dict):
-        return ((), x)
-    if isinstance(x, (tuple, list)):
+    if unpack and isinstance(x, Mapping):
+        return ((), dict(x))
+    if unpack and type(x) in (tuple, list):  # not namedtuples such as PackedSequence
         return (tuple(x),)
     return ((x,),)
 
