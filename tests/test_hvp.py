@@ -370,3 +370,28 @@ def test_compile_failure_and_miscompilation_are_errors(monkeypatch):
     monkeypatch.setattr(torch, "compile", miscompiling)
     with pytest.raises(RuntimeError, match="disagrees with the eager one"):
         hf.hvp_fn(f, params, mode="compiled")
+
+
+def test_padding_embeddings_never_take_the_forward_mode_path():
+    # embedding(padding_idx) masks its gradient's row but reads it forward: the Jacobian of
+    # that gradient is not symmetric, and forward-over-reverse was 3-30% off
+    emb = nn.Embedding(6, 3, padding_idx=0).to(DT)
+    torch.manual_seed(0)
+    idx = torch.tensor([[0, 1, 2], [3, 0, 4]])
+
+    def f(p):  # the head couples the rows: ∂g_head/∂w[0] ≠ 0 while g_w[0] ≡ 0
+        return torch.tanh(nn.functional.embedding(idx, p["w"], padding_idx=0) @ p["head"]).pow(2).sum()
+
+    params = {"w": torch.randn(6, 3, dtype=DT), "head": torch.randn(3, dtype=DT)}
+    v = random_tree(params, 0)
+    g = torch.func.grad(f)
+    forward = flat(torch.func.jvp(g, (params,), (v,))[1])
+    assert not torch.allclose(forward, dense_hessian(f, params) @ flat(v))  # the PyTorch behaviour routed around
+    want = dense_hessian(f, params) @ flat(v)  # double backward: the gradient's Jacobian, transposed
+    assert torch.allclose(flat(hf.hvp(f, params, v)), want)
+    assert torch.allclose(flat(hf.hvp_fn(f, params)(v)), want)
+    with pytest.raises(RuntimeError, match="mode='forward-over-reverse' is refused.*padding_idx"):
+        hf.hvp_fn(f, params, mode="forward-over-reverse")
+    model = nn.Sequential(emb, nn.Flatten(), nn.Linear(9, 1)).to(DT)
+    mv, p = hf.model_hvp_fn(model, nn.MSELoss(), [(idx, torch.ones(2, 1, dtype=DT)), (idx, torch.zeros(2, 1, dtype=DT))])
+    assert mv.mode == "reverse-over-reverse-recomputed"

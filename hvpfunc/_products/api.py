@@ -12,7 +12,7 @@ from torch.utils import _pytree as pytree
 from .._types import MatvecFn, Mode, Tree
 from ..tree import check_like, check_tree
 from .auto import AutoProduct, signature
-from .checks import check_product, inspect
+from .checks import check_product, inspect, record
 from .compiled import compiled_matvec
 from .modes import BUILDERS, differentiable_attention, is_forward_ad_gap, scalar_fn
 
@@ -63,6 +63,8 @@ def hvp(f: Callable[..., Tensor], params: Tree, v: Tree, *args: Any, **kwargs: A
     check_like(v, params, name="v")
     grad_f = torch.func.grad(scalar_fn(f))
     with differentiable_attention():
+        if record(f, params, args, kwargs).forward_hazard is not None:
+            return torch.func.vjp(lambda p: grad_f(p, *args, **kwargs), params)[1](v)[0]
         try:
             return torch.func.jvp(lambda p: grad_f(p, *args, **kwargs), (params,), (v,))[1]
         except RuntimeError as err:
@@ -260,13 +262,25 @@ def build(f, params, args, kwargs, *, mode: str, cache: Optional[dict] = None,
         with differentiable_attention():
             if mode == "compiled":
                 fn = compiled_matvec(f, params, args, kwargs, cache)
+            elif mode == "forward-over-reverse" and inspection.forward_hazard is not None:
+                raise RuntimeError(f"mode='forward-over-reverse' is refused: {inspection.forward_hazard}. "
+                                   "Use mode='auto' or a reverse mode.")
             elif mode == "linearize":
                 if inspection.linearize_hazard is not None:
                     raise RuntimeError(f"mode='linearize' is refused: {inspection.linearize_hazard}. "
                                        "Use mode='auto' or mode='reverse-over-reverse'.")
-                fn = BUILDERS[mode](f, params, args, kwargs)
-                check_product(fn, BUILDERS["reverse-over-reverse-recomputed"](f, params, args, kwargs), params,
-                              mode="linearize")
+                try:
+                    fn = BUILDERS[mode](f, params, args, kwargs)
+                    check_product(fn, BUILDERS["reverse-over-reverse-recomputed"](f, params, args, kwargs), params,
+                                  mode="linearize")
+                except RuntimeError as err:
+                    if str(err).startswith("mode="):
+                        raise
+                    raise RuntimeError(
+                        f"mode='linearize' cannot trace or replay this f ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''}). "
+                        "Use mode='auto' or mode='reverse-over-reverse'."
+                    ) from err
             else:
                 fn = BUILDERS[mode](f, params, args, kwargs)
     return Matvec(Fixed(fn, mode), params)

@@ -94,7 +94,7 @@ class AutoProduct:
         errors: Dict[str, BaseException] = {}
         memory = _OUTCOMES.get(key)
         start = time.perf_counter()
-        self.mode, self._fn = self._first_mode(errors)
+        self.mode, self._fn = self._first_mode(errors, inspection)
         _sync(params)
         self.build_seconds = time.perf_counter() - start
         self._trace_cost: Optional[float] = None
@@ -112,9 +112,11 @@ class AutoProduct:
             reason += f"; an earlier matvec of this f found {memory.winner!r} best"
         self.switches.append(Switch(0, "", self.mode, reason))
 
-    def _first_mode(self, errors: Dict[str, BaseException]):
+    def _first_mode(self, errors: Dict[str, BaseException], inspection: Inspection):
         f, params, args, kwargs = self._f, self._params, self._args, self._kwargs
         for mode in ("reverse-over-reverse", "forward-over-reverse", "reverse-over-reverse-recomputed"):
+            if mode == "forward-over-reverse" and inspection.forward_hazard is not None:
+                continue
             try:
                 with differentiable_attention():
                     fn = BUILDERS[mode](f, params, args, kwargs)

@@ -11,8 +11,7 @@ from torch import Tensor
 
 from .._types import MatvecFn, Tree
 from ..tree import norm, random_like, sub
-from .checks import agreement
-from .modes import memory_light_mode
+from .checks import agreement, memory_light_mode
 
 
 class CompiledProduct:

@@ -16,8 +16,8 @@ from torch.nn.modules.dropout import _DropoutNd
 from .._types import Mode, Tree
 from ..tree import axpy, scale
 from .api import Fixed, Matvec, build, usable
-from .checks import inspect
-from .modes import BUILDERS, differentiable_attention, memory_light_mode, scalar_fn
+from .checks import inspect, memory_light_mode
+from .modes import BUILDERS, differentiable_attention, scalar_fn
 
 Batch = Tuple[Any, Tensor]
 

@@ -110,7 +110,12 @@ def linearize(f, params, args, kwargs):
     # pytorch/pytorch#123996) raise in one eager forward-over-reverse product; tracing
     # them would not raise.
     probe = pytree.tree_map(torch.ones_like, params)
-    forward_over_reverse(f, params, args, kwargs)(probe)
+    try:
+        forward_over_reverse(f, params, args, kwargs)(probe)
+    except RuntimeError as err:
+        if not str(err).startswith("mode='forward-over-reverse'"):
+            raise
+        raise RuntimeError(str(err).replace("mode='forward-over-reverse'", "mode='linearize'", 1)) from err
     grad_f = torch.func.grad(f)
     with warnings.catch_warnings():
         # linearize's constant folding warns about attributes it creates itself.
@@ -133,17 +138,3 @@ def is_forward_ad_gap(err: BaseException) -> bool:
     """Whether an error says that some operation lacks a usable forward-mode derivative."""
     text = str(err).lower()
     return any(pattern in text for pattern in FORWARD_AD_GAPS)
-
-
-def memory_light_mode(f: Callable[..., Tensor], params: Tree, *args: Any, **kwargs: Any) -> str:
-    """The mode that stores nothing between products: forward-over-reverse where f's
-    operations support forward-mode AD (cheaper), else reverse-over-reverse-recomputed."""
-    probe = pytree.tree_map(torch.ones_like, params)
-    try:
-        with differentiable_attention():
-            forward_over_reverse(scalar_fn(f), params, args, kwargs)(probe)
-        return "forward-over-reverse"
-    except RuntimeError as err:
-        if is_forward_ad_gap(err):
-            return "reverse-over-reverse-recomputed"
-        raise
