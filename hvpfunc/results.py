@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from types import MappingProxyType
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple, Optional
 
 from torch import Tensor
 
@@ -102,6 +102,10 @@ class EigResult(NamedTuple):
         status: a :class:`Status`: ``"converged"`` when every pair is, else
             ``"max_iters"`` or ``"non_finite"`` (the last finite pairs are returned).
         message: what happened, and what to do when it did not converge.
+        errors: a bound on |λ − θ| per eigenvalue: min(r, r²/gap) from the residual r
+            and the gap to the nearest other Ritz value (Lanczos), or r (power
+            iteration, which knows no gap). The eigenvalue is this accurate even when
+            the eigenvector is only as accurate as ``residuals`` say.
     """
 
     eigenvalues: Tensor
@@ -112,6 +116,7 @@ class EigResult(NamedTuple):
     which: Which
     status: Status = Status.CONVERGED
     message: str = ""
+    errors: Optional[Tensor] = None
 
 
 class SolveResult(NamedTuple):

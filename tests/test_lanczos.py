@@ -185,3 +185,29 @@ def test_numpy_integers_are_integers():
     assert torch.allclose(res.eigenvalues, torch.tensor([5.0, 4.0], dtype=DT))
     with pytest.raises(ValueError, match="k must be an integer"):
         hf.lanczos(matvec, random_tree(like, 0), k=True)
+
+
+def test_error_bounds_hold_and_eigenvalue_stopping_costs_fewer_products():
+    # a network-like spectrum: outliers over a bulk near zero
+    lam = torch.cat([torch.tensor([9.0, 7.5, 6.0]), torch.linspace(-0.5, 1.0, 197)]).tolist()
+    matvec, like, H = spectrum_operator(lam, seed=3)
+    exact = torch.linalg.eigvalsh(H).flip(0)[:3]
+    v0 = random_tree(like, 1)
+    by_residual = hf.lanczos(matvec, v0, k=3, tol=1e-6)
+    by_eigenvalue = hf.lanczos(matvec, v0, k=3, tol=1e-6, stop="eigenvalue")
+    for res in (by_residual, by_eigenvalue):
+        assert bool(res.converged.all())
+        true_error = (res.eigenvalues - exact).abs()
+        assert bool((true_error <= res.errors * 1.01 + 1e-13).all())  # the bound holds
+        assert bool((res.errors <= res.residuals).all())
+    assert bool(((by_eigenvalue.eigenvalues - exact).abs() <= 1e-6 * exact.abs()).all())
+    assert by_eigenvalue.num_matvecs < by_residual.num_matvecs
+    with pytest.raises(ValueError, match="stop must be"):
+        hf.lanczos(matvec, v0, stop="change")
+
+
+def test_power_iteration_reports_its_residual_as_the_error_bound():
+    matvec, like, H = spectrum_operator([4.0, 1.0, -2.0, 0.5])
+    res = hf.power_iteration(matvec, random_tree(like, 0), tol=1e-4)
+    assert torch.equal(res.errors, res.residuals)
+    assert abs(float(res.eigenvalues[0]) - 4.0) <= float(res.errors[0])

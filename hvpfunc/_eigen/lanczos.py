@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass, field
-from typing import NamedTuple, Optional
+from typing import Literal, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ def lanczos(
     max_basis: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
     progress: ProgressArg = False,
+    stop: Literal["residual", "eigenvalue"] = "residual",
 ) -> EigResult:
     """The k extreme eigenpairs of a symmetric operator by thick-restart Lanczos.
 
@@ -44,9 +45,17 @@ def lanczos(
     the best ``k + (max_basis − k) // 2`` Ritz vectors and the residual direction, so
     memory stays at ``max_basis + 1`` parameter-sized vectors however long the run.
 
-    The iteration checks the wanted Ritz pairs after every product and stops when all
-    k residuals are at most ``tol · |θ|`` (or the rounding level ``100 ε ‖H‖`` for
-    eigenvalues near zero), the criterion ARPACK uses. If the Krylov space becomes
+    The iteration checks the wanted Ritz pairs after every product. With
+    ``stop="residual"`` (default) it stops when all k residuals r = ‖Hq − θq‖ are at
+    most ``tol · |θ|`` (or the rounding level ``100 ε ‖H‖`` for eigenvalues near zero),
+    the criterion ARPACK uses: the eigenvectors are then accurate too. An eigenvalue is
+    far more accurate than its residual: |λ − θ| ≤ min(r, r²/gap), with gap the distance
+    to the rest of the spectrum (Parlett, *The Symmetric Eigenvalue Problem*, §11.7),
+    estimated from the other Ritz values; that bound is ``EigResult.errors``. With
+    ``stop="eigenvalue"`` the iteration stops when every bound is at most ``tol · |θ|``,
+    which is what a relative tolerance on the eigenvalue means (PyHessian's ``tol`` is a
+    relative change between iterations, which bounds nothing) and costs fewer products;
+    the eigenvectors are then only about sqrt(tol) accurate. If the Krylov space becomes
     invariant before k pairs are found (a start vector in a small eigenspace), it
     continues from a random vector orthogonal to the basis, drawn from ``generator``,
     and accepts convergence only after that direction has filled the basis: a Krylov
@@ -68,6 +77,7 @@ def lanczos(
             default a CPU generator seeded with 0, so results are reproducible.
         progress: ``True`` for a progress bar, or a callable
             ``progress(step, largest_unconverged_residual)``.
+        stop: ``"residual"`` (default) or ``"eigenvalue"``: what ``tol`` bounds (above).
 
     Returns:
         :class:`~hvpfunc.EigResult`: eigenvalues ordered as ``which`` asks (descending,
@@ -97,6 +107,8 @@ def lanczos(
     """
     if which not in _WHICH:
         raise ValueError(f"which must be one of {_WHICH}, got {which!r}")
+    if stop not in ("residual", "eigenvalue"):
+        raise ValueError(f"stop must be 'residual' or 'eigenvalue', got {stop!r}")
     if not tol > 0:
         raise ValueError(f"tol must be positive, got {tol}")
     op = Operator(matvec, v0, name="v0")
@@ -130,7 +142,7 @@ def lanczos(
             if w is None:
                 status, detail = Status.NON_FINITE, "a product was not finite (nan or inf)"
                 break
-            ritz = _ritz(state, which, k, tol, eps)
+            ritz = _ritz(state, which, k, tol, eps, stop)
             bar.update(float(ritz.residuals[~ritz.ok].max()) if not ritz.ok.all() else 0.0)
             invariant = state.beta <= 100 * eps * state.norm_estimate
             if invariant and state.j == n:
@@ -150,7 +162,7 @@ def lanczos(
     finally:
         bar.close()
 
-    eigenvalues, vectors, converged, residuals = _extract(state, which, k, tol, eps)
+    eigenvalues, vectors, converged, residuals, errors = _extract(state, which, k, tol, eps, stop)
     if status is Status.CONVERGED and not bool(converged.all()):
         status = Status.MAX_ITERS  # an invariant subspace smaller than k: pairs are missing
     message = ""
@@ -162,6 +174,7 @@ def lanczos(
         eigenvectors=op.layout.unflatten(vectors),
         converged=converged.to(op.device),
         residuals=residuals.to(op.device, op.dtype),
+        errors=errors.to(op.device, op.dtype),
         num_matvecs=op.num_matvecs,
         which=which,
         status=status,
@@ -224,15 +237,29 @@ def _expand(state: _State, op: Operator, slack: float) -> Optional[Tensor]:
     return w
 
 
-def _ritz(state: _State, which: str, k: int, tol: float, eps: float) -> _Ritz:
+def _ritz(state: _State, which: str, k: int, tol: float, eps: float, stop: str) -> _Ritz:
     """The Ritz pairs of the current basis and which of the wanted ones have converged."""
     j = state.j
     theta, Y = np.linalg.eigh(state.T[:j, :j])
     state.norm_estimate = max(state.norm_estimate, float(np.abs(theta).max()))
     wanted = _select(theta, which, k)
     residuals = np.abs(state.coupling @ Y[:, wanted])
-    ok = residuals <= _threshold(theta[wanted], tol, eps, state.norm_estimate)
+    measure = residuals if stop == "residual" else _error_bounds(theta, wanted, residuals)
+    ok = measure <= _threshold(theta[wanted], tol, eps, state.norm_estimate)
     return _Ritz(theta, Y, wanted, residuals, ok)
+
+
+def _error_bounds(theta: np.ndarray, wanted: np.ndarray, residuals: np.ndarray) -> np.ndarray:
+    """min(r, r²/gap) per wanted Ritz value, the gap estimated by the nearest other Ritz
+    value (Parlett §11.7; ARPACK's error estimates use the same gap)."""
+    if len(theta) < 2:
+        return residuals
+    others = np.abs(theta[wanted][:, None] - theta[None, :])
+    others[np.arange(len(wanted)), wanted] = np.inf
+    gap = others.min(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        quadratic = np.where(gap > 0, residuals**2 / gap, np.inf)
+    return np.minimum(residuals, quadratic)
 
 
 def _advance(
@@ -266,7 +293,7 @@ def _restart(state: _State, ritz: _Ritz, keep: int, which: str) -> None:
     state.j = keep
 
 
-def _extract(state: _State, which: str, k: int, tol: float, eps: float):
+def _extract(state: _State, which: str, k: int, tol: float, eps: float, stop: str):
     """The k wanted pairs of the last finite basis: eigenvalues, unit vectors (rows),
     per-pair convergence and residuals; missing pairs are nan with zero vectors."""
     n = state.V.shape[1]
@@ -278,13 +305,16 @@ def _extract(state: _State, which: str, k: int, tol: float, eps: float):
     wanted = _select(theta, which, k)
     pad = k - len(wanted)  # nonzero when stopped before the basis held k vectors
     eigenvalues = torch.as_tensor(np.concatenate([theta[wanted], np.full(pad, np.nan)]))
-    residuals = np.concatenate([np.abs(coupling @ Y[:, wanted]), np.full(pad, np.inf)])
-    converged = torch.as_tensor(residuals <= _threshold(eigenvalues.numpy(), tol, eps, state.norm_estimate))
+    found = np.abs(coupling @ Y[:, wanted])
+    residuals = np.concatenate([found, np.full(pad, np.inf)])
+    errors = np.concatenate([_error_bounds(theta, wanted, found), np.full(pad, np.inf)])
+    measure = residuals if stop == "residual" else errors
+    converged = torch.as_tensor(measure <= _threshold(eigenvalues.numpy(), tol, eps, state.norm_estimate))
     V = state.V
     vectors = torch.as_tensor(Y[:, wanted].T.copy()).to(V.device, V.dtype) @ V[:j]
     vectors = vectors / torch.linalg.vector_norm(vectors, dim=1, keepdim=True)
     vectors = torch.cat([vectors, torch.zeros(pad, n, dtype=V.dtype, device=V.device)])
-    return eigenvalues, vectors, converged, torch.as_tensor(residuals)
+    return eigenvalues, vectors, converged, torch.as_tensor(residuals), torch.as_tensor(errors)
 
 
 def _select(theta: np.ndarray, which: str, count: int) -> np.ndarray:

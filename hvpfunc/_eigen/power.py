@@ -119,6 +119,7 @@ def power_iteration(
         eigenvectors=op.layout.unflatten(vector[None]),
         converged=torch.tensor([run.converged], device=op.device),
         residuals=torch.tensor([run.residual], dtype=op.dtype, device=op.device),
+        errors=torch.tensor([run.residual], dtype=op.dtype, device=op.device),  # |λ − θ| ≤ ‖r‖
         num_matvecs=op.num_matvecs,
         which=which,
         status=run.status,
