@@ -2,7 +2,7 @@
 
     python -m benchmarks                      # CPU, small models
     python -m benchmarks --device cuda --size large
-    python -m benchmarks --only products      # or: solvers
+    python -m benchmarks --only jobs          # or: products, solvers
 
 Peers (PyHessian, hessian-eigenthings, curvlinops) are compared where installed:
 pip install -e ".[bench]".
@@ -14,7 +14,7 @@ import argparse
 
 import torch
 
-from . import peers, products, solvers
+from . import jobs, peers, products, solvers
 from .harness import describe
 from .models import build
 
@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--size", default=None, choices=["tiny", "small", "large"],
                         help="model sizes (default: small on CPU, large on CUDA)")
-    parser.add_argument("--only", choices=["products", "solvers"], default=None)
+    parser.add_argument("--only", choices=["jobs", "products", "solvers"], default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
     size = args.size or ("large" if device.type == "cuda" else "small")
@@ -35,6 +35,9 @@ def main() -> None:
     print("Times are medians of 10 calls after 3 warm-up calls, as multiples of one gradient of the same loss "
           "(torch.autograd.grad, called alternately with each row's calls, so that drift cancels); memory is the peak GPU allocation of building "
           "the operator and one product, as a multiple of a gradient's.\n")
+    if args.only in (None, "jobs"):
+        print("## Jobs, end to end (construction included)\n")
+        print(jobs.run(device, tiny=size == "tiny"))
     if args.only in (None, "products"):
         print("## Hessian-vector products\n")
         print(products.run(build(size, device), device))

@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import products, solvers
+from benchmarks import jobs, products, solvers
 from benchmarks.models import build
 
 
@@ -26,3 +26,12 @@ def test_solver_tables_on_a_tiny_network():
     text = solvers.run(torch.device("cpu"), tiny=True)
     assert "hvpfunc lanczos(k=5, tol=1e-6)" in text and "hvpfunc trace('hutch++', 100 probes)" in text
     assert "scipy eigsh (ARPACK)" in text
+
+
+@pytest.mark.slow
+def test_job_tables_on_tiny_models():
+    text = jobs.run(torch.device("cpu"), tiny=True)
+    for name in ("MLP", "ResNet-style CNN", "transformer"):
+        assert f"### {name}" in text
+    for how in ("hvpfunc lanczos(k=1", "hvpfunc trace(100 probes)", "hvpfunc lanczos(k=5", "hvpfunc spectral_density"):
+        assert how in text

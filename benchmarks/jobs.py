@@ -1,0 +1,193 @@
+"""Jobs, end to end: what users run, timed from the model to the answer with
+construction included, with the error against a tight reference beside each time.
+
+Every row builds its operator inside the timed call (hvpfunc's matvec, PyHessian's
+``hessian`` object, hessian-eigenthings' ``HessianOperator``, curvlinops' operator), so
+the tracing, graph building and checks a library does before its first product count.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import warnings
+from typing import Callable, Dict, List
+
+import numpy as np
+import torch
+from torch import nn
+
+import hvpfunc as hf
+
+from . import peers
+from .harness import sync, table
+
+_RUNS = 3  # one warm-up, then the median of two
+
+
+class _Block(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
+                                  nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return torch.relu(x + self.body(x))
+
+
+def resnet(width: int = 16, blocks: int = 2) -> nn.Module:
+    """A ResNet-style CNN with BatchNorm (about 75k parameters at width 24, PyHessian's
+    example scale), in eval mode, as PyHessian's jobs use it."""
+    layers: List[nn.Module] = [nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+    layers += [_Block(width) for _ in range(blocks)]
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10)]
+    return nn.Sequential(*layers)
+
+
+def _models(tiny: bool, device: torch.device):
+    from .models import build
+
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    built = build("tiny" if tiny else "small", device)
+    batch = 16 if tiny else 64
+    cnn = resnet(8 if tiny else 24, 1 if tiny else 2).to(device)
+    x = torch.randn(batch, 3, 32, 32, generator=gen).to(device)
+    y = torch.randint(0, 10, (batch,), generator=gen).to(device)
+    with torch.no_grad():  # running statistics that are not the identity
+        cnn.train()(x)
+    return {"MLP": built["MLP"], "ResNet-style CNN (BatchNorm, eval)": (cnn.eval(), x, y),
+            "transformer": built["transformer"]}
+
+
+def _timed(fn: Callable, device: torch.device):
+    times = []
+    for _ in range(_RUNS):
+        sync(device)
+        start = __import__("time").perf_counter()
+        out = fn()
+        sync(device)
+        times.append(__import__("time").perf_counter() - start)
+    return out, float(np.median(times[1:]))
+
+
+def _pyhessian_counted(fn: Callable) -> Callable:
+    """Run fn with PyHessian's product counted; returns (result, products per run)."""
+
+    def run():
+        ph = sys.modules["pyhessian.hessian"]  # the package's `hessian` class shadows the module
+        counter: Dict[str, int] = {}
+        original = ph.hessian_vector_product
+        ph.hessian_vector_product = peers.counted(original, counter)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return fn(), counter.get("n", 0)
+        finally:
+            ph.hessian_vector_product = original
+
+    return run
+
+
+def _attempt(rows: list, job: str, how: str, device: torch.device, fn: Callable, describe: Callable) -> None:
+    """A peer's row: time ``fn`` (returning (result, products)); a peer that fails on the
+    model (PyHessian on default attention kernels, or its density's removed torch.eig)
+    gets a row that says so."""
+    try:
+        (result, count), seconds = _timed(fn, device)
+    except Exception as err:
+        rows.append([job, how, "fails", "", f"{type(err).__name__}: {str(err).strip().splitlines()[0][:70]}"])
+        return
+    rows.append([job, how, f"{seconds:.3f}", count, describe(result)])
+
+
+def run(device: torch.device, *, tiny: bool = False) -> str:
+    out = []
+    found = peers.installed()
+    for name, (model, x, y) in _models(tiny, device).items():
+        n = sum(p.numel() for p in model.parameters())
+        loss = nn.CrossEntropyLoss()
+        # reference: the top eigenvalue to 1e-9 (float64 copy, residual tolerance)
+        m64 = copy.deepcopy(model).double()
+        mv64, p64 = hf.model_hvp_fn(m64, loss, (x.double(), y))
+        ref = hf.lanczos(mv64, hf.tree.random_like(p64, generator=torch.Generator().manual_seed(9)), k=1, tol=1e-9)
+        top = float(ref.eigenvalues[0])
+
+        def rel(value: float) -> str:
+            return f"{abs(value - top) / abs(top):.1e}"
+
+        rows = []
+
+        def hv_top():
+            mv, params = hf.model_hvp_fn(model, loss, (x, y))
+            v0 = hf.tree.random_like(params, generator=torch.Generator().manual_seed(0))
+            return hf.lanczos(mv, v0, k=1, tol=1e-3, stop="eigenvalue")
+
+        res, seconds = _timed(hv_top, device)
+        rows.append(["top eigenvalue", "hvpfunc lanczos(k=1, tol=1e-3, stop='eigenvalue')", f"{seconds:.3f}",
+                     res.num_matvecs, rel(float(res.eigenvalues[0]))])
+        if found["PyHessian"]:
+            _attempt(rows, "top eigenvalue", "PyHessian eigenvalues(top_n=1), defaults (tol 1e-3)", device,
+                     _pyhessian_counted(lambda: peers.pyhessian(model, (x, y)).eigenvalues(top_n=1)[0]),
+                     lambda values: rel(float(values[0])))
+
+        def hv_trace():
+            mv, params = hf.model_hvp_fn(model, loss, (x, y))
+            return hf.trace(mv, params, num_probes=100, generator=torch.Generator().manual_seed(0))
+
+        res, seconds = _timed(hv_trace, device)
+        rows.append(["trace", "hvpfunc trace(100 probes), defaults", f"{seconds:.3f}", res.num_matvecs,
+                     f"±{float(res.stderr) / abs(float(res.estimate)):.1e} (stderr)"])
+        if found["PyHessian"]:
+            torch.manual_seed(0)
+            _attempt(rows, "trace", "PyHessian trace(maxIter=100), defaults (tol 1e-3)", device,
+                     _pyhessian_counted(lambda: peers.pyhessian(model, (x, y)).trace(maxIter=100, tol=1e-3)),
+                     lambda samples: f"±{np.std(samples, ddof=1) / np.sqrt(len(samples)) / abs(np.mean(samples)):.1e}"
+                                     " (stderr)")
+
+        def hv_top5():
+            mv, params = hf.model_hvp_fn(model, loss, (x, y))
+            v0 = hf.tree.random_like(params, generator=torch.Generator().manual_seed(0))
+            return hf.lanczos(mv, v0, k=5, tol=1e-3, stop="eigenvalue")
+
+        res, seconds = _timed(hv_top5, device)
+        rows.append(["top-5", "hvpfunc lanczos(k=5, tol=1e-3, stop='eigenvalue')", f"{seconds:.3f}", res.num_matvecs,
+                     f"{rel(float(res.eigenvalues[0]))} (top)"])
+        if found["hessian-eigenthings"]:
+            from hessian_eigenthings import lanczos as he_lanczos
+
+            def he_top5():
+                op = peers.eigenthings_operator(copy.deepcopy(model), (x, y))
+                counter: Dict[str, int] = {}
+                op.matvec = peers.counted(op.matvec, counter)
+                return he_lanczos(op, k=5, which="LA", seed=0), counter["n"]
+
+            _attempt(rows, "top-5", "hessian-eigenthings lanczos(k=5), defaults (tol 1e-4)", device, he_top5,
+                     lambda result: f"{rel(float(result.eigenvalues.max()))} (top)")
+        if found["curvlinops"]:
+            from scipy.sparse.linalg import LinearOperator, eigsh
+
+            def cl_top5():
+                H_op = peers.curvlinops_operator(copy.deepcopy(model), (x, y)).to_scipy()
+                counter: Dict[str, int] = {}
+                A = LinearOperator(H_op.shape, matvec=peers.counted(H_op.matvec, counter), dtype=H_op.dtype)
+                return eigsh(A, k=5, which="LA", tol=1e-3)[0], counter["n"]
+
+            _attempt(rows, "top-5", "curvlinops + scipy eigsh(k=5, tol=1e-3)", device, cl_top5,
+                     lambda vals: f"{rel(float(np.max(vals)))} (top)")
+
+        def hv_density():
+            mv, params = hf.model_hvp_fn(model, loss, (x, y))
+            return hf.spectral_density(mv, params, num_probes=1, num_iters=90, generator=torch.Generator().manual_seed(0))
+
+        res, seconds = _timed(hv_density, device)
+        rows.append(["SLQ density", "hvpfunc spectral_density(1 probe, 90 steps)", f"{seconds:.3f}", res.num_matvecs,
+                     f"{rel(float(res.nodes.max()))} (top node)"])
+        if found["PyHessian"]:
+            torch.manual_seed(0)
+            _attempt(rows, "SLQ density", "PyHessian density(iter=90, n_v=1)", device,
+                     _pyhessian_counted(lambda: peers.pyhessian(model, (x, y)).density(iter=90, n_v=1)),
+                     lambda out: f"{rel(float(np.max(out[0][0])))} (top node)")
+        out += [f"### {name} ({n:,} parameters, batch {x.shape[0]}; top eigenvalue {top:.6g})\n",
+                table(["job", "how", "seconds", "products", "error"], rows), ""]
+    return "\n".join(out)
