@@ -58,10 +58,12 @@ class Layout:
         self.product_eps = max(torch.finfo(dt).eps for dt in self.dtypes)
 
     def flatten(self, tree: Tree, batch_dims: int = 0) -> Tensor:
-        """Copy a tree (with ``batch_dims`` leading dims per leaf) into ``(*batch, n)``."""
+        """Copy a tree (with ``batch_dims`` leading dims per leaf) into ``(*batch, n)``,
+        detached: solvers do not differentiate through their vectors (a start vector
+        that requires grad must not make the basis a graph)."""
         leaves = pytree.tree_leaves(tree)
         lead = tuple(leaves[0].shape[:batch_dims])
-        return torch.cat([leaf.reshape(*lead, -1).to(self.dtype) for leaf in leaves], dim=-1)
+        return torch.cat([leaf.detach().reshape(*lead, -1).to(self.dtype) for leaf in leaves], dim=-1)
 
     def unflatten(self, vec: Tensor) -> Tree:
         """Views of ``vec`` (shape ``(*batch, n)``) as a tree with leading dims ``batch``."""
@@ -93,6 +95,7 @@ class Operator:
         self.num_matvecs = 0
         self._checked = False
         self._seconds_per_row: Dict[int, float] = {}  # chunk_size="auto"'s trials on CPUs
+        self._vmap_error: Optional[BaseException] = None  # why "auto" stopped using vmap
 
     def probes(self, count: int, generator: Optional[torch.Generator]) -> Tensor:
         """``count`` Rademacher rows (entries ±1), drawn one row at a time on the
@@ -145,7 +148,15 @@ class Operator:
             else:
                 done = 0
             began = time.perf_counter()
-            outs.append(self._rows(rows, step))
+            try:
+                outs.append(self._rows(rows, step))
+            except Exception as err:
+                if not auto or step == 1:
+                    raise
+                # A matvec that cannot run under vmap (NumPy inside, .item(), collectives):
+                # "auto" loops from now on; a real error in the matvec raises in the loop.
+                self._vmap_error = err
+                outs.append(self._rows(rows, 1))
             if trial:
                 self._seconds_per_row[step] = (time.perf_counter() - began) / rows.shape[0]
             start += done + rows.shape[0]
@@ -154,6 +165,8 @@ class Operator:
         return torch.cat(outs) if outs else X.clone()
 
     def _auto_chunk(self) -> int:
+        if self._vmap_error is not None:
+            return 1
         if self.device.type == "cuda":
             return _AUTO_CHUNK
         loop = self._seconds_per_row.get(1)

@@ -36,9 +36,10 @@ def data_parallel(
     (as hvpfunc's defaults are) or broadcast it.
 
     All leaves of a product go through one ``all_reduce`` per dtype (one collective, not
-    one per parameter). Collectives cannot run under ``torch.func.vmap``: with solvers
-    that batch probes (``trace``, ``diagonal``, ``spectral_density``) pass
-    ``chunk_size=1`` on GPUs (the CPU default already loops).
+    one per parameter). Collectives cannot run under ``torch.func.vmap``: the matvec
+    raises there before any collective, and ``trace``, ``diagonal`` and ``cg_batched``
+    with their default ``chunk_size="auto"`` then loop over vectors on every rank alike;
+    ``spectral_density`` needs ``chunk_size=1`` on GPUs (its CPU default loops).
 
     Args:
         matvec: this rank's ``v -> H_r v``.

@@ -211,3 +211,11 @@ def test_power_iteration_reports_its_residual_as_the_error_bound():
     res = hf.power_iteration(matvec, random_tree(like, 0), tol=1e-4)
     assert torch.equal(res.errors, res.residuals)
     assert abs(float(res.eigenvalues[0]) - 4.0) <= float(res.errors[0])
+
+
+def test_a_start_vector_that_requires_grad_is_accepted():
+    matvec, like, _ = spectrum_operator([1.0, 2.0, 3.0, 4.0])
+    v0 = {k: (t.requires_grad_(True) if isinstance(t, torch.Tensor) else [u.requires_grad_(True) for u in t])
+          for k, t in random_tree(like, 0).items()}
+    res = hf.lanczos(matvec, v0, k=1, tol=1e-10)
+    assert float(res.eigenvalues[0]) == pytest.approx(4.0) and not res.eigenvalues.requires_grad

@@ -555,3 +555,24 @@ def test_at_given_parameters_tied_weights_frozen_parameters_and_buffers():
     assert all(torch.equal(model.state_dict()[k], t) for k, t in before.items())  # the module is untouched
     with pytest.raises(ValueError, match=r"at names no parameter of the model: \['nope'\]"):
         hf.model_hvp_fn(model, nn.MSELoss(), (x, y), at={"nope": torch.zeros(1)})
+
+
+def test_a_forward_that_writes_in_place_never_touches_the_module():
+    class Renormed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(5, 3, max_norm=1.0)  # renormalizes rows in place when read
+            self.head = nn.Linear(3, 1)
+
+        def forward(self, idx):
+            return self.head(self.emb(idx).mean(1))
+
+    torch.manual_seed(0)
+    model = Renormed().double()
+    with torch.no_grad():
+        model.emb.weight.mul_(3.0)  # rows longer than max_norm
+    before = {k: t.clone() for k, t in model.state_dict().items()}
+    idx, y = torch.tensor([[0, 1], [2, 3]]), torch.randn(2, 1, dtype=DT)
+    with pytest.raises(ValueError, match="writes to 'emb.weight' in place.*not modified"):
+        hf.model_hvp_fn(model, nn.MSELoss(), (idx, y))
+    assert all(torch.equal(model.state_dict()[k], t) for k, t in before.items())  # bit for bit

@@ -128,3 +128,20 @@ def test_auto_chunking_on_cpu_keeps_the_faster_of_loop_and_vmap(loop_seconds, vm
     assert float(res.estimate) == pytest.approx(36.0) and res.num_matvecs == 64
     assert sum(calls) == vmapped_calls
     assert calls[:16] == [False] * 16  # the loop is timed first
+
+
+def test_a_matvec_that_cannot_run_under_vmap_is_looped_by_default():
+    import numpy as np
+
+    D = np.array([1.0, 2.0, 3.0, 4.0])
+
+    def numpy_matvec(v):  # NumPy inside: no vmap
+        return torch.as_tensor(D * v.detach().numpy())
+
+    like = torch.zeros(4, dtype=DT)
+    res = hf.trace(numpy_matvec, like, num_probes=40, method="hutchinson", generator=torch.Generator().manual_seed(0))
+    assert float(res.estimate) == pytest.approx(10.0) and res.num_matvecs == 40
+    diag = hf.diagonal(numpy_matvec, like, num_probes=40, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(diag.estimate, torch.as_tensor(D))
+    with pytest.raises(RuntimeError):  # an explicit chunk size is obeyed, and vmap fails
+        hf.trace(numpy_matvec, like, num_probes=8, chunk_size=4, generator=torch.Generator().manual_seed(0))

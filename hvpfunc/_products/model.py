@@ -53,7 +53,9 @@ def model_hvp_fn(
     callable, ``batch_size(batch)`` (default: the length of the targets). The model is
     called through ``torch.func.functional_call``; the module is not modified.
 
-    Buffers are read and never written. BatchNorm (and any ``_NormBase`` layer) in
+    The module is never modified: hvpfunc works on copies of its parameters and buffers
+    (one more copy of the model's memory), and a forward pass that writes to them in
+    place is refused. BatchNorm (and any ``_NormBase`` layer) in
     training mode normalizes with the batch's statistics, as in training, while its
     running statistics stay untouched; in eval mode it uses the running statistics.
     Parameters with ``requires_grad=False`` are constants; a parameter shared by two
@@ -149,10 +151,12 @@ def model_hvp_fn(
                 "requires_grad=False (set it on the ones whose Hessian you want)"
             )
         raise ValueError("no parameter to differentiate: select chose none of " + ", ".join(named))
-    params = usable({k: p for k, p in named.items() if k in chosen})
-    frozen = usable({k: p for k, p in named.items() if k not in chosen})
-    buffers = usable(_read_only_buffers(model))
-    versions = {k: b._version for k, b in model.named_buffers()}
+    # Copies: a forward that writes in place (Embedding(max_norm) renormalizes its rows,
+    # spectral_norm updates u and v, a call counter) must not touch the user's module.
+    params = _copies({k: p for k, p in named.items() if k in chosen})
+    frozen = _copies({k: p for k, p in named.items() if k not in chosen})
+    buffers = _copies(_read_only_buffers(model))
+    versions = {k: t._version for k, t in {**params, **frozen, **buffers}.items() if t is not None}
 
     def forward(p: Dict[str, Tensor], x: Any) -> Any:
         with _dropout_off(dropouts):
@@ -185,12 +189,21 @@ def model_hvp_fn(
             matvec = Matvec(Fixed(_summed([(m / total, mv) for m, mv in parts]), per_batch), params)
         else:
             matvec = _streamed(stream, loss, params, mode, weigh, kind, check_data, dropouts)
-    for name, buf in model.named_buffers():
-        if buf._version != versions[name]:
+    for name, t in {**params, **frozen, **buffers}.items():
+        if t is not None and t._version != versions[name]:
             raise ValueError(
-                f"the forward pass wrote to buffer '{name}'; hvpfunc keeps buffers read-only"
+                f"the forward pass writes to '{name}' in place (e.g. Embedding(max_norm=...) renormalizes "
+                "its rows, spectral_norm updates its vectors, a counter in a buffer): the point of the "
+                "Hessian would move with every product. Apply the update once and evaluate a forward "
+                "that does not write (max_norm=None, torch.nn.utils.parametrize.remove_parametrizations). "
+                "The module itself was not modified: hvpfunc works on copies."
             )
     return matvec, params
+
+
+def _copies(tensors: Dict[str, Any]) -> Dict[str, Any]:
+    """Detached copies (inference tensors made normal); None stays None."""
+    return {k: (t.clone() if isinstance(t, Tensor) else t) for k, t in usable(tensors).items()}
 
 
 def _at(named: Dict[str, Tensor], at: Mapping) -> Dict[str, Tensor]:
