@@ -167,7 +167,7 @@ def test_a_failed_solve_inside_hypergradient_warns_at_the_callers_line_with_its_
     outer = lambda w, lam: w.sum()  # noqa: E731
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _, res = hf.hypergradient(inner, outer, torch.ones(3, dtype=DT), torch.tensor(-2.0, dtype=DT))
+        _, res = hf.hypergradient(inner, outer, torch.zeros(3, dtype=DT), torch.tensor(-2.0, dtype=DT))  # stationary
     assert res.status is hf.Status.NEGATIVE_CURVATURE  # H = I − 2I
     assert [w.filename for w in caught if w.category is hf.ConvergenceWarning] == [__file__]
 

@@ -203,3 +203,18 @@ def test_inner_optimum_from_inference_mode_gives_the_same_hypergradient(inside):
     with context:
         got, res = hf.hypergradient(inner, outer, wi, lami, tol=1e-12)
     assert res.converged and torch.allclose(got["log_l2"], exact, rtol=1e-8)
+
+
+def test_a_point_that_is_not_an_inner_optimum_is_flagged():
+    # at w = 0 and at w*/2 the hypergradient came out 0.0 and -0.0041 against -0.0216,
+    # converged, without a word (‖∇_w inner‖ = 0.41 there)
+    inner, outer, solution = _ridge(1)
+    lam = {"log_l2": torch.tensor(0.0, dtype=DT)}
+    w_star = {"w": solution(lam["log_l2"])}
+    _, res = hf.hypergradient(inner, outer, w_star, lam, tol=1e-12)
+    assert res.stats["distance_to_stationary"] < 1e-10
+    for w in ({"w": torch.zeros(4, dtype=DT)}, {"w": w_star["w"] / 2}):
+        with pytest.warns(hf.ConvergenceWarning, match="not a stationary point") as caught:
+            _, res = hf.hypergradient(inner, outer, w, lam, tol=1e-12)
+        assert caught[0].filename == __file__
+        assert res.stats["inner_gradient_norm"] > 0.01

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from types import MappingProxyType
 from typing import Any, Callable, Tuple
@@ -14,7 +15,7 @@ from .._outcome import finish
 from .._products.api import hvp_fn, outside_inference_mode, usable
 from .._types import Mode, Solver, Tree
 from ..results import ConvergenceWarning, SolveResult, Status
-from ..tree import check_tree, leaves_with_paths, sub
+from ..tree import check_tree, dot, leaves_with_paths, norm, sub
 from .cg import cg
 from .minres import minres
 from .neumann import neumann
@@ -30,6 +31,7 @@ def hypergradient(
     *,
     solver: Solver = "cg",
     mode: Mode = "auto",
+    stationarity_tol: float = 1e-3,
     **solver_options: Any,
 ) -> Tuple[Tree, SolveResult]:
     """d outer / d hparams through the inner optimum w*(λ), by implicit differentiation.
@@ -55,6 +57,11 @@ def hypergradient(
             (for an inner point that is not a strict minimum, where H is indefinite) or
             ``"neumann"`` (Lorraine et al.'s choice; reports divergence).
         mode: how the matvec computes products, as in :func:`hvpfunc.hvp_fn`.
+        stationarity_tol: params must be within ``stationarity_tol · ‖params‖`` of a
+            stationary point of ``inner_loss`` (the Newton distance along its gradient,
+            one extra product); otherwise a :class:`~hvpfunc.ConvergenceWarning` says the
+            theorem does not apply, and ``stats`` holds ``inner_gradient_norm`` and
+            ``distance_to_stationary``.
         **solver_options: passed to the solver: ``tol``, ``damping``, ``max_iters`` for
             CG and MINRES; ``alpha``, ``num_terms``, ``tol``, ``damping`` for Neumann.
 
@@ -98,11 +105,13 @@ def hypergradient(
     check_tree(hparams, name="hparams")
     with outside_inference_mode():  # autograd refuses inference tensors; clone them out
         params, hparams = usable(params), usable(hparams)
-        grad, result = _hypergradient(inner_loss, outer_loss, params, hparams, solver, mode, solver_options)
+        grad, result = _hypergradient(inner_loss, outer_loss, params, hparams, solver, mode, stationarity_tol,
+                                      solver_options)
     return grad, finish(result, f"hypergradient(solver={solver!r})")
 
 
-def _hypergradient(inner_loss, outer_loss, params, hparams, solver, mode, solver_options):
+def _hypergradient(inner_loss, outer_loss, params, hparams, solver, mode, stationarity_tol,
+                                      solver_options):
     grad_out_w, grad_out_h = torch.func.grad(outer_loss, argnums=(0, 1))(params, hparams)
     _check_finite(grad_out_w, "d outer_loss / d params")
     _check_finite(grad_out_h, "d outer_loss / d hparams")
@@ -132,9 +141,35 @@ def _hypergradient(inner_loss, outer_loss, params, hparams, solver, mode, solver
             f"The solver said: {result.message}"
         ))
     grad_in_w = torch.func.grad(inner_loss, argnums=0)
-    _, vjp_fn = torch.func.vjp(lambda h: grad_in_w(params, h), hparams)
+    (g, vjp_fn) = torch.func.vjp(lambda h: grad_in_w(params, h), hparams)
     (mixed,) = vjp_fn(result.x)
+    result = _check_stationary(g, matvec, params, stationarity_tol, result)
     return sub(grad_out_h, mixed), result
+
+
+def _check_stationary(g: Tree, matvec, params: Tree, tol: float, result: SolveResult) -> SolveResult:
+    """The implicit function theorem holds at a stationary point only. The Newton
+    distance along the inner gradient g, ‖g‖³ / gᵀHg (one product), says how far params
+    is from one; beyond ``tol · ‖params‖`` the hypergradient is not the derivative of
+    anything, and the result says so (stats and a warning)."""
+    g_norm = float(norm(g))
+    if g_norm == 0.0:
+        return result
+    curvature = float(dot(g, matvec(g)))
+    distance = g_norm**3 / curvature if curvature > 0 else math.inf
+    stats = {**result.stats, "inner_gradient_norm": g_norm, "distance_to_stationary": distance}
+    result = result._replace(stats=MappingProxyType(stats))
+    if distance > tol * float(norm(params)):
+        warnings.warn(
+            f"hypergradient: params is not a stationary point of inner_loss (‖∇_w inner‖ = {g_norm:.3g}, "
+            f"about {distance:.3g} from one along the gradient, against ‖params‖ = {float(norm(params)):.3g}): "
+            "the implicit function theorem does not apply there, so the hypergradient is not the "
+            "derivative of the outer loss through the inner optimum. Train the inner problem further, "
+            "or raise stationarity_tol if an approximate hypergradient is what you want.",
+            ConvergenceWarning,
+            stacklevel=4,
+        )
+    return result
 
 
 def _unused_by(inner_loss: Callable[[Tree, Tree], Tensor], params: Tree, hparams: Tree) -> list:
