@@ -22,6 +22,22 @@ from .testing import dense_matrix
 from .tree import norm, random_like
 
 
+def _at_least(minimum: int):
+    """An argparse type: an integer of at least ``minimum`` (a usage error otherwise, before
+    any training)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from err
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hvpfunc",
@@ -33,18 +49,18 @@ def _parser() -> argparse.ArgumentParser:
             "against the dense Hessian."
         ),
     )
-    p.add_argument("--hidden", type=int, default=32, help="hidden units per layer (default 32)")
-    p.add_argument("--depth", type=int, default=2, help="hidden layers (default 2)")
-    p.add_argument("--samples", type=int, default=512, help="training examples (default 512)")
-    p.add_argument("--train-steps", type=int, default=100, help="Adam steps before the report (default 100)")
+    p.add_argument("--hidden", type=_at_least(1), default=32, help="hidden units per layer (default 32)")
+    p.add_argument("--depth", type=_at_least(0), default=2, help="hidden layers (default 2)")
+    p.add_argument("--samples", type=_at_least(8), default=512, help="training examples (default 512)")
+    p.add_argument("--train-steps", type=_at_least(0), default=100, help="Adam steps before the report (default 100)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--dtype", default="float64", choices=["float32", "float64"], help="(default float64)")
     p.add_argument("--seed", type=int, default=0, help="seed of data, model and probes (default 0)")
-    p.add_argument("-k", type=int, default=5, help="eigenvalues at each end (default 5)")
-    p.add_argument("--probes", type=int, default=60, help="trace probes (default 60)")
-    p.add_argument("--density-probes", type=int, default=4, help="SLQ probes (default 4)")
-    p.add_argument("--density-iters", type=int, default=60, help="Lanczos steps per SLQ probe (default 60)")
-    p.add_argument("--dense-limit", type=int, default=3000,
+    p.add_argument("-k", type=_at_least(1), default=5, help="eigenvalues at each end (default 5)")
+    p.add_argument("--probes", type=_at_least(4), default=60, help="trace probes (default 60)")
+    p.add_argument("--density-probes", type=_at_least(1), default=4, help="SLQ probes (default 4)")
+    p.add_argument("--density-iters", type=_at_least(1), default=60, help="Lanczos steps per SLQ probe (default 60)")
+    p.add_argument("--dense-limit", type=_at_least(0), default=3000,
                    help="check against the dense Hessian up to this many parameters (default 3000)")
     p.add_argument("--output", default="hessian_density.png",
                    help="where to write the density plot (default hessian_density.png)")
@@ -155,7 +171,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     sd = spectral_density(matvec, params, num_probes=args.density_probes, num_iters=min(args.density_iters, n),
                           generator=gen, progress=progress)
     print(f"\nspectral density (SLQ, {args.density_probes} probes × {min(args.density_iters, n)} steps, "
-          f"σ = {sd.sigma:.2g}): support [{float(sd.grid[0]):.4g}, {float(sd.grid[-1]):.4g}]")
+          f"σ = {sd.sigma:.2g}): Ritz values in [{float(sd.nodes.min()):.4g}, {float(sd.nodes.max()):.4g}]")
     if not args.no_plot:
         try:
             import matplotlib
