@@ -33,5 +33,6 @@ def test_job_tables_on_tiny_models():
     text = jobs.run(torch.device("cpu"), tiny=True)
     for name in ("MLP", "ResNet-style CNN", "transformer"):
         assert f"### {name}" in text
-    for how in ("hvpfunc lanczos(k=1", "hvpfunc trace(100 probes)", "hvpfunc lanczos(k=5", "hvpfunc spectral_density"):
+    for how in ("hvpfunc lanczos(k=1", "hvpfunc trace(100 probes)", "hvpfunc lanczos(k=5", "hvpfunc spectral_density",
+                "hvpfunc hypergradient(solver='cg'), defaults (converged)"):
         assert how in text
