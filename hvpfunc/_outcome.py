@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import warnings
 from types import MappingProxyType
-from typing import Any, Mapping, Sequence, TypeVar
+from typing import Any, Mapping, Sequence, Tuple, TypeVar
 
 from .results import ConvergenceWarning, SolveResult, Status
 
@@ -38,6 +38,18 @@ def finish_all(results: Sequence[SolveResult], solver: str) -> list:
             stacklevel=3,
         )
     return list(results)
+
+
+def probes_outcome(finite: bool, used: int, drawn: int, what: str = "the estimate") -> Tuple[Status, str]:
+    """The status and message of a stochastic estimator: ``"converged"``, or
+    ``"non_finite"`` when a product was nan or inf and only ``used`` of ``drawn`` probes
+    before it count."""
+    if finite:
+        return Status.CONVERGED, ""
+    return Status.NON_FINITE, (
+        f"a product was not finite (nan or inf): {what} uses the {used} of {drawn} probes before it. "
+        f"{Status.NON_FINITE.remedy}"
+    )
 
 
 def solve_result(

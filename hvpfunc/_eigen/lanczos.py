@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple, Optional
+from typing import Literal, NamedTuple, Optional, get_args
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ from .._progress import Progress
 from .._types import MatvecFn, ProgressArg, Tree, Which
 from ..results import EigResult, Status
 
-_WHICH = ("LA", "SA", "LM")
+_WHICH = get_args(Which)
 
 
 def lanczos(

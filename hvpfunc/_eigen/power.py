@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, get_args
 
 import torch
 from torch import Tensor
@@ -84,8 +84,8 @@ def power_iteration(
     References:
         Golub & Van Loan, *Matrix Computations*, 4th ed., §7.3 and §8.2.
     """
-    if which not in ("LM", "LA", "SA"):
-        raise ValueError(f"which must be 'LM', 'LA' or 'SA', got {which!r}")
+    if which not in get_args(Which):
+        raise ValueError(f"which must be one of {get_args(Which)}, got {which!r}")
     if not tol > 0:
         raise ValueError(f"tol must be positive, got {tol}")
     if max_iters is None:

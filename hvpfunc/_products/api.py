@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Dict, Hashable, Optional
+from types import MappingProxyType
+from typing import Any, Callable, Dict, Hashable, Mapping, Optional, get_args
 
 import torch
 from torch import Tensor
@@ -16,14 +17,7 @@ from .checks import check_product, inspect, record
 from .compiled import compiled_matvec
 from .modes import BUILDERS, differentiable_attention, is_forward_ad_gap, scalar_fn
 
-MODES = (
-    "auto",
-    "forward-over-reverse",
-    "reverse-over-reverse",
-    "reverse-over-reverse-recomputed",
-    "linearize",
-    "compiled",
-)
+MODES = get_args(Mode)
 
 
 def hvp(f: Callable[..., Tensor], params: Tree, v: Tree, *args: Any, **kwargs: Any) -> Tree:
@@ -122,8 +116,8 @@ class Matvec:
 class Fixed:
     """The product of an explicit mode."""
 
-    timings: Dict[str, float] = {}
-    switches: list = []
+    timings: Mapping[str, float] = MappingProxyType({})  # an explicit mode times nothing
+    switches: tuple = ()
 
     def __init__(self, fn: MatvecFn, mode: str):
         self._fn, self.mode = fn, mode
@@ -261,7 +255,7 @@ def build(f, params, args, kwargs, *, mode: str, cache: Optional[dict] = None,
                           params)
         with differentiable_attention():
             if mode == "compiled":
-                fn = compiled_matvec(f, params, args, kwargs, cache)
+                fn = compiled_matvec(f, params, args, kwargs, cache, inspection)
             elif mode == "forward-over-reverse" and inspection.forward_hazard is not None:
                 raise RuntimeError(f"mode='forward-over-reverse' is refused: {inspection.forward_hazard}. "
                                    "Use mode='auto' or a reverse mode.")

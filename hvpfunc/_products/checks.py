@@ -66,11 +66,15 @@ def record(f: Callable[..., Any], params: Tree, args: tuple, kwargs: dict) -> In
     return Inspection(frozenset(recorder.names), frozenset(recorder.forward_wrong))
 
 
-def memory_light_mode(f: Callable[..., Any], params: Tree, *args: Any, **kwargs: Any) -> str:
+def memory_light_mode(f: Callable[..., Any], params: Tree, args: tuple, kwargs: dict,
+                      inspection: Optional[Inspection] = None) -> str:
     """The mode that stores nothing between products and is right for f:
     forward-over-reverse where f's operations support forward-mode AD correctly
-    (cheaper), else reverse-over-reverse-recomputed."""
-    if record(f, params, args, kwargs).forward_hazard is not None:
+    (cheaper), else reverse-over-reverse-recomputed. ``inspection``: what
+    :func:`inspect` or :func:`record` already found for f (else one evaluation finds it)."""
+    if inspection is None:
+        inspection = record(f, params, args, kwargs)
+    if inspection.forward_hazard is not None:
         return "reverse-over-reverse-recomputed"
     probe = pytree.tree_map(torch.ones_like, params)
     try:

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .._types import MatvecFn, Tree
 from ..tree import norm, random_like, sub
-from .checks import agreement, memory_light_mode
+from .checks import Inspection, agreement, memory_light_mode
 
 
 class CompiledProduct:
@@ -20,9 +20,10 @@ class CompiledProduct:
     arguments are the compiled graph's inputs, so a new batch of the same shape reuses
     the graph instead of compiling again."""
 
-    def __init__(self, f: Callable[..., Tensor], params: Tree, args: tuple, kwargs: dict):
+    def __init__(self, f: Callable[..., Tensor], params: Tree, args: tuple, kwargs: dict,
+                 inspection: Optional[Inspection] = None):
         grad_f = torch.func.grad(f)
-        if memory_light_mode(f, params, *args, **kwargs) == "forward-over-reverse":
+        if memory_light_mode(f, params, args, kwargs, inspection) == "forward-over-reverse":
             def product(p, v, args, kwargs):
                 return torch.func.jvp(lambda q: grad_f(q, *args, **kwargs), (p,), (v,))[1]
         else:
@@ -63,10 +64,10 @@ class CompiledProduct:
         return matvec
 
 
-def compiled_matvec(f, params, args, kwargs, cache: Optional[dict] = None):
+def compiled_matvec(f, params, args, kwargs, cache: Optional[dict] = None, inspection: Optional[Inspection] = None):
     cache = {} if cache is None else cache
     if "compiled" not in cache:
-        cache["compiled"] = CompiledProduct(f, params, args, kwargs)
+        cache["compiled"] = CompiledProduct(f, params, args, kwargs, inspection)
     return cache["compiled"].matvec(params, args, kwargs)
 
 

@@ -182,7 +182,7 @@ def model_hvp_fn(
         weigh = _weigher(kind, loss_fn, forward, params, batch_size)
         if stream is None:
             with _explained_randomness(dropouts):
-                per_batch = memory_light_mode(loss, params, *batches[0]) if mode == "auto" else mode
+                per_batch = memory_light_mode(loss, params, batches[0], {}) if mode == "auto" else mode
                 parts = [(weigh(batch), build(loss, params, batch, {}, mode=per_batch, cache=cache))
                          for batch in batches]
             total = sum(m for m, _ in parts) if kind == "mean" else 1.0
@@ -314,9 +314,9 @@ def _streamed(stream: Iterable, loss: Callable, params: Dict[str, Tensor], mode:
         for i, batch in enumerate(stream):
             batch = usable(_checked(batch, i))
             if i == 0:
-                inspect(scalar_fn(loss), params, batch, {})
+                inspection = inspect(scalar_fn(loss), params, batch, {})
                 if mode == "auto":
-                    per_batch = memory_light_mode(loss, params, *batch)
+                    per_batch = memory_light_mode(loss, params, batch, {}, inspection)
             weights.append(weigh(batch))
             prints.append(_fingerprint(batch) if check_data else None)
     if not weights:

@@ -51,7 +51,9 @@ def scalar_fn(f: Callable[..., Tensor]) -> Callable[..., Tensor]:
     return wrapped
 
 
-def forward_over_reverse(f, params, args, kwargs):
+def forward_over_reverse(f, params, args, kwargs, *, mode: str = "forward-over-reverse"):
+    """``jvp(grad(f))``, recomputed every call; ``mode`` names the mode in its errors
+    (``linearize`` runs one such product first)."""
     grad_f = torch.func.grad(f)
 
     def matvec(v: Tree) -> Tree:
@@ -60,7 +62,7 @@ def forward_over_reverse(f, params, args, kwargs):
         except RuntimeError as err:
             if is_forward_ad_gap(err):
                 raise RuntimeError(
-                    "mode='forward-over-reverse': an operation in f has no working forward-mode "
+                    f"mode={mode!r}: an operation in f has no working forward-mode "
                     f"derivative ({err}). Use mode='reverse-over-reverse' or mode='auto'."
                 ) from err
             raise
@@ -110,12 +112,7 @@ def linearize(f, params, args, kwargs):
     # pytorch/pytorch#123996) raise in one eager forward-over-reverse product; tracing
     # them would not raise.
     probe = pytree.tree_map(torch.ones_like, params)
-    try:
-        forward_over_reverse(f, params, args, kwargs)(probe)
-    except RuntimeError as err:
-        if not str(err).startswith("mode='forward-over-reverse'"):
-            raise
-        raise RuntimeError(str(err).replace("mode='forward-over-reverse'", "mode='linearize'", 1)) from err
+    forward_over_reverse(f, params, args, kwargs, mode="linearize")(probe)
     grad_f = torch.func.grad(f)
     with warnings.catch_warnings():
         # linearize's constant folding warns about attributes it creates itself.

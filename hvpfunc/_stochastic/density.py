@@ -10,10 +10,10 @@ from torch import Tensor
 
 from .._krylov import check_symmetric, expand, symmetry_slack
 from .._operator import Operator, resolve_chunk
-from .._outcome import finish
+from .._outcome import finish, probes_outcome
 from .._progress import Progress
 from .._types import ChunkSize, MatvecFn, ProgressArg, Tree
-from ..results import SpectralDensity, Status
+from ..results import SpectralDensity
 
 
 def spectral_density(
@@ -109,13 +109,7 @@ def spectral_density(
         bar.close()
     nodes_t = torch.cat(nodes)
     weights_t = torch.cat(weights)
-    status, message = Status.CONVERGED, ""
-    if nodes_t.shape[0] < num_probes:
-        status = Status.NON_FINITE
-        message = (
-            f"a product was not finite (nan or inf): the density comes from the "
-            f"{nodes_t.shape[0]} of {num_probes} probes before it. {status.remedy}"
-        )
+    status, message = probes_outcome(nodes_t.shape[0] == num_probes, nodes_t.shape[0], num_probes, "the density")
     if nodes_t.shape[0] == 0:
         nan = torch.full((num_points,), math.nan, dtype=op.dtype, device=op.device)
         result = SpectralDensity(nan, nan, nodes_t.to(op.device, op.dtype), weights_t.to(op.device, op.dtype),

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional, Tuple, get_args
 
 import torch
 from torch import Tensor
 
 from .._operator import Operator, block_size
-from .._outcome import finish
+from .._outcome import finish, probes_outcome
 from .._progress import Progress
 from .._types import ChunkSize, MatvecFn, ProgressArg, TraceMethod, Tree
-from ..results import DiagonalResult, Status, TraceResult
+from ..results import DiagonalResult, TraceResult
 
-_METHODS = ("hutchinson", "hutch++")
+_METHODS = get_args(TraceMethod)
 
 
 def trace(
@@ -109,13 +109,7 @@ def trace(
                 samples, finite, estimate, stderr = nan[None][:0], False, nan, nan
     finally:
         bar.close()
-    status, message = Status.CONVERGED, ""
-    if not finite:
-        status = Status.NON_FINITE
-        message = (
-            f"a product was not finite (nan or inf): the estimate uses the {samples.shape[0]} "
-            f"probes before it. {status.remedy}"
-        )
+    status, message = probes_outcome(finite, samples.shape[0], num_probes)
     return finish(TraceResult(estimate, stderr, op.num_matvecs, status, message), f"trace(method={method!r})")
 
 
@@ -216,13 +210,7 @@ def diagonal(
     if count == 0:
         mean = torch.full_like(mean, math.nan)
     stderr = torch.sqrt(m2 / (count - 1)) / math.sqrt(count) if count > 1 else torch.full_like(mean, math.nan)
-    status, message = Status.CONVERGED, ""
-    if not all_finite:
-        status = Status.NON_FINITE
-        message = (
-            f"a product was not finite (nan or inf): the estimate uses the {count} probes "
-            f"before it. {status.remedy}"
-        )
+    status, message = probes_outcome(all_finite, count, num_probes)
     result = DiagonalResult(
         estimate=op.layout.unflatten(mean),
         stderr=op.layout.unflatten(stderr),
