@@ -29,6 +29,19 @@ def median_seconds(fn: Callable[[], object], device: torch.device, *, warmup: in
     return statistics.median(times)
 
 
+def timed_runs(fn: Callable[[], object], device: torch.device, *, runs: int) -> Tuple[object, float]:
+    """(result of the last run, median seconds of runs 2..runs): for jobs too long to
+    repeat ten times, one warm-up run and the median of the rest."""
+    times = []
+    for _ in range(runs):
+        sync(device)
+        start = time.perf_counter()
+        out = fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return out, statistics.median(times[1:])
+
+
 def paired_medians(fn: Callable[[], object], reference: Callable[[], object], device: torch.device, *,
                    warmup: int = 3, repeats: int = 10) -> Tuple[float, float]:
     """Median wall times of ``fn()`` and ``reference()``, called alternately: on a shared

@@ -20,7 +20,7 @@ from torch import nn
 import hvpfunc as hf
 
 from . import peers
-from .harness import sync, table
+from .harness import table, timed_runs
 
 _RUNS = 3  # one warm-up, then the median of two
 
@@ -61,14 +61,7 @@ def _models(tiny: bool, device: torch.device):
 
 
 def _timed(fn: Callable, device: torch.device):
-    times = []
-    for _ in range(_RUNS):
-        sync(device)
-        start = __import__("time").perf_counter()
-        out = fn()
-        sync(device)
-        times.append(__import__("time").perf_counter() - start)
-    return out, float(np.median(times[1:]))
+    return timed_runs(fn, device, runs=_RUNS)
 
 
 def _pyhessian_counted(fn: Callable) -> Callable:
@@ -87,6 +80,15 @@ def _pyhessian_counted(fn: Callable) -> Callable:
             ph.hessian_vector_product = original
 
     return run
+
+
+def seeded() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+def start(params) -> dict:
+    """The same start vector for every run of a job."""
+    return hf.tree.random_like(params, generator=seeded())
 
 
 def _attempt(rows: list, job: str, how: str, device: torch.device, fn: Callable, describe: Callable) -> None:
@@ -118,12 +120,15 @@ def run(device: torch.device, *, tiny: bool = False) -> str:
 
         rows = []
 
-        def hv_top():
-            mv, params = hf.model_hvp_fn(model, loss, (x, y))
-            v0 = hf.tree.random_like(params, generator=torch.Generator().manual_seed(0))
-            return hf.lanczos(mv, v0, k=1, tol=1e-3, stop="eigenvalue")
+        def from_model(solve: Callable) -> Callable:
+            """A job from the model: hvpfunc's matvec is built inside the timed call."""
+            def job():
+                mv, params = hf.model_hvp_fn(model, loss, (x, y))
+                return solve(mv, params)
 
-        res, seconds = _timed(hv_top, device)
+            return job
+
+        res, seconds = _timed(from_model(lambda mv, params: hf.lanczos(mv, start(params), k=1, tol=1e-3, stop="eigenvalue")), device)
         rows.append(["top eigenvalue", "hvpfunc lanczos(k=1, tol=1e-3, stop='eigenvalue')", f"{seconds:.3f}",
                      res.num_matvecs, rel(float(res.eigenvalues[0]))])
         if found["PyHessian"]:
@@ -131,11 +136,7 @@ def run(device: torch.device, *, tiny: bool = False) -> str:
                      _pyhessian_counted(lambda: peers.pyhessian(model, (x, y)).eigenvalues(top_n=1)[0]),
                      lambda values: rel(float(values[0])))
 
-        def hv_trace():
-            mv, params = hf.model_hvp_fn(model, loss, (x, y))
-            return hf.trace(mv, params, num_probes=100, generator=torch.Generator().manual_seed(0))
-
-        res, seconds = _timed(hv_trace, device)
+        res, seconds = _timed(from_model(lambda mv, params: hf.trace(mv, params, num_probes=100, generator=seeded())), device)
         rows.append(["trace", "hvpfunc trace(100 probes), defaults", f"{seconds:.3f}", res.num_matvecs,
                      f"±{float(res.stderr) / abs(float(res.estimate)):.1e} (stderr)"])
         if found["PyHessian"]:
@@ -145,12 +146,7 @@ def run(device: torch.device, *, tiny: bool = False) -> str:
                      lambda samples: f"±{np.std(samples, ddof=1) / np.sqrt(len(samples)) / abs(np.mean(samples)):.1e}"
                                      " (stderr)")
 
-        def hv_top5():
-            mv, params = hf.model_hvp_fn(model, loss, (x, y))
-            v0 = hf.tree.random_like(params, generator=torch.Generator().manual_seed(0))
-            return hf.lanczos(mv, v0, k=5, tol=1e-3, stop="eigenvalue")
-
-        res, seconds = _timed(hv_top5, device)
+        res, seconds = _timed(from_model(lambda mv, params: hf.lanczos(mv, start(params), k=5, tol=1e-3, stop="eigenvalue")), device)
         rows.append(["top-5", "hvpfunc lanczos(k=5, tol=1e-3, stop='eigenvalue')", f"{seconds:.3f}", res.num_matvecs,
                      f"{rel(float(res.eigenvalues[0]))} (top)"])
         if found["hessian-eigenthings"]:
@@ -176,11 +172,7 @@ def run(device: torch.device, *, tiny: bool = False) -> str:
             _attempt(rows, "top-5", "curvlinops + scipy eigsh(k=5, tol=1e-3)", device, cl_top5,
                      lambda vals: f"{rel(float(np.max(vals)))} (top)")
 
-        def hv_density():
-            mv, params = hf.model_hvp_fn(model, loss, (x, y))
-            return hf.spectral_density(mv, params, num_probes=1, num_iters=90, generator=torch.Generator().manual_seed(0))
-
-        res, seconds = _timed(hv_density, device)
+        res, seconds = _timed(from_model(lambda mv, params: hf.spectral_density(mv, params, num_probes=1, num_iters=90, generator=seeded())), device)
         rows.append(["SLQ density", "hvpfunc spectral_density(1 probe, 90 steps)", f"{seconds:.3f}", res.num_matvecs,
                      f"{rel(float(res.nodes.max()))} (top node)"])
         if found["PyHessian"]:

@@ -8,9 +8,7 @@ float64. Solvers run in float32 like the peers, except the ARPACK comparison.
 from __future__ import annotations
 
 import copy
-import statistics
 import sys
-import time
 import warnings
 from typing import Callable, Dict, List
 
@@ -22,7 +20,7 @@ import hvpfunc as hf
 from hvpfunc.testing import dense_matrix
 
 from . import peers
-from .harness import median_seconds, sync, table
+from .harness import median_seconds, table, timed_runs
 
 
 def _problem(device: torch.device, tiny: bool):
@@ -54,14 +52,7 @@ _CG_DAMPING = 1.0  # makes the network Hessian positive definite, so CG runs all
 def _timed(fn: Callable, device: torch.device):
     """(result of the last run, median seconds of runs 2–4); product counters wrapped
     around ``fn`` see ``_RUNS`` runs and are divided by it."""
-    times = []
-    for _ in range(_RUNS):
-        sync(device)
-        start = time.perf_counter()
-        out = fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return out, statistics.median(times[1:])
+    return timed_runs(fn, device, runs=_RUNS)
 
 
 def run(device: torch.device, *, tiny: bool = False) -> str:
