@@ -8,10 +8,13 @@ from typing import Any, Callable, Optional
 
 from ._types import ProgressArg
 
+_PLAIN_INTERVAL_S = 5.0
+
 
 class Progress:
-    """``progress=False``: nothing. ``True``: a tqdm bar on stderr when tqdm is
-    installed, else a line at most once a second. A callable: called as
+    """``progress=False``: nothing. ``True``: a tqdm bar when stderr is a terminal and
+    tqdm is installed, else a plain line on stderr at most every few seconds (a bar's
+    carriage returns make logs and pipes unreadable). A callable: called as
     ``progress(step, *values)`` after every step."""
 
     def __init__(self, progress: ProgressArg, *, total: Optional[int], desc: str):
@@ -22,7 +25,7 @@ class Progress:
         self._last_print = 0.0
         if callable(progress):
             self._callback = progress
-        elif progress:
+        elif progress and sys.stderr.isatty():
             try:
                 from tqdm.auto import tqdm
             except ImportError:
@@ -42,7 +45,7 @@ class Progress:
             self._bar.set_postfix_str(" ".join(f"{v:.4g}" for v in values), refresh=False)
         else:
             now = time.monotonic()
-            if now - self._last_print >= 1.0:
+            if now - self._last_print >= _PLAIN_INTERVAL_S:
                 self._last_print = now
                 shown = " ".join(f"{v:.6g}" for v in values)
                 print(f"{self._desc}: step {self._step} {shown}", file=sys.stderr, flush=True)

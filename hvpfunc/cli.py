@@ -105,6 +105,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     start = time.perf_counter()
     (x, y), (xv, yv) = _data(args, dtype, device)
     model = _model(args, dtype, device)
+    n = sum(p.numel() for p in model.parameters())
+    if args.k > n:
+        print(f"hvpfunc: -k {args.k} is more than the model's {n} parameters: reporting all {n} eigenvalues",
+              file=sys.stderr)
     loss_fn = nn.functional.cross_entropy
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(args.train_steps):
@@ -114,12 +118,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     with torch.no_grad():
         train_loss, val_loss = float(loss_fn(model(x), y)), float(loss_fn(model(xv), yv))
     matvec, params = model_hvp_fn(model, loss_fn, (x, y))
-    n = sum(p.numel() for p in params.values())
     print(f"hvpfunc report — torch {torch.__version__}, device {device}, {args.dtype}")
     print(f"model: MLP 10-{'-'.join([str(args.hidden)] * args.depth)}-4, {n} parameters; "
           f"{args.train_steps} Adam steps: train loss {train_loss:.4f}, validation loss {val_loss:.4f}")
     timing = ", ".join(f"{m} {t * 1e3:.2f} ms" for m, t in matvec.timings.items())
-    print(f"Hessian-vector product: mode {matvec.mode!r} (auto timed: {timing})")
+    print(f"Hessian-vector product: mode {matvec.mode!r}" + (f" (auto timed: {timing})" if timing else ""))
 
     gen = torch.Generator().manual_seed(args.seed)
     v0 = random_like(params, generator=gen, kind="gaussian")

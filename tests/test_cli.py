@@ -42,3 +42,19 @@ def test_missing_cuda_is_a_clear_error(capsys):
         pytest.skip("a CUDA device is present")
     assert main(SMALL + ["--device", "cuda"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_softmax_null_space_and_k_beyond_the_parameters(capsys):
+    # --depth 0 is softmax regression: 11 zero eigenvalues, so the bottom five are all
+    # zero (a single Krylov sequence finds one; the report once said "converged 5/5"
+    # beside its own dense check's 1e-2 error). -k above the 44 parameters is clamped,
+    # and says so.
+    args = ["--depth", "0", "--samples", "96", "--train-steps", "30", "--probes", "12",
+            "--density-probes", "2", "--density-iters", "20", "--no-progress", "--no-plot"]
+    assert main(args + ["-k", "5"]) == 0
+    out = capsys.readouterr().out
+    assert float(re.search(r"max \|error\| / ‖H‖ = (\S+)", out).group(1)) < 1e-8
+    assert main(args + ["-k", "50"]) == 0
+    captured = capsys.readouterr()
+    assert "-k 50 is more than the model's 44 parameters" in captured.err
+    assert "top 44:" in captured.out

@@ -42,6 +42,65 @@ def test_exact_multiplicity_found_after_an_invariant_subspace():
     assert bool(res.converged.all())
 
 
+def _bulk(n, low, high, seed):
+    return (low + (high - low) * torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=DT)).tolist()
+
+
+@pytest.mark.parametrize(
+    "lam, k, which, options",
+    [
+        ([0.0, 0.0] + torch.linspace(0.1, 3.0, 28, dtype=DT).tolist(), 2, "SA", {}),  # a double zero
+        ([3.0, 3.0, 2.9] + _bulk(197, 0.0, 2.5, 0), 2, "LA", {}),  # a double 3 beside 2.9
+        ([3.0, 3.0, 2.9] + _bulk(197, 0.0, 2.5, 0), 2, "LA", {"max_basis": 200}),
+        ([-3.0, -3.0, 2.9] + _bulk(97, -2.5, 2.5, 1), 2, "LM", {}),
+        ([0.0] * 11 + _bulk(33, 0.05, 2.0, 2), 12, "SA", {}),  # eleven zeros: softmax-like
+        ([3.0, 3.0, 2.9] + _bulk(197, 0.0, 2.5, 0), 2, "LA", {"stop": "eigenvalue"}),
+    ],
+)
+def test_copies_of_found_eigenvalues_are_found(lam, k, which, options):
+    # A single Krylov sequence sees one vector per distinct eigenvalue; the copy check
+    # (lock, restart from a fresh vector) must find the rest.
+    matvec, like, H = spectrum_operator(lam)
+    res = hf.lanczos(matvec, random_tree(like, 1), k=k, which=which, tol=1e-10, **options)
+    ev = torch.linalg.eigvalsh(H)
+    want = {"LA": ev.flip(0)[:k], "SA": ev[:k], "LM": ev[ev.abs().argsort(descending=True)][:k]}[which]
+    assert res.status == "converged"
+    assert torch.allclose(res.eigenvalues, want, rtol=1e-8, atol=1e-9)
+    if options.get("stop") != "eigenvalue":  # which leaves vectors only about sqrt(tol) accurate
+        _check_pairs(res, H, k)
+
+
+def test_softmax_regression_null_space():
+    # Every softmax classifier's Hessian is singular (shifting all logits changes nothing):
+    # nn.Linear(10, 4) has 11 zero eigenvalues, and k=3 must return three of them.
+    torch.manual_seed(0)
+    model = torch.nn.Linear(10, 4).double()
+    x, y = torch.randn(64, 10, dtype=DT), torch.randint(0, 4, (64,))
+    matvec, params = hf.model_hvp_fn(model, torch.nn.CrossEntropyLoss(), (x, y))
+    ev = torch.linalg.eigvalsh(dense_hessian(lambda p, x, y: torch.nn.functional.cross_entropy(
+        torch.func.functional_call(model, p, (x,)), y), params, x, y))
+    res = hf.lanczos(matvec, random_tree(params, 0), k=3, which="SA", tol=1e-8)
+    assert res.status == "converged"
+    assert torch.allclose(res.eigenvalues, ev[:3], atol=1e-9)
+
+
+def test_without_the_copy_check_the_result_says_copies_were_not_ruled_out():
+    matvec, like, _ = spectrum_operator([3.0, 3.0, 2.9] + _bulk(97, 0.0, 2.5, 0))
+    res = hf.lanczos(matvec, random_tree(like, 1), k=2, tol=1e-10, find_copies=False)
+    assert res.status == "converged" and "not ruled out" in res.message
+    checked = hf.lanczos(matvec, random_tree(like, 1), k=2, tol=1e-10)
+    assert checked.message == "" and checked.num_matvecs > res.num_matvecs
+
+
+def test_a_start_vector_in_an_invariant_subspace_still_finds_the_top():
+    # v0 = e_50 spans an invariant subspace: θ = 50 "converges" at once with residual 0
+    H = torch.diag(torch.arange(1.0, 101.0, dtype=DT))
+    e = torch.zeros(100, dtype=DT)
+    e[49] = 1.0
+    res = hf.lanczos(lambda v: H @ v, e, k=1, tol=1e-10)
+    assert res.status == "converged" and float(res.eigenvalues[0]) == pytest.approx(100.0, rel=1e-10)
+
+
 def test_k_equal_to_the_dimension_and_small_problems():
     matvec, like, H = spectrum_operator([2.0, -1.0, 0.5])
     res = hf.lanczos(matvec, random_tree(like, 2), k=3, which="SA")
@@ -78,7 +137,8 @@ def test_uses_no_more_products_than_arpack():
     f, params, (x, y) = mlp_loss([10, 30, 10], batch=64)  # 10·30+30+30·10+10 = 640 params
     matvec = hf.hvp_fn(f, params, x, y)
     v0 = random_tree(params, 6)
-    res = hf.lanczos(matvec, v0, k=5, tol=1e-8)
+    # ARPACK does not check for copies of the eigenvalues it found: compare like with like
+    res = hf.lanczos(matvec, v0, k=5, tol=1e-8, find_copies=False)
     op = hf.to_scipy(matvec, params)
     calls = {"n": 0}
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple, Optional, get_args
+from typing import Callable, Literal, NamedTuple, Optional, Tuple, get_args
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ def lanczos(
     generator: Optional[torch.Generator] = None,
     progress: ProgressArg = False,
     stop: Literal["residual", "eigenvalue"] = "residual",
+    find_copies: bool = True,
 ) -> EigResult:
     """The k extreme eigenpairs of a symmetric operator by thick-restart Lanczos.
 
@@ -55,12 +57,23 @@ def lanczos(
     ``stop="eigenvalue"`` the iteration stops when every bound is at most ``tol · |θ|``,
     which is what a relative tolerance on the eigenvalue means (PyHessian's ``tol`` is a
     relative change between iterations, which bounds nothing) and costs fewer products;
-    the eigenvectors are then only about sqrt(tol) accurate. If the Krylov space becomes
-    invariant before k pairs are found (a start vector in a small eigenspace), it
-    continues from a random vector orthogonal to the basis, drawn from ``generator``,
-    and accepts convergence only after that direction has filled the basis: a Krylov
-    space holds one vector per distinct eigenvalue, so this is how further copies of a
-    repeated eigenvalue are found (as ARPACK does on breakdown).
+    the eigenvectors are then only about sqrt(tol) accurate.
+
+    A Krylov space holds one vector per distinct eigenvalue, so a single Lanczos
+    sequence cannot see that an eigenvalue is repeated (the Hessian of every softmax
+    classifier has a null space of dimension at least the classes; symmetric networks
+    have repeated outliers). With ``find_copies=True`` (default, for k ≥ 2) the pairs
+    found are deflated (as ARPACK locks converged pairs) and Lanczos runs on
+    (I − UUᵀ) H (I − UUᵀ) from a fresh random vector drawn from ``generator``, until its
+    best pair converges or a probabilistic bound (Hochstenbach 2013, from the Lanczos
+    polynomial) shows that, with probability at least 1 − 10⁻³ over the fresh vector,
+    nothing beyond the k-th eigenvalue was missed. A better pair found (a copy) takes
+    the place of the k-th, its residual measured in H with one product, and the check
+    runs again. It costs about one k = 1 run on the deflated operator, little when the
+    k-th eigenvalue is well separated and as much as the first run inside a cluster.
+    The same check runs for any k when the start vector lay in an invariant subspace
+    (an eigenvector, say). With ``find_copies=False`` a run with k ≥ 2 stops at the
+    first convergence and its ``message`` says that copies were not ruled out.
 
     Args:
         matvec: ``v -> H v`` on trees shaped like ``v0``; H must be symmetric.
@@ -73,11 +86,13 @@ def lanczos(
         max_basis: basis size before a restart; default ``max(2k + 1, 20)`` (as
             ARPACK's ``ncv`` in scipy), capped at the dimension; at least ``k + 2``
             unless it equals the dimension.
-        generator: draws continuation vectors after an invariant subspace is found;
-            default a CPU generator seeded with 0, so results are reproducible.
+        generator: draws the fresh vectors of the copy check and of continuations after
+            an invariant subspace; default a CPU generator seeded with 0, so results
+            are reproducible.
         progress: ``True`` for a progress bar, or a callable
             ``progress(step, largest_unconverged_residual)``.
         stop: ``"residual"`` (default) or ``"eigenvalue"``: what ``tol`` bounds (above).
+        find_copies: check for further copies of the k eigenvalues found (above).
 
     Returns:
         :class:`~hvpfunc.EigResult`: eigenvalues ordered as ``which`` asks (descending,
@@ -103,7 +118,8 @@ def lanczos(
     References:
         Lanczos (1950); Wu & Simon, "Thick-restart Lanczos method for large symmetric
         eigenvalue problems", SIAM J. Matrix Anal. Appl. 22 (2000); Lehoucq, Sorensen &
-        Yang, *ARPACK Users' Guide* (1998).
+        Yang, *ARPACK Users' Guide* (1998); Hochstenbach, "Probabilistic upper bounds for
+        the matrix two-norm", J. Sci. Comput. 57 (2013).
     """
     if which not in _WHICH:
         raise ValueError(f"which must be one of {_WHICH}, got {which!r}")
@@ -131,56 +147,55 @@ def lanczos(
     if generator is None:
         generator = torch.Generator().manual_seed(0)
 
-    eps = torch.finfo(op.dtype).eps
-    slack = symmetry_slack(op.layout.product_eps)
-    state = _start(x0, m)
-    status, detail = Status.MAX_ITERS, f"max_iters={budget} products reached"
+    ctx = _Options(
+        which=which, tol=tol, stop=stop, eps=torch.finfo(op.dtype).eps, budget=budget, generator=generator,
+        slack=symmetry_slack(op.layout.product_eps),
+    )
+    repeat = find_copies and k > 1
     bar = Progress(progress, total=budget, desc=f"lanczos (k={k}, {which})")
     try:
-        while True:
-            w = _expand(state, op, slack)
-            if w is None:
-                status, detail = Status.NON_FINITE, "a product was not finite (nan or inf)"
-                break
-            ritz = _ritz(state, which, k, tol, eps, stop)
-            bar.update(float(ritz.residuals[~ritz.ok].max()) if not ritz.ok.all() else 0.0)
-            invariant = state.beta <= 100 * eps * state.norm_estimate
-            if invariant and state.j == n:
-                status = Status.CONVERGED  # the basis spans the whole space: T's pairs are exact
-                break
-            if invariant and not state.explored:
-                # A Krylov space holds one vector per distinct eigenvalue, so copies of a
-                # repeated eigenvalue lie outside it: explore fresh directions until the
-                # basis fills before accepting convergence, or they would be missed.
-                state.exploring = state.explored = True
-            if len(ritz.wanted) == k and ritz.ok.all() and not state.exploring:
-                status = Status.CONVERGED
-                break
-            if op.num_matvecs >= budget:
-                break
-            _advance(state, w, ritz, invariant=invariant, keep=k + (m - k) // 2, which=which, generator=generator)
+        state, status, detail = _run(op, _start(x0, m), k, n, ctx, bar)
+        pairs = _extract(state, k, ctx)
+        checking = status is Status.CONVERGED and state.j < n and (repeat or state.deficient)
+        norm_estimate = state.norm_estimate
+        del state  # the pairs hold all that is kept: the copy check needs the memory
+        if checking:
+            pairs, status, detail = _check_copies(op, pairs, m, n, norm_estimate, ctx, bar, repeat=repeat)
     finally:
         bar.close()
 
-    eigenvalues, vectors, converged, residuals, errors = _extract(state, which, k, tol, eps, stop)
-    if status is Status.CONVERGED and not bool(converged.all()):
+    if status is Status.CONVERGED and not bool(pairs.converged.all()):
         status = Status.MAX_ITERS  # an invariant subspace smaller than k: pairs are missing
     message = ""
     if status is not Status.CONVERGED:
-        short = int((~converged).sum())
-        message = f"{detail}; {short} of {k} pairs above tolerance. {status.remedy}"
+        short = int((~pairs.converged).sum())
+        unchecked = "; further copies of these eigenvalues were not yet ruled out" if checking else ""
+        message = f"{detail}; {short} of {k} pairs above tolerance{unchecked}. {status.remedy}"
+    elif k > 1 and not find_copies and k < n:
+        message = "find_copies=False: further copies of these eigenvalues were not ruled out"
     result = EigResult(
-        eigenvalues=eigenvalues.to(op.device, op.dtype),
-        eigenvectors=op.layout.unflatten(vectors),
-        converged=converged.to(op.device),
-        residuals=residuals.to(op.device, op.dtype),
-        errors=errors.to(op.device, op.dtype),
+        eigenvalues=torch.as_tensor(pairs.values).to(op.device, op.dtype),
+        eigenvectors=op.layout.unflatten(pairs.vectors),
+        converged=torch.as_tensor(pairs.converged).to(op.device),
+        residuals=torch.as_tensor(pairs.residuals).to(op.device, op.dtype),
+        errors=torch.as_tensor(pairs.errors).to(op.device, op.dtype),
         num_matvecs=op.num_matvecs,
         which=which,
         status=status,
         message=message,
     )
     return finish(result, f"lanczos(k={k}, which={which!r})")
+
+
+@dataclass(frozen=True)
+class _Options:
+    which: str
+    tol: float
+    stop: str
+    eps: float  # the unit roundoff of the vectors' dtype
+    budget: int
+    generator: torch.Generator
+    slack: float  # of the symmetry check
 
 
 @dataclass
@@ -196,16 +211,26 @@ class _State:
     coupling: np.ndarray = field(default_factory=lambda: np.zeros(0))
     norm_estimate: float = 0.0  # the largest |Ritz value| seen, a lower bound of ‖H‖
     plain: bool = False  # V[j] came from the three-term step, so T[j, j-1] = β is to be checked
-    exploring: bool = False  # after an invariant subspace, until the basis fills
-    explored: bool = False
+    deficient: bool = False  # an invariant subspace was met: the start vector missed directions
+    krylov: bool = True  # V[:j] is still the plain Krylov sequence of V[0] (no restart, no fresh vector)
 
 
 class _Ritz(NamedTuple):
     theta: np.ndarray  # Ritz values, ascending
     Y: np.ndarray  # their eigenvectors in the basis
     wanted: np.ndarray  # indices of the k pairs ``which`` prefers, in its order
-    residuals: np.ndarray  # ‖H Vy − θ Vy‖ = β |y_last| of the wanted pairs
+    residuals: np.ndarray  # ‖H Vy − θ Vy‖ = |cᵀy| of the wanted pairs
     ok: np.ndarray  # whether each wanted residual meets the tolerance
+
+
+class _Pairs(NamedTuple):
+    """Eigenpairs found, in ``which``'s order; missing ones are nan with zero vectors."""
+
+    values: np.ndarray
+    vectors: Tensor  # (k, n), unit rows
+    converged: np.ndarray
+    residuals: np.ndarray
+    errors: np.ndarray  # bounds of |λ − θ|
 
 
 def _start(x0: Tensor, m: int) -> _State:
@@ -216,11 +241,119 @@ def _start(x0: Tensor, m: int) -> _State:
     return _State(V=V, T=np.zeros((m + 1, m + 1)))
 
 
-def _expand(state: _State, op: Operator, slack: float) -> Optional[Tensor]:
-    """One product: H V[j] goes into column j of T. Returns the residual direction, or
-    None (the state unchanged) when the product was not finite."""
+def _run(
+    op: Operator, state: _State, k: int, dim: int, ctx: _Options, bar: Progress,
+    done: Optional[Callable[[_State, _Ritz, bool], bool]] = None, deflate: Optional[Tensor] = None,
+) -> Tuple[_State, Status, str]:
+    """Expand and restart until the k wanted pairs converge, ``done(state, ritz,
+    invariant)`` says so, or the budget or a non-finite product ends the run. With
+    ``deflate`` (rows U) the operator is PHP, P = I − UᵀU; ``dim`` is the dimension of
+    the space the basis lives in."""
+    m = state.V.shape[0] - 1
+    while True:
+        w = _expand(state, op, ctx.slack, deflate)
+        if w is None:
+            return state, Status.NON_FINITE, "a product was not finite (nan or inf)"
+        ritz = _ritz(state, k, ctx)
+        bar.update(float(ritz.residuals[~ritz.ok].max()) if not ritz.ok.all() else 0.0)
+        invariant = state.beta <= 100 * ctx.eps * state.norm_estimate
+        if invariant and state.j == dim:
+            return state, Status.CONVERGED, ""  # the basis spans the whole space: T's pairs are exact
+        # An invariant subspace means the start vector missed part of the space:
+        # whatever converges must then be checked from a fresh vector.
+        state.deficient |= invariant
+        if (len(ritz.wanted) == k and ritz.ok.all()) or (done is not None and done(state, ritz, invariant)):
+            return state, Status.CONVERGED, ""
+        if op.num_matvecs >= ctx.budget:
+            return state, Status.MAX_ITERS, f"max_iters={ctx.budget} products reached"
+        _advance(state, w, ritz, invariant=invariant, keep=k + (m - k) // 2, which=ctx.which, generator=ctx.generator)
+
+
+def _check_copies(
+    op: Operator, pairs: _Pairs, m: int, n: int, norm_estimate: float, ctx: _Options, bar: Progress, *,
+    repeat: bool,
+) -> Tuple[_Pairs, Status, str]:
+    """Look for eigenvalues better than the k-th found, which a single Krylov sequence
+    misses when it is a copy of one found (or when the start vector lay in an invariant
+    subspace): Lanczos on the deflated operator PHP, P = I − UUᵀ projecting off the
+    pairs' vectors U, from a fresh random vector. It stops when its best pair converges
+    or when :func:`_nothing_beyond` rules out anything better; a better pair found
+    joins the k (replacing the worst) and, with ``repeat``, the check runs again.
+    ``norm_estimate`` (a lower bound of ‖H‖) sets the rounding floor of tolerances."""
+    k = len(pairs.values)
+    while True:
+        U = pairs.vectors
+        dim = n - k
+        kth = float(pairs.values[-1])
+        floor = float(_threshold(np.array([kth]), ctx.tol, ctx.eps, norm_estimate)[0])
+
+        def done(state: _State, ritz: _Ritz, invariant: bool) -> bool:
+            # an invariant Krylov space of a random vector holds every distinct eigenvalue
+            return invariant or _nothing_beyond(state, kth + (floor if ctx.which == "SA" else -floor), ctx.which, dim)
+
+        state = _start(_fresh_direction(U, ctx.generator), min(m, dim))
+        state.norm_estimate = norm_estimate
+        state, status, detail = _run(op, state, 1, dim, ctx, bar, done, deflate=U)
+        if status is not Status.CONVERGED:
+            return pairs, status, detail
+        theta = np.linalg.eigvalsh(state.T[: state.j, : state.j])
+        best = _select(theta, ctx.which, 1)
+        value = float(theta[best[0]])
+        if not _better(value, kth, floor, ctx.which):
+            return pairs, Status.CONVERGED, ""
+        norm_estimate = max(norm_estimate, state.norm_estimate)
+        pairs = _merge(pairs, _extract(state, 1, ctx), theta, op, norm_estimate, ctx)
+        if not repeat:
+            return pairs, Status.CONVERGED, ""
+
+
+def _better(value: float, kth: float, floor: float, which: str) -> bool:
+    """Whether ``value`` is preferred to the k-th eigenvalue by more than its tolerance."""
+    if which == "LA":
+        return value > kth + floor
+    if which == "SA":
+        return value < kth - floor
+    return abs(value) > abs(kth) + floor
+
+
+def _merge(
+    pairs: _Pairs, found: _Pairs, theta: np.ndarray, op: Operator, norm_estimate: float, ctx: _Options
+) -> _Pairs:
+    """The k best of ``pairs`` and the pair ``found`` by the deflated run (its Ritz values
+    ``theta``). The found pair's residual in H (not in the deflated operator) costs one
+    product: Hu − θu has a part along U that the deflated run cannot see."""
+    value, u = float(found.values[0]), found.vectors[0]
+    r = torch.linalg.vector_norm(op(u) - value * u)
+    residual = float(r.to("cpu", torch.float64))
+    # u lies in the deflated space, so its gap is to the deflated operator's spectrum
+    # (a copy's twin among the pairs is the same eigenvalue, not a neighbour)
+    others = np.delete(theta, _select(theta, ctx.which, 1))
+    gap = float(np.abs(others - value).min()) if len(others) else np.inf
+    error = min(residual, residual**2 / gap) if gap > 0 else residual
+    measure = residual if ctx.stop == "residual" else error
+    # Hu − θu gains a part (g_iᵀu) from each deflated pair's own residual g_i, each at
+    # most the rounding floor for pairs at it: the floor grows by √(k + 1).
+    floor = math.sqrt(len(pairs.values) + 1) * norm_estimate
+    ok = bool(measure <= _threshold(np.array([value]), ctx.tol, ctx.eps, floor)[0])
+    values = np.append(pairs.values, value)
+    order = _select(values, ctx.which, len(pairs.values))
+    return _Pairs(
+        values=values[order],
+        vectors=torch.cat([pairs.vectors, u[None]])[torch.as_tensor(order, device=u.device)],
+        converged=np.append(pairs.converged, ok)[order],
+        residuals=np.append(pairs.residuals, residual)[order],
+        errors=np.append(pairs.errors, error)[order],
+    )
+
+
+def _expand(state: _State, op: Operator, slack: float, deflate: Optional[Tensor] = None) -> Optional[Tensor]:
+    """One product: H V[j] (P H V[j] with ``deflate``) goes into column j of T. Returns
+    the residual direction, or None (the state unchanged) when the product was not finite."""
     j = state.j
-    w, h, beta = expand(state.V[: j + 1], op(state.V[j]))
+    product = op(state.V[j])
+    if deflate is not None:
+        product, _ = orthogonalize(deflate, product)
+    w, h, beta = expand(state.V[: j + 1], product)
     # one device-to-host transfer per step for the coefficients and the norm
     host = torch.cat([h, beta[None]]).to("cpu", torch.float64).numpy()
     if not np.isfinite(host).all():
@@ -237,15 +370,15 @@ def _expand(state: _State, op: Operator, slack: float) -> Optional[Tensor]:
     return w
 
 
-def _ritz(state: _State, which: str, k: int, tol: float, eps: float, stop: str) -> _Ritz:
+def _ritz(state: _State, k: int, ctx: _Options) -> _Ritz:
     """The Ritz pairs of the current basis and which of the wanted ones have converged."""
     j = state.j
     theta, Y = np.linalg.eigh(state.T[:j, :j])
     state.norm_estimate = max(state.norm_estimate, float(np.abs(theta).max()))
-    wanted = _select(theta, which, k)
+    wanted = _select(theta, ctx.which, k)
     residuals = np.abs(state.coupling @ Y[:, wanted])
-    measure = residuals if stop == "residual" else _error_bounds(theta, wanted, residuals)
-    ok = measure <= _threshold(theta[wanted], tol, eps, state.norm_estimate)
+    measure = residuals if ctx.stop == "residual" else _error_bounds(theta, wanted, residuals)
+    ok = measure <= _threshold(theta[wanted], ctx.tol, ctx.eps, state.norm_estimate)
     return _Ritz(theta, Y, wanted, residuals, ok)
 
 
@@ -271,6 +404,7 @@ def _advance(
     j, m = state.j, state.V.shape[0] - 1
     if invariant:
         nxt = _fresh_direction(state.V[:j], generator)
+        state.krylov = False
     else:
         nxt = w / state.beta
         state.T[j, j - 1] = state.beta  # vᵀ_{j-1}Hv_j must come back equal: the symmetry check
@@ -283,7 +417,6 @@ def _advance(
 def _restart(state: _State, ritz: _Ritz, keep: int, which: str) -> None:
     """Thick restart (Wu & Simon): keep the ``keep`` preferred Ritz vectors as the new
     basis, T their diagonal of Ritz values; the next expansion refills the coupling."""
-    state.exploring = False
     kept = _select(ritz.theta, which, keep)
     Yk = torch.as_tensor(ritz.Y[:, kept]).to(state.V.device, state.V.dtype)
     state.V[:keep] = Yk.T @ state.V[: state.j]
@@ -291,30 +424,64 @@ def _restart(state: _State, ritz: _Ritz, keep: int, which: str) -> None:
     state.T[:keep, :keep] = np.diag(ritz.theta[kept])
     state.coupling = state.beta * ritz.Y[state.j - 1, kept]
     state.j = keep
+    state.krylov = False
 
 
-def _extract(state: _State, which: str, k: int, tol: float, eps: float, stop: str):
-    """The k wanted pairs of the last finite basis: eigenvalues, unit vectors (rows),
-    per-pair convergence and residuals; missing pairs are nan with zero vectors."""
+# The chance, over the fresh vector, that the copy check misses a better eigenvalue.
+_MISS_PROBABILITY = 1e-3
+
+
+def _nothing_beyond(state: _State, t: float, which: str, dim: int) -> bool:
+    """Whether, with probability ≥ 1 − ``_MISS_PROBABILITY`` over the random start z,
+    the operator (dimension ``dim``) has no eigenvalue beyond t: above t for ``"LA"``,
+    below for ``"SA"``, outside (−t, t) for ``"LM"``.
+
+    After s plain Lanczos steps from z, p(A) z = β_1 ⋯ β_s v_{s+1} with p the
+    characteristic polynomial of the steps' tridiagonal T_s. An eigenvalue λ whose
+    eigenvector u has γ = uᵀz thus has |p(λ)| |γ| ≤ β_1 ⋯ β_s, and |p| only grows beyond
+    the extreme Ritz values; for z uniform on the sphere, P[|γ| < g] ≤ g √(2n/π). So if
+    |p(t)| ≥ β_1 ⋯ β_s √(2n/π) / δ at a point t beyond every Ritz value of T_s, then
+    with probability ≥ 1 − δ no eigenvalue lies beyond t (Hochstenbach, "Probabilistic
+    upper bounds for the matrix two-norm", J. Sci. Comput. 57 (2013); the bound adapts
+    to the spectrum, unlike Kuczyński & Woźniakowski's worst case).
+    """
+    j = state.j
+    if not state.krylov or j == 0:
+        return False
+    theta = np.linalg.eigvalsh(state.T[:j, :j])
+    betas = np.append(np.diag(state.T[1:j, : j - 1]), state.beta)
+    log_norm = float(np.log(np.maximum(betas, np.finfo(float).tiny)).sum())
+    needed = log_norm + math.log(math.sqrt(2 * dim / math.pi) / _MISS_PROBABILITY)
+    # (t, +1): nothing may lie above t; (t, -1): nothing below
+    ends = {"LA": [(t, 1)], "SA": [(t, -1)], "LM": [(abs(t), 1), (-abs(t), -1)]}[which]
+    for end, side in ends:
+        if not (side * (end - theta) > 0).all() or np.log(np.abs(theta - end)).sum() < needed:
+            return False
+    return True
+
+
+def _extract(state: _State, k: int, ctx: _Options) -> _Pairs:
+    """The k wanted pairs of the last finite basis; missing pairs (stopped before the
+    basis held k vectors) are nan with zero vectors."""
     n = state.V.shape[1]
     if state.j == 0:  # the first product was not finite: nothing but the start vector
         theta, Y, j, coupling = np.full(1, np.nan), np.ones((1, 1)), 1, np.full(1, np.nan)
     else:
         j, coupling = state.j, state.coupling
         theta, Y = np.linalg.eigh(state.T[:j, :j])
-    wanted = _select(theta, which, k)
-    pad = k - len(wanted)  # nonzero when stopped before the basis held k vectors
-    eigenvalues = torch.as_tensor(np.concatenate([theta[wanted], np.full(pad, np.nan)]))
+    wanted = _select(theta, ctx.which, k)
+    pad = k - len(wanted)
+    values = np.concatenate([theta[wanted], np.full(pad, np.nan)])
     found = np.abs(coupling @ Y[:, wanted])
     residuals = np.concatenate([found, np.full(pad, np.inf)])
     errors = np.concatenate([_error_bounds(theta, wanted, found), np.full(pad, np.inf)])
-    measure = residuals if stop == "residual" else errors
-    converged = torch.as_tensor(measure <= _threshold(eigenvalues.numpy(), tol, eps, state.norm_estimate))
+    measure = residuals if ctx.stop == "residual" else errors
+    converged = measure <= _threshold(values, ctx.tol, ctx.eps, state.norm_estimate)
     V = state.V
     vectors = torch.as_tensor(Y[:, wanted].T.copy()).to(V.device, V.dtype) @ V[:j]
     vectors = vectors / torch.linalg.vector_norm(vectors, dim=1, keepdim=True)
     vectors = torch.cat([vectors, torch.zeros(pad, n, dtype=V.dtype, device=V.device)])
-    return eigenvalues, vectors, converged, torch.as_tensor(residuals), torch.as_tensor(errors)
+    return _Pairs(values, vectors, converged, residuals, errors)
 
 
 def _select(theta: np.ndarray, which: str, count: int) -> np.ndarray:
