@@ -163,7 +163,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         runs = [
             ("Neumann, α = 1 (v <- v - Hv)", neumann(matvec, b, alpha=1.0, damping=damping, num_terms=200)),
             ("Neumann, α = 1/λ̂_max", neumann(matvec, b, damping=damping, num_terms=200)),
-            ("CG", cg(matvec, b, damping=damping, tol=1e-8, max_iters=500)),
+            ("CG", cg(matvec, b, damping=damping, tol=max(1e-8, 4 * torch.finfo(dtype).eps), max_iters=500)),
         ]
     for name, res in runs:
         print(f"  {name:<30} {res.status:<12} relative residual {res.residual_norm / b_norm:.2e}, "

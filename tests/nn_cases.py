@@ -34,6 +34,27 @@ class _Pick(nn.Module):
         return self.head(self.rnn(x)[0][:, -1])
 
 
+class _Packed(nn.Module):
+    """A recurrent layer on a PackedSequence (sequences of different lengths): its final
+    hidden state, through a linear head."""
+
+    def __init__(self, rnn, hidden, out):
+        super().__init__()
+        self.rnn, self.head = rnn, nn.Linear(hidden, out)
+
+    def forward(self, packed):
+        h = self.rnn(packed)[1]
+        return self.head((h[0] if isinstance(h, tuple) else h)[-1])
+
+
+def packed_batch(seed: int):
+    """Four sequences of lengths 5, 4, 3, 2 (features 3), packed, and class labels."""
+    g = _g(seed)
+    seq = torch.randn(4, 5, 3, generator=g, dtype=DT)
+    packed = nn.utils.rnn.pack_padded_sequence(seq, torch.tensor([5, 4, 3, 2]), batch_first=True)
+    return packed, torch.randint(0, 2, (4,), generator=g)
+
+
 class _Attention(nn.Module):
     def __init__(self):
         super().__init__()
@@ -91,6 +112,8 @@ def cases():
     y = torch.randint(0, 2, (4,), generator=g)
     for cls in (nn.RNN, nn.GRU, nn.LSTM):
         out[f"rnn:{cls.__name__}"] = (_Pick(cls(3, 4, batch_first=True), 4, 2), nn.CrossEntropyLoss(), (seq, y))
+        out[f"rnn:{cls.__name__}(PackedSequence)"] = (_Packed(cls(3, 4, batch_first=True), 4, 2),
+                                                      nn.CrossEntropyLoss(), packed_batch(3))
     tokens = torch.randn(4, 5, 4, generator=g, dtype=DT)
     out["attention:MultiheadAttention"] = (_Attention(), nn.CrossEntropyLoss(), (tokens, y))
     layer = nn.TransformerEncoderLayer(4, 2, dim_feedforward=8, dropout=0.0, batch_first=True)
@@ -108,6 +131,8 @@ def cases():
                                           nn.Linear(12, 2)),
         "ConvTranspose2d": nn.Sequential(nn.ConvTranspose2d(2, 1, 2, stride=2), nn.Tanh(), nn.AdaptiveAvgPool2d(2),
                                          nn.Flatten(), nn.Linear(4, 2)),
+        "Conv2d+GroupNorm": nn.Sequential(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4), nn.Tanh(), nn.AvgPool2d(2),
+                                          nn.Flatten(), nn.Linear(16, 2)),
         "Conv1d": nn.Sequential(nn.Flatten(2), nn.Conv1d(2, 2, 5), nn.Tanh(), nn.Flatten(), nn.Linear(64, 2)),
     }
     for name, model in convs.items():

@@ -3,6 +3,7 @@ float64 networks whose dense Hessians torch.func.hessian can form."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence, Tuple
 
 import torch
@@ -67,3 +68,14 @@ def mlp_loss(sizes: Sequence[int], *, batch: int = 32, seed: int = 0):
         return ((torch.func.functional_call(model, p, (x,)) - y) ** 2).mean()
 
     return f, params, (x, y)
+
+
+def ill_conditioned_float32(kappa: float, n: int = 200, seed: int = 0):
+    """A float32 SPD system with eigenvalues log-spaced in [1, κ] in a random basis:
+    (matvec, b, H and b in float64 for reference residuals)."""
+    gen = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=DT))
+    H = (Q * torch.logspace(0, math.log10(kappa), n, dtype=DT)) @ Q.T
+    b = torch.randn(n, generator=gen, dtype=DT)
+    H32 = H.float()
+    return (lambda v: H32 @ v), b.float(), H, b

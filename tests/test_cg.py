@@ -177,3 +177,21 @@ def test_singular_psd_system_with_a_null_space_part_stops_instead_of_a_one_over_
     # a consistent singular system still converges
     ok = hf.cg(lambda v: H @ v, b - 0.3 * null, tol=1e-10)
     assert ok.converged and torch.allclose(H @ ok.x, b - 0.3 * null, atol=1e-8)
+
+
+def test_float32_at_kappa_1000_converges_or_says_it_stalls():
+    # Replacing the recursive residual by b − Ax every 50 iterations while keeping the
+    # directions left float32 CG at 1e-3 after 1000 iterations here; plain CG with a
+    # confirmation at the end reaches the rounding floor in about 200.
+    import warnings
+
+    from references import ill_conditioned_float32
+
+    matvec, b, H, b64 = ill_conditioned_float32(1e3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hf.ConvergenceWarning)
+        res = hf.cg(matvec, b, tol=1e-5)
+    true = float((b64 - H @ res.x.double()).norm() / b64.norm())
+    assert res.num_matvecs < 400
+    assert true < 3e-5
+    assert res.converged or "stalls" in res.message

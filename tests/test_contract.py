@@ -176,3 +176,45 @@ def test_every_status_carries_a_remedy():
     for status in hf.Status:
         assert isinstance(status, str) and hf.Status(status.value) is status
         assert (status.remedy == "") == (status is hf.Status.CONVERGED)
+
+
+@pytest.mark.parametrize("name", ["cg", "cg_batched", "minres", "neumann"])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-12), (torch.bfloat16, 1e-6), (torch.float16, 1e-6)])
+def test_a_tolerance_below_the_precision_is_raised_with_a_warning_and_then_met(name, dtype, tol):
+    # Asked for more than the dtype holds, the solvers used to iterate to their budget or
+    # return a far-off x; now tol becomes 10 ε, said at the caller's line, and is met.
+    run, _, _ = SOLVERS[name]
+    matvec, like = _operator(dtype)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run(matvec, like, torch.Generator().manual_seed(0), tol)
+    raised = [w for w in caught if "below what products" in str(w.message)]
+    assert len(raised) == 1 and raised[0].filename == __file__
+    assert not [w for w in caught if w.category is hf.ConvergenceWarning]
+    eps = torch.finfo(dtype).eps
+    for res in _results(result):
+        assert res.status is hf.Status.CONVERGED, res.message
+    res = _results(result)[0]
+    b = flat(_ones(like)).double()
+    residual = b - torch.tensor(LAM, dtype=DT) * flat(res.x).double()
+    assert float(residual.norm() / b.norm()) <= 12 * eps
+
+
+def test_hypergradient_raises_a_tolerance_below_the_precision_at_the_callers_line():
+    X = torch.tensor([[2.0, 0.0], [1.0, 1.0], [0.0, 3.0]])
+    y = torch.tensor([1.0, 2.0, 3.0])
+    inner = lambda w, lam: 0.5 * ((X @ w - y) ** 2).sum() + 0.5 * lam * (w**2).sum()  # noqa: E731
+    outer = lambda w, lam: w.sum()  # noqa: E731
+    lam = torch.tensor(0.5)
+    A = X.T @ X + lam * torch.eye(2)
+    w_star = torch.linalg.solve(A, X.T @ y)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        grad, res = hf.hypergradient(inner, outer, w_star, lam, tol=1e-12)
+    raised = [w for w in caught if "below what products" in str(w.message)]
+    assert len(raised) == 1 and raised[0].filename == __file__
+    assert res.status is hf.Status.CONVERGED
+    # d/dλ Σ w*(λ) = −1ᵀ A⁻¹ w*, in float64
+    A64, w64 = A.double(), torch.linalg.solve(A.double(), (X.T @ y).double())
+    exact = -torch.linalg.solve(A64, w64).sum()
+    assert float(grad) == pytest.approx(float(exact), rel=1e-5)

@@ -112,3 +112,18 @@ def test_non_finite_damping_is_refused():
     matvec, like, _ = spectrum_operator([1.0, 2.0, 3.0])
     with pytest.raises(ValueError, match="damping must be finite"):
         hf.minres(matvec, random_tree(like, 0), damping=float("nan"))
+
+
+def test_float32_at_kappa_1000_converges_or_says_it_stalls():
+    import warnings
+
+    from references import ill_conditioned_float32
+
+    matvec, b, H, b64 = ill_conditioned_float32(1e3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hf.ConvergenceWarning)
+        res = hf.minres(matvec, b, tol=1e-5)
+    true = float((b64 - H @ res.x.double()).norm() / b64.norm())
+    assert res.num_matvecs < 400  # a stall is reported, not run to max_iters
+    assert true < 1e-4  # about ε·κ
+    assert res.converged or "stalls" in res.message

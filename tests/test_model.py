@@ -576,3 +576,27 @@ def test_a_forward_that_writes_in_place_never_touches_the_module():
     with pytest.raises(ValueError, match="writes to 'emb.weight' in place.*not modified"):
         hf.model_hvp_fn(model, nn.MSELoss(), (idx, y))
     assert all(torch.equal(model.state_dict()[k], t) for k, t in before.items())  # bit for bit
+
+
+@pytest.mark.parametrize("cls", [nn.GRU, nn.LSTM])
+def test_packed_sequences_over_several_batches_in_the_default_mode(cls):
+    # Kernels on a PackedSequence read their inputs' data pointers, which torch.func's
+    # transforms do not have: the default mode crashed ("Cannot access data pointer of
+    # Tensor that doesn't have storage") where plain autograd works.
+    from nn_cases import _Packed, packed_batch
+
+    torch.manual_seed(0)
+    model = _Packed(cls(3, 4, batch_first=True), 4, 2).double()
+    batches = [packed_batch(0), packed_batch(1)]
+    loss = nn.CrossEntropyLoss()
+    matvec, params = hf.model_hvp_fn(model, loss, batches)
+    H = dense_hessian(lambda q: sum(loss(torch.func.functional_call(model, q, (x,)), y) for x, y in batches) / 2,
+                      params)
+    v = hf.tree.random_like(params, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(flat(matvec(v)), H @ flat(v), rtol=1e-9, atol=1e-12)
+    # batched probes fall back to a loop (these kernels cannot run under vmap): the same numbers
+    tr = hf.trace(matvec, params, num_probes=8, method="hutchinson", generator=torch.Generator().manual_seed(1))
+    looped = hf.trace(matvec, params, num_probes=8, method="hutchinson", generator=torch.Generator().manual_seed(1),
+                      chunk_size=1)
+    assert float(tr.estimate) == pytest.approx(float(looped.estimate), rel=1e-12)
+    assert abs(float(tr.estimate) - float(torch.trace(H))) <= 4 * float(tr.stderr)

@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 from references import DT, flat, random_tree, spectrum_operator
@@ -30,7 +32,8 @@ def test_scaled_series_converges_to_the_solution():
     assert res.converged and res.status == "converged"
     assert torch.allclose(flat(res.x), torch.linalg.solve(H, flat(b)), rtol=1e-6)
     assert res.stats["alpha"] == pytest.approx(1 / 5.0, rel=1e-2)
-    assert res.num_matvecs == res.stats["terms"] + res.stats["alpha_num_matvecs"]
+    # one product per term, those estimating alpha, and one confirming the true residual
+    assert res.num_matvecs == res.stats["terms"] + res.stats["alpha_num_matvecs"] + 1
     assert res.residual_norm == pytest.approx(float((flat(b) - H @ flat(res.x)).norm()), rel=1e-6)
 
 
@@ -127,3 +130,25 @@ def test_bad_inputs():
         hf.neumann(matvec, {"a": b["a"] * float("nan"), "b": b["b"]})
     with pytest.raises(ValueError, match=r"b\['b'\]\[0\] has shape|missing leaves"):
         hf.neumann(lambda v: {"a": v["a"]}, b, alpha=0.1)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_converged_is_decided_on_the_true_residual(seed):
+    # κ = 1000 in float32: the series' own residual (I − αA)^J b drifts from b − Ax as x
+    # sums ten thousand rounded terms. "converged" must hold for b − Ax, and where
+    # rounding keeps b − Ax above tol the result must say so, not claim convergence.
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(50, 50, generator=g, dtype=DT))
+    H64 = (Q * torch.logspace(0, 3, 50, dtype=DT)) @ Q.T
+    b64 = torch.randn(50, generator=g, dtype=DT)
+    H, b = H64.float(), b64.float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hf.ConvergenceWarning)
+        res = hf.neumann(lambda v: H @ v, b, tol=1e-5, num_terms=30000)
+    true = float((b - H @ res.x).norm())
+    assert float(res.residual_norm) == pytest.approx(true, rel=1e-3)  # the true residual, in the solver's precision
+    if res.converged:
+        assert true <= 1e-5 * float(b.norm())
+    else:
+        assert res.status is hf.Status.MAX_ITERS and "stalls" in res.message
+        assert true > 1e-5 * float(b.norm())

@@ -71,8 +71,26 @@ def forward_over_reverse(f, params, args, kwargs, *, mode: str = "forward-over-r
 
 
 def reverse_over_reverse_recomputed(f, params, args, kwargs):
+    """``vjp(grad(f))``, recomputed every call. Kernels that read their inputs' data
+    pointers (RNNs on a PackedSequence, torch 2.13) cannot run under torch.func's
+    transforms: the first such failure switches this matvec to the same product through
+    plain ``torch.autograd`` (double backward on a fresh graph per call), which they
+    support but ``vmap`` does not."""
     grad_f = torch.func.grad(f)
-    return lambda v: torch.func.vjp(lambda p: grad_f(p, *args, **kwargs), params)[1](v)[0]
+    plain = False
+
+    def matvec(v: Tree) -> Tree:
+        nonlocal plain
+        if not plain:
+            try:
+                return torch.func.vjp(lambda p: grad_f(p, *args, **kwargs), params)[1](v)[0]
+            except RuntimeError as err:
+                if _NO_STORAGE not in str(err).lower():
+                    raise
+                plain = True
+        return reverse_over_reverse(f, params, args, kwargs)(v)
+
+    return matvec
 
 
 def reverse_over_reverse(f, params, args, kwargs):
@@ -128,7 +146,11 @@ BUILDERS = {
     "linearize": linearize,
 }
 
-FORWARD_AD_GAPS = ("forward ad", "forward-mode", "forward mode", "zerotensor", "jvp")
+# What torch says when an operation has no usable forward-mode derivative. The last: a
+# kernel that reads a dual tensor's data pointer (packed-sequence RNNs, _VF.gru/lstm/rnn
+# on a PackedSequence, under torch.func.jvp in torch 2.13).
+_NO_STORAGE = "cannot access data pointer of tensor that doesn't have storage"
+FORWARD_AD_GAPS = ("forward ad", "forward-mode", "forward mode", "zerotensor", "jvp", _NO_STORAGE)
 
 
 def is_forward_ad_gap(err: BaseException) -> bool:

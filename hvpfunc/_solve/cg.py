@@ -15,14 +15,17 @@ from .._outcome import finish, finish_all, solve_result
 from .._progress import Progress
 from .._types import ChunkSize, MatvecFn, ProgressArg, Tree
 from ..results import SolveResult, Status
-from .system import LinearSystem, check_tol_damping, finite_rhs, iteration_limit, non_finite_message
+from .system import (
+    LinearSystem,
+    attainable_tol,
+    check_tol_damping,
+    finite_rhs,
+    iteration_limit,
+    non_finite_message,
+)
 
 # Curvature pᵀAp within this many rounding units of ‖A‖‖p‖² counts as zero.
 _CURVATURE_FLOOR = 10.0
-
-# Recompute the true residual b − Ax this often: the recursive residual drifts from it
-# in floating point, and convergence must be judged on the real one.
-_RESIDUAL_REFRESH = 50
 
 
 def cg(
@@ -41,8 +44,11 @@ def cg(
     CG minimizes ½xᵀAx − bᵀx over growing Krylov spaces, A = H + δI, and needs A
     symmetric positive definite; the error in the A-norm falls at least as
     2((√κ − 1)/(√κ + 1))ᵏ. It stops when ‖b − Ax‖ ≤ tol·‖b‖ (a relative tolerance), checked
-    on the true residual: the recursive residual is replaced by b − Ax every 50
-    iterations and when it first meets the tolerance.
+    on the true residual: when the recursive residual meets the tolerance, b − Ax is
+    computed (one product); if it misses, CG restarts from it, and if a restart did not
+    lower it, rounding sets the floor and CG stops (``"max_iters"``, with a message).
+    (Replacing the recursive residual periodically instead, keeping the directions,
+    broke float32 CG on κ = 1000: 1e-3 after 1000 iterations instead of 1e-5 after 200.)
 
     On an indefinite A (a non-convex loss) a direction with pᵀAp ≤ 0 appears; CG then
     stops (the truncated-CG convention of Steihaug and PETSc) with
@@ -55,7 +61,8 @@ def cg(
         matvec: ``v -> H v`` on trees shaped like ``b``; H symmetric.
         b: right-hand side, a finite tree.
         damping: δ ≥ 0 added to the diagonal.
-        tol: relative residual tolerance.
+        tol: relative residual tolerance; below 2 ε of the products'
+            dtype (ε its unit roundoff) it is raised to 2 ε, with a warning.
         max_iters: most iterations (one product each); default ``min(10 n, 1000)`` for
             dimension n.
         x0: start (default zeros; one more product to form its residual).
@@ -86,6 +93,7 @@ def cg(
     """
     check_tol_damping(tol, damping)
     system = LinearSystem(matvec, b, damping=damping, max_iters=max_iters, preconditioner=preconditioner)
+    tol = attainable_tol(tol, system.op.layout.product_eps, "cg")
     if system.b_norm == 0.0:
         return system.zero_solution()
     x = None
@@ -118,6 +126,14 @@ def _singular_message(curvature: float, pp: float, norm_estimate: float) -> str:
     )
 
 
+def _stall_message(norm: float, target: float) -> str:
+    return (
+        f"the true residual b − (H + δI)x stalls at {norm:.3g} above the target {target:.3g} while CG's "
+        "recursive residual meets it: rounding in the products sets this floor (about ε·κ‖b‖). "
+        "Loosen tol, precondition, or compute in float64."
+    )
+
+
 def _negative_curvature_message(curvature: float) -> str:
     return (
         f"found a direction p with pᵀ(H + δI)p = {curvature:.3g} ≤ 0: the operator is not "
@@ -140,7 +156,7 @@ def cg_batched(
     """Solve (H + δI) xₖ = bₖ for K right-hand sides at once by conjugate gradients.
 
     Each system runs its own CG recurrence, exactly as :func:`cg` (relative tolerance,
-    true-residual confirmation and refresh every 50 iterations, a stop at negative
+    true-residual confirmation and restarts, a stop at negative
     curvature); the products of all unfinished systems in one iteration go through
     one batched call of the matvec (``torch.func.vmap`` in chunks of ``chunk_size``),
     which on a GPU costs far less per vector than K separate solves. A system that
@@ -150,7 +166,8 @@ def cg_batched(
         matvec: ``v -> H v`` on trees shaped like one right-hand side.
         b: the right-hand sides stacked: every leaf has a leading dimension K.
         damping: δ ≥ 0 added to the diagonal.
-        tol: relative residual tolerance, per system.
+        tol: relative residual tolerance, per system; below 2 ε of the products'
+            dtype (ε its unit roundoff) it is raised to 2 ε, with a warning.
         max_iters: most iterations per system; default ``min(10 n, 1000)``.
         chunk_size: rows per ``vmap`` call: ``"auto"`` (16 on a GPU; on a CPU a loop,
             or chunks of 16 where they proved faster, as in :func:`hvpfunc.trace`), an
@@ -184,6 +201,7 @@ def cg_batched(
     like = pytree.tree_map(lambda leaf: leaf[0], b)
     op = Operator(matvec, like, name="b[0]")
     B = finite_rhs(op.layout.flatten(b, batch_dims=1))
+    tol = attainable_tol(tol, op.layout.product_eps, "cg_batched")
 
     def A(rows: Tensor) -> Tensor:
         out = op.batch(rows, chunk_size=chunk_size)
@@ -226,6 +244,8 @@ class _State:
     messages: List[str]
     active: List[int]
     norm_estimates: List[float] = field(default_factory=list)  # the largest pᵀAp/‖p‖² seen, ≤ ‖A‖
+    confirmed: List[float] = field(default_factory=list)  # the true residual at the last confirmation
+    kept: dict = field(default_factory=dict)  # system -> its iterate at that confirmation
     floor: float = 0.0  # curvature below floor·‖A‖‖p‖² is zero to the products' rounding
 
 
@@ -286,7 +306,7 @@ def _start(B: Tensor, X0: Optional[Tensor], A, M, tol: float, limit: int) -> _St
         targets=[tol * b for b in b_norms],
         r_norms=torch.linalg.vector_norm(R, dim=1).tolist(),
         iterations=[0] * K, products=products, status=status, messages=messages, active=active,
-        norm_estimates=[0.0] * K,
+        norm_estimates=[0.0] * K, confirmed=[math.inf] * K,
     )
 
 
@@ -319,7 +339,15 @@ def _confirm(state: _State, A, M) -> None:
         if norm <= state.targets[i]:
             state.status[i], state.messages[i] = Status.CONVERGED, ""
             state.active.remove(i)
+        elif norm >= state.confirmed[i]:
+            # the recursion met the tolerance twice, the true residual did not move: rounding.
+            # The iterate of the earlier confirmation is the better one.
+            state.X[i], state.r_norms[i] = state.kept.pop(i), state.confirmed[i]
+            state.status[i], state.messages[i] = Status.MAX_ITERS, _stall_message(state.confirmed[i], state.targets[i])
+            state.active.remove(i)
         else:
+            state.confirmed[i] = norm
+            state.kept[i] = state.X[i].clone()
             restart.append(row)
     if restart:
         picked = torch.tensor(restart, dtype=torch.long)
@@ -369,12 +397,6 @@ def _step(state: _State, A, M) -> None:
     R.addcmul_(step, AP, value=-1.0)
     for i in state.active:
         state.iterations[i] += 1
-    refresh = [row for row, i in enumerate(state.active) if state.iterations[i] % _RESIDUAL_REFRESH == 0]
-    if refresh:
-        f = _rows(refresh, R.shape[0])
-        R[f] = state.B[kept][f] - A(X[f])
-        for row in refresh:
-            state.products[state.active[row]] += 1
     Z = M(R)
     rz_new = torch.linalg.vecdot(R, Z)
     P.mul_(rz_new.div(rz).unsqueeze_(1)).add_(Z)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from types import MappingProxyType
@@ -19,6 +20,7 @@ from ..tree import check_tree, dot, leaves_with_paths, norm, sub
 from .cg import cg
 from .minres import minres
 from .neumann import neumann
+from .system import attainable_tol
 
 _SOLVERS = {"cg": cg, "minres": minres, "neumann": neumann}
 
@@ -103,6 +105,12 @@ def hypergradient(
         raise ValueError(f"solver must be one of {tuple(_SOLVERS)}, got {solver!r}")
     check_tree(params, name="params")
     check_tree(hparams, name="hparams")
+    # the solver's warning would point inside hypergradient: raise a tolerance the
+    # parameters' precision cannot meet here, warning at the caller
+    eps = max(torch.finfo(leaf.dtype).eps for leaf in pytree.tree_leaves(params) if leaf.is_floating_point())
+    default_tol = inspect.signature(_SOLVERS[solver]).parameters["tol"].default
+    solver_options = {**solver_options, "tol": attainable_tol(solver_options.get("tol", default_tol), eps,
+                                                              f"hypergradient(solver={solver!r})")}
     with outside_inference_mode():  # autograd refuses inference tensors; clone them out
         params, hparams = usable(params), usable(hparams)
         grad, result = _hypergradient(inner_loss, outer_loss, params, hparams, solver, mode, stationarity_tol,

@@ -11,7 +11,7 @@ from .._outcome import finish
 from .._progress import Progress
 from .._types import MatvecFn, ProgressArg, Tree
 from ..results import SolveResult, Status
-from .system import LinearSystem, non_finite_message
+from .system import LinearSystem, attainable_tol, non_finite_message
 
 _INCONSISTENT = (
     "b is not in the range of H + δI to the tolerance (a singular or numerically singular, "
@@ -47,7 +47,8 @@ def minres(
         matvec: ``v -> H v`` on trees shaped like ``b``; H symmetric.
         b: right-hand side, a finite tree.
         damping: δ (any sign) added to the diagonal.
-        tol: relative residual tolerance.
+        tol: relative residual tolerance; below 2 ε of the products'
+            dtype (ε its unit roundoff) it is raised to 2 ε, with a warning.
         max_iters: most iterations (one product each); default ``min(10 n, 1000)``.
         preconditioner: ``r -> M⁻¹ r`` on trees with M symmetric positive definite
             (MINRES needs a definite preconditioner even for an indefinite H).
@@ -80,12 +81,15 @@ def minres(
     if not math.isfinite(damping):
         raise ValueError(f"damping must be finite, got {damping}")
     system = LinearSystem(matvec, b, damping=damping, max_iters=max_iters, preconditioner=preconditioner)
+    tol = attainable_tol(tol, system.op.layout.product_eps, "minres")
     op, bf, b_norm, limit, A, M = system.op, system.b, system.b_norm, system.limit, system.A, system.M
     if b_norm == 0.0:
         return system.zero_solution()
 
     eps = torch.finfo(op.dtype).eps
-    target = tol * b_norm
+    goal = target = tol * b_norm  # the true residual must meet goal; target is the estimate's
+    confirmed = math.inf  # the true residual at the last confirmation that missed the goal
+    kept = None  # the iterate there
     x = torch.zeros_like(bf)
     r1 = bf.clone()
     y = M(r1)
@@ -134,7 +138,7 @@ def minres(
             # update, at the iterate reached.
             if math.hypot(gbar, dbar) <= tol * math.sqrt(tnorm2) or gamma <= 10 * eps * max(gmax, gamma):
                 residual_norm = float(torch.linalg.vector_norm(bf - A(x)))
-                if residual_norm <= target:
+                if residual_norm <= goal:
                     status, message = Status.CONVERGED, ""
                 else:
                     status, message = Status.INCONSISTENT, _INCONSISTENT
@@ -152,12 +156,20 @@ def minres(
                 # the recurrence says done (or the Krylov space became invariant):
                 # confirm on the true residual
                 residual_norm = float(torch.linalg.vector_norm(bf - A(x)))
-                if residual_norm <= target:
+                if residual_norm <= goal:
                     status, message = Status.CONVERGED, ""
                     break
                 if beta <= eps * abs(alfa):
                     status, message = Status.INCONSISTENT, _INCONSISTENT
                     break
+                if residual_norm >= confirmed:
+                    x, residual_norm = kept, confirmed  # the earlier confirmation's iterate is better
+                    status, message = Status.MAX_ITERS, (
+                        f"the true residual ‖b − (H + δI)x‖ stalls at {confirmed:.3g} above the target "
+                        f"{goal:.3g} while MINRES's estimate meets it: rounding in the products sets this "
+                        "floor (about ε·κ‖b‖). Loosen tol, or compute in float64.")
+                    break
+                confirmed, kept = residual_norm, x
                 target /= 2  # rounding left the true residual behind the estimate
         else:
             residual_norm = float(torch.linalg.vector_norm(bf - A(x)))

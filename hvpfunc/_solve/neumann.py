@@ -14,7 +14,7 @@ from .._outcome import finish
 from .._progress import Progress
 from .._types import MatvecFn, ProgressArg, Tree
 from ..results import ConvergenceWarning, SolveResult, Status
-from .system import LinearSystem, check_tol_damping, non_finite_message
+from .system import LinearSystem, attainable_tol, check_tol_damping, non_finite_message
 
 # A symmetric contraction can only shrink the terms; growth beyond rounding proves the
 # spectral radius is at least one. LiSSA's products are sampled, so its terms may
@@ -43,7 +43,9 @@ def neumann(
     Any eigenvalue with λ + δ ≤ 0 (a non-convex loss) makes it diverge for every α > 0.
 
     The residual of the partial sum is the next term, b − A x_J = (I − αA)^J b, so it
-    is known without extra products: the series stops when it is ≤ tol·‖b‖. For symmetric
+    is known without extra products: the series stops when it is ≤ tol·‖b‖ and the true
+    residual b − A x_J confirms it (one product: in floating point the two drift apart;
+    if the true one misses the tolerance the series goes on from it). For symmetric
     A with spectral radius below one the terms' norms can only decrease, so when a term
     grows (by more than 1% over the smallest so far) the series is diverging: it stops
     at once with ``status="diverged"`` and returns the partial sum with the smallest
@@ -59,7 +61,8 @@ def neumann(
             computed: ``status="indefinite"``.
         num_terms: most terms J (one product each). The default 100 is a budget, not a
             promise: ``converged`` says whether it sufficed.
-        tol: relative residual tolerance.
+        tol: relative residual tolerance; below 2 ε of the products'
+            dtype (ε its unit roundoff) it is raised to 2 ε, with a warning.
         damping: δ ≥ 0 added to the diagonal.
         progress: ``True`` for a progress bar, or a callable ``progress(step, rel_residual)``.
 
@@ -93,6 +96,7 @@ def neumann(
     if alpha is not None and not alpha > 0:
         raise ValueError(f"alpha must be positive, got {alpha}")
     system = LinearSystem(matvec, b, damping=damping)
+    tol = attainable_tol(tol, system.op.layout.product_eps, "neumann")
     zero = torch.zeros_like(system.b)
     stats: dict = {}
     if alpha is None and bool(system.b.any()):
@@ -116,7 +120,7 @@ def neumann(
         alpha = 1.0 / (norm_estimate + damping)
     stats["alpha"] = alpha
     run = _series(system, lambda step: matvec, alpha=alpha, num_terms=num_terms, tol=tol,
-                  growth=_NEUMANN_GROWTH, name="neumann", progress=progress)
+                  growth=_NEUMANN_GROWTH, name="neumann", progress=progress, confirm=True)
     result = system.result(run.x, run.status, run.message, run.residual_norm, {**stats, "terms": run.terms},
                            extra_matvecs=stats.get("alpha_num_matvecs", 0))
     return finish(result, "neumann")
@@ -184,6 +188,7 @@ def lissa(
         if first is None:
             raise ValueError("matvecs is empty: lissa needs at least one matvec")
     system = LinearSystem(first, b, damping=scale * damping)
+    tol = attainable_tol(tol, system.op.layout.product_eps, "lissa")
 
     def matvec_at(step: int) -> Optional[MatvecFn]:
         if source is None or step == 0:
@@ -191,7 +196,7 @@ def lissa(
         return next(source, None)
 
     run = _series(system, matvec_at, alpha=1.0 / scale, num_terms=num_terms, tol=tol,
-                  growth=_LISSA_GROWTH, name="lissa", progress=progress)
+                  growth=_LISSA_GROWTH, name="lissa", progress=progress, confirm=False)
     stats = {"alpha": 1.0 / scale, "effective_damping": scale * damping, "terms": run.terms}
     return finish(system.result(run.x, run.status, run.message, run.residual_norm, stats), "lissa")
 
@@ -220,18 +225,39 @@ def _series(
     growth: float,
     name: str,
     progress: ProgressArg,
+    confirm: bool,
 ) -> _Run:
-    """x = α Σ_j p_j with p_0 = b, p_{j+1} = p_j − α(H_j + δ)p_j; residual of x_J is p_J."""
+    """x = α Σ_j p_j with p_0 = b, p_{j+1} = p_j − α(H_j + δ)p_j; residual of x_J is p_J.
+
+    In floating point p_J drifts from the true residual b − A x_J (x sums rounded terms),
+    so with ``confirm`` convergence is decided on the true residual (one product); if it
+    misses the tolerance, the series goes on from it (iterative refinement)."""
     bf, b_norm, damping = system.b, system.b_norm, system.damping
     target = tol * b_norm
     floor = 1e3 * torch.finfo(system.op.dtype).eps * b_norm  # below it, growth is rounding noise
     x = torch.zeros_like(bf)
     p, p_norm = bf.clone(), b_norm
     best_x, best_norm = x, p_norm
+    last_true, kept = math.inf, x  # the true residual at the last confirmation that missed, and its x
     terms = 0
     bar = Progress(progress, total=num_terms, desc=name)
     try:
-        while p_norm > target:
+        while True:
+            if p_norm <= target:
+                if not confirm or terms == 0:  # with no terms, x = 0 and the residual is b itself
+                    break
+                r = bf - system.A(x)
+                r_norm = float(torch.linalg.vector_norm(r))
+                if r_norm <= target:
+                    p_norm = r_norm
+                    break
+                if r_norm >= last_true:
+                    return _Run(kept, Status.MAX_ITERS, (  # the earlier confirmation's x is better
+                        f"the true residual b − (H + δI)x stalls at {last_true / b_norm:.3g}·‖b‖ while the "
+                        "series' own residual meets the tolerance: rounding in the products sets this floor. "
+                        "Loosen tol, or compute in float64."), last_true, terms)
+                last_true, kept = r_norm, x
+                p, p_norm, best_x, best_norm = r, r_norm, x, r_norm
             if terms >= num_terms:
                 return _Run(x, Status.MAX_ITERS, (
                     f"{num_terms} terms did not reach the tolerance: the residual is "
