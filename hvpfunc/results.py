@@ -106,6 +106,8 @@ class EigResult(NamedTuple):
             and the gap to the nearest other Ritz value (Lanczos), or r (power
             iteration, which knows no gap). The eigenvalue is this accurate even when
             the eigenvector is only as accurate as ``residuals`` say.
+        basis_size: the most parameter-sized vectors the solver held at once, its
+            memory (Lanczos: the basis plus the next vector; power iteration: 1).
     """
 
     eigenvalues: Tensor
@@ -117,6 +119,7 @@ class EigResult(NamedTuple):
     status: Status = Status.CONVERGED
     message: str = ""
     errors: Optional[Tensor] = None
+    basis_size: int = 1
 
 
 class SolveResult(NamedTuple):

@@ -279,3 +279,36 @@ def test_a_start_vector_that_requires_grad_is_accepted():
           for k, t in random_tree(like, 0).items()}
     res = hf.lanczos(matvec, v0, k=1, tol=1e-10)
     assert float(res.eigenvalues[0]) == pytest.approx(4.0) and not res.eigenvalues.requires_grad
+
+
+def _clustered():
+    # outliers at both ends and a uniform bulk: restarts set the pace at the bulk's edge
+    lam = [9.0, 8.5, 8.0, 7.0, 6.5, -9.5, -8.7] + torch.linspace(-2.0, 2.0, 293, dtype=DT).tolist()
+    return torch.tensor(lam, dtype=DT)
+
+
+def test_the_basis_grows_when_products_cost_more_than_orthogonalizing():
+    import time
+
+    d = _clustered()
+
+    def slow(v):  # a product that costs what a network's does, next to orthogonalizing 300 numbers
+        time.sleep(2e-3)
+        return d * v
+
+    v0 = torch.randn(300, generator=torch.Generator().manual_seed(0), dtype=DT)
+    grown = hf.lanczos(slow, v0, k=5, which="SA", tol=1e-10, find_copies=False)
+    fixed = hf.lanczos(lambda v: d * v, v0, k=5, which="SA", tol=1e-10, find_copies=False, max_basis=20)
+    assert fixed.basis_size == 21 and grown.basis_size > 41
+    assert grown.num_matvecs < 0.7 * fixed.num_matvecs
+    torch.testing.assert_close(grown.eigenvalues, d.sort().values[:5], rtol=1e-9, atol=1e-9)
+
+
+def test_the_basis_stays_within_the_memory_budget(monkeypatch):
+    from hvpfunc._eigen import lanczos as module
+
+    monkeypatch.setattr(module, "_free_memory", lambda device: 30 * 300 * 8 / module._MEMORY_SHARE)
+    assert module.default_basis(300, 5, DT, torch.device("cpu")) == 29  # 30 vectors fit: basis + next
+    monkeypatch.setattr(module, "_free_memory", lambda device: 1.0)
+    assert module.default_basis(300, 5, DT, torch.device("cpu")) == 20  # never below max(2k + 1, 20)
+    assert module.default_basis(300, 30, DT, torch.device("cpu")) == 61

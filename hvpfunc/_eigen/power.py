@@ -124,6 +124,7 @@ def power_iteration(
         which=which,
         status=run.status,
         message=message,
+        basis_size=2,  # the iterate and its product
     )
     return finish(result, f"power_iteration(which={which!r})")
 
