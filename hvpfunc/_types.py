@@ -19,7 +19,7 @@ Mode = Literal[
     "compiled",
 ]
 Which = Literal["LM", "LA", "SA"]
-TraceMethod = Literal["hutchinson", "hutch++"]
+TraceMethod = Literal["hutchinson", "hutch++", "xtrace"]
 Solver = Literal["cg", "minres", "neumann"]
 ChunkSize = Union[int, None, Literal["auto"]]
 ProgressArg = Union[bool, Callable[..., Any]]

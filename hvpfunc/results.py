@@ -154,8 +154,10 @@ class TraceResult(NamedTuple):
     Attributes:
         estimate: 0-dim tensor.
         stderr: standard error of ``estimate`` (its standard deviation estimated from
-            the probes; for Hutch++ the low-rank part is exact given its sketch, so the
-            error is the stochastic remainder's).
+            the probes, widened by Student's t for few probes so that ±1.96·stderr is a
+            95% interval; for Hutch++ the low-rank part is exact given its sketch, so the
+            error is the stochastic remainder's; XTrace's is optimistic, see
+            :func:`hvpfunc.trace`).
         num_matvecs: products with the operator spent.
         status: ``"converged"`` (every product was finite), or ``"non_finite"``: the
             estimate then comes from the probes before the first non-finite product

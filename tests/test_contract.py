@@ -56,6 +56,9 @@ SOLVERS = {
     "trace/hutch++": (
         lambda mv, like, g, tol: hf.trace(mv, like, num_probes=30, generator=g, chunk_size=1),
         lambda r: r.estimate, torch.tensor(sum(LAM))),
+    "trace/xtrace": (
+        lambda mv, like, g, tol: hf.trace(mv, like, num_probes=30, method="xtrace", generator=g, chunk_size=1),
+        lambda r: r.estimate, torch.tensor(sum(LAM))),
     "diagonal": (
         lambda mv, like, g, tol: hf.diagonal(mv, like, num_probes=6, generator=g, chunk_size=1),
         lambda r: flat(r.estimate), torch.tensor(LAM)),
