@@ -23,7 +23,7 @@ from ._solve.implicit import hypergradient
 from ._solve.minres import minres
 from ._solve.neumann import lissa, neumann
 from ._stochastic.density import spectral_density
-from ._stochastic.trace import diagonal, trace
+from ._stochastic.trace import diagonal, squared_frobenius_norm, trace
 from .results import (
     ConvergenceWarning,
     DiagonalResult,
@@ -50,6 +50,7 @@ __all__ = [
     # layer 3: stochastic estimators
     "trace",
     "diagonal",
+    "squared_frobenius_norm",
     "spectral_density",
     # layer 3: linear solves and implicit differentiation
     "cg",

@@ -185,3 +185,31 @@ def test_xtrace_is_unbiased_exact_on_low_rank_and_beats_hutchplusplus_on_network
         if method == "xtrace":  # its mean over seeds is the trace, to its own standard error
             assert abs(float(estimates.mean()) - true) <= 4 * float(estimates.std()) / 200**0.5
     assert errors["xtrace"] < errors["hutch++"]
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++", "xtrace"])
+def test_a_requested_standard_error_stops_early_within_the_budget(method):
+    matvec, like, H = _decaying()
+    true = float(torch.trace(H))
+    tol = 5e-2 if method == "hutchinson" else 2e-2  # Hutchinson needs ~1/tol² products here
+    res = hf.trace(matvec, like, num_probes=2000, method=method, tol=tol, generator=torch.Generator().manual_seed(0))
+    assert res.status == "converged" and res.num_matvecs < 1000
+    assert float(res.stderr) <= tol * abs(float(res.estimate))
+    assert abs(float(res.estimate) - true) <= 4 * float(res.stderr)
+    with pytest.warns(hf.ConvergenceWarning, match="max_iters"):
+        short = hf.trace(matvec, like, num_probes=30, method=method, tol=1e-9, generator=torch.Generator().manual_seed(0))
+    assert short.status == "max_iters" and short.num_matvecs <= 30 and "raise num_probes" in short.message
+
+
+def test_squared_frobenius_norm_against_the_dense_matrix():
+    matvec, like, H = _decaying()
+    true = float((H**2).sum())
+    inside = 0
+    for seed in range(40):
+        res = hf.squared_frobenius_norm(matvec, like, num_probes=30, generator=torch.Generator().manual_seed(seed))
+        assert res.num_matvecs == 30
+        inside += abs(float(res.estimate) - true) <= 1.96 * float(res.stderr)
+    assert inside >= 34  # nominal 95%
+    diag = torch.tensor([3.0, -4.0, 0.5], dtype=DT)
+    exact = hf.squared_frobenius_norm(lambda v: diag * v, torch.zeros(3, dtype=DT), num_probes=2)
+    assert float(exact.estimate) == pytest.approx(25.25) and float(exact.stderr) == 0.0

@@ -12,7 +12,7 @@ from .._operator import Operator, block_size
 from .._outcome import finish, probes_outcome
 from .._progress import Progress
 from .._types import ChunkSize, MatvecFn, ProgressArg, TraceMethod, Tree
-from ..results import DiagonalResult, TraceResult
+from ..results import DiagonalResult, Status, TraceResult
 
 _METHODS = get_args(TraceMethod)
 
@@ -26,6 +26,7 @@ def trace(
     generator: Optional[torch.Generator] = None,
     chunk_size: ChunkSize = "auto",
     progress: ProgressArg = False,
+    tol: Optional[float] = None,
 ) -> TraceResult:
     """Estimate tr(H) from ``num_probes`` products with random vectors.
 
@@ -69,18 +70,24 @@ def trace(
             rounding.
         progress: ``True`` for a progress bar, or a callable ``progress(products_done)``
             called after every chunk.
+        tol: ``None`` (default): spend ``num_probes`` products. A number: stop as soon
+            as the standard error is at most ``tol·|estimate|``, spending at most
+            ``num_probes``: rounds of 24, 48, 96, ... products with fresh probes,
+            combined by inverse-variance weights (every product counts), ending with
+            ``status="max_iters"`` if the budget runs out first.
 
     Returns:
         :class:`~hvpfunc.TraceResult`: ``estimate``, ``stderr`` (the standard deviation
         of the estimate, from the probes' sample variance, widened by Student's t so
         that a ±1.96·stderr band holds the trace 95% of the time however few the
         probes; see XTrace above), ``num_matvecs``, and ``status``: ``"converged"``,
-        or ``"non_finite"`` when a product was nan or inf (no more probes are drawn; the
+        ``"max_iters"`` (``tol`` not met within the budget), or ``"non_finite"`` when a
+        product was nan or inf (no more probes are drawn; the
         estimate uses the probes before it, nan if none, and a
         :class:`~hvpfunc.ConvergenceWarning` is issued).
 
     Raises:
-        ValueError: unknown ``method`` or too few probes.
+        ValueError: unknown ``method``, too few probes, or a ``tol`` that is not positive.
 
     Example:
         >>> import torch, hvpfunc as hf
@@ -97,37 +104,148 @@ def trace(
     """
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
-    minimum = {"hutchinson": 2, "hutch++": 4, "xtrace": 4}[method]
+    minimum = _MINIMUM[method]
     if num_probes < minimum:
         raise ValueError(
             f"method={method!r} needs num_probes >= {minimum} to report a standard error, "
             f"got {num_probes}"
         )
+    if tol is not None and not tol > 0:
+        raise ValueError(f"tol must be positive (or None), got {tol}")
     op = Operator(matvec, like, name="like")
     bar = Progress(progress, total=num_probes, desc=f"trace ({method})")
-    nan = torch.tensor(math.nan, dtype=op.dtype, device=op.device)
     try:
-        if method == "hutchinson":
-            samples, finite = _quadratic_forms(op, num_probes, generator, chunk_size, bar)
-            estimate, stderr = _mean(samples), _stderr(samples)
-        elif method == "xtrace":
-            samples, finite = _xtrace(op, num_probes // 2, generator, chunk_size, bar)
-            estimate, stderr = _mean(samples), _stderr(samples)
+        if tol is None:
+            estimate, stderr, done, finite = _round(op, method, num_probes, generator, chunk_size, bar)
+            status, message = probes_outcome(finite, done, num_probes)
         else:
-            sketch = num_probes // 3
-            S = op.probes(sketch, generator)
-            Q, _ = torch.linalg.qr(op.batch(S, chunk_size=chunk_size, bar=bar).T)
-            Q = Q.T  # rows: an orthonormal basis of range(HS)
-            exact = (Q * op.batch(Q, chunk_size=chunk_size, bar=bar)).sum()
-            if bool(torch.isfinite(exact)):
-                samples, finite = _quadratic_forms(op, num_probes - 2 * sketch, generator, chunk_size, bar, deflate=Q)
-                estimate, stderr = exact + _mean(samples), _stderr(samples)
-            else:  # the sketch's products were not finite: no estimate to build on
-                samples, finite, estimate, stderr = nan[None][:0], False, nan, nan
+            estimate, stderr, status, message = _adaptive(op, method, num_probes, tol, generator, chunk_size, bar)
     finally:
         bar.close()
-    status, message = probes_outcome(finite, samples.shape[0], num_probes)
     return finish(TraceResult(estimate, stderr, op.num_matvecs, status, message), f"trace(method={method!r})")
+
+
+# The first round of an adaptive estimate, in products; each next round doubles it.
+_FIRST_ROUND = 24
+
+
+def _adaptive(
+    op: Operator, method: str, budget: int, tol: float, generator: Optional[torch.Generator],
+    chunk_size: ChunkSize, bar: Progress,
+) -> Tuple[Tensor, Tensor, Status, str]:
+    """Rounds of ``method`` with fresh probes, 24, 48, 96, ... products (within the
+    budget), combined by inverse-variance weights (independent unbiased estimates), until
+    the combined standard error is at most ``tol·|estimate|``."""
+    estimates, variances, spent, size = [], [], 0, _FIRST_ROUND
+    minimum = _MINIMUM[method]
+    while True:
+        size = min(size, budget - spent)
+        estimate, stderr, done, finite = _round(op, method, size, generator, chunk_size, bar)
+        spent += size
+        if not finite:
+            status, message = probes_outcome(False, done, size)
+            return estimate, stderr, status, message
+        estimates.append(estimate)
+        variances.append(stderr**2)
+        weights = 1.0 / torch.stack(variances).clamp_min(torch.finfo(estimate.dtype).tiny)
+        combined = (weights * torch.stack(estimates)).sum() / weights.sum()
+        combined_stderr = weights.sum().rsqrt()
+        if bool(combined_stderr <= tol * combined.abs()):
+            return combined, combined_stderr, Status.CONVERGED, ""
+        if budget - spent < minimum:
+            return combined, combined_stderr, Status.MAX_ITERS, (
+                f"the standard error {float(combined_stderr):.3g} is above tol·|estimate| = "
+                f"{tol * float(combined.abs()):.3g} after the budget of num_probes={budget} products; "
+                "raise num_probes or loosen tol"
+            )
+        size *= 2
+
+
+_MINIMUM = {"hutchinson": 2, "hutch++": 4, "xtrace": 4}
+
+
+def _round(
+    op: Operator, method: str, count: int, generator: Optional[torch.Generator], chunk_size: ChunkSize,
+    bar: Progress,
+) -> Tuple[Tensor, Tensor, int, bool]:
+    """One estimate of ``method`` from ``count`` products: (estimate, stderr, samples
+    used, whether every product was finite)."""
+    nan = torch.tensor(math.nan, dtype=op.dtype, device=op.device)
+    if method == "hutchinson":
+        samples, finite = _quadratic_forms(op, count, generator, chunk_size, bar)
+        return _mean(samples), _stderr(samples), samples.shape[0], finite
+    if method == "xtrace":
+        samples, finite = _xtrace(op, count // 2, generator, chunk_size, bar)
+        return _mean(samples), _stderr(samples), samples.shape[0], finite
+    sketch = count // 3
+    S = op.probes(sketch, generator)
+    Q, _ = torch.linalg.qr(op.batch(S, chunk_size=chunk_size, bar=bar).T)
+    Q = Q.T  # rows: an orthonormal basis of range(HS)
+    exact = (Q * op.batch(Q, chunk_size=chunk_size, bar=bar)).sum()
+    if not bool(torch.isfinite(exact)):  # the sketch's products were not finite: nothing to build on
+        return nan, nan, 0, False
+    samples, finite = _quadratic_forms(op, count - 2 * sketch, generator, chunk_size, bar, deflate=Q)
+    return exact + _mean(samples), _stderr(samples), samples.shape[0], finite
+
+
+def squared_frobenius_norm(
+    matvec: MatvecFn,
+    like: Tree,
+    *,
+    num_probes: int = 100,
+    generator: Optional[torch.Generator] = None,
+    chunk_size: ChunkSize = "auto",
+) -> TraceResult:
+    """Estimate ‖H‖_F² = tr(H²) = Σᵢⱼ Hᵢⱼ² from ``num_probes`` products.
+
+    For Rademacher z, E‖Hz‖² = tr(HᵀH) = ‖H‖_F², so the mean of ‖Hzᵢ‖² estimates it, with
+    variance 2(‖H²‖_F² − Σᵢ (H²)ᵢᵢ²) per sample (Hutchinson's estimator for H²; each
+    sample costs one product, not two). ‖H‖_F² / tr(H)² measures how spread the spectrum
+    is, and ‖H‖_F² is the per-sample variance scale of Hutchinson's trace estimate.
+
+    Args:
+        matvec: ``v -> H v`` on trees shaped like ``like``.
+        like: a tree giving the vectors' structure (the params).
+        num_probes: products to spend, at least 2.
+        generator: draws the probes; ``None`` uses PyTorch's global generator.
+        chunk_size: probes per ``vmap`` call, as in :func:`trace`.
+
+    Returns:
+        :class:`~hvpfunc.TraceResult` whose ``estimate`` is ‖H‖_F² (squared) and
+        ``stderr`` its standard error, as in :func:`trace`.
+
+    Raises:
+        ValueError: fewer than 2 probes.
+
+    Example:
+        >>> import torch, hvpfunc as hf
+        >>> H = torch.diag(torch.tensor([3.0, -4.0]))
+        >>> hf.squared_frobenius_norm(lambda v: H @ v, torch.zeros(2), num_probes=4).estimate
+        tensor(25.)
+
+    References:
+        Hutchinson, Commun. Stat. Simul. Comput. 19 (1990); Meyer, Musco, Musco &
+        Woodruff (2021), §1, on estimating tr(AᵀA) from ‖Az‖².
+    """
+    if num_probes < 2:
+        raise ValueError(f"squared_frobenius_norm needs num_probes >= 2 to report a standard error, got {num_probes}")
+    op = Operator(matvec, like, name="like")
+    step = block_size(chunk_size, num_probes, op.device)
+    samples = []
+    finite = True
+    for start in range(0, num_probes, step):
+        Z = op.probes(min(step, num_probes - start), generator)
+        norms = op.batch(Z, chunk_size=chunk_size).square().sum(dim=1)
+        ok = torch.isfinite(norms)
+        if not bool(ok.all()):
+            samples.append(norms[: int(ok.to(torch.int8).argmin())])
+            finite = False
+            break
+        samples.append(norms)
+    values = torch.cat(samples)
+    status, message = probes_outcome(finite, values.shape[0], num_probes)
+    result = TraceResult(_mean(values), _stderr(values), op.num_matvecs, status, message)
+    return finish(result, "squared_frobenius_norm")
 
 
 def _xtrace(
