@@ -20,6 +20,7 @@ Mode = Literal[
 ]
 Which = Literal["LM", "LA", "SA"]
 TraceMethod = Literal["hutchinson", "hutch++", "xtrace"]
+DiagonalMethod = Literal["hutchinson", "xdiag"]
 Solver = Literal["cg", "minres", "neumann"]
 ChunkSize = Union[int, None, Literal["auto"]]
 ProgressArg = Union[bool, Callable[..., Any]]

@@ -62,6 +62,9 @@ SOLVERS = {
     "diagonal": (
         lambda mv, like, g, tol: hf.diagonal(mv, like, num_probes=6, generator=g, chunk_size=1),
         lambda r: flat(r.estimate), torch.tensor(LAM)),
+    "diagonal/xdiag": (
+        lambda mv, like, g, tol: hf.diagonal(mv, like, num_probes=16, method="xdiag", generator=g, chunk_size=1),
+        lambda r: flat(r.estimate), torch.tensor(LAM)),
     "spectral_density": (
         lambda mv, like, g, tol: hf.spectral_density(mv, like, num_probes=3, num_iters=4, generator=g, chunk_size=1),
         lambda r: (r.nodes * r.weights).sum(dim=1).mean(), torch.tensor(sum(LAM) / 8)),
