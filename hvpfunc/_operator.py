@@ -97,6 +97,13 @@ class Operator:
         self._seconds_per_row: Dict[int, float] = {}  # chunk_size="auto"'s trials on CPUs
         self._vmap_error: Optional[BaseException] = None  # why "auto" stopped using vmap
 
+    def expect(self, count: int) -> None:
+        """Tell the matvec (a :class:`~hvpfunc.Matvec` in ``"auto"`` mode) that ``count``
+        products will follow; other callables are not told."""
+        hint = getattr(self.matvec, "expect_products", None)
+        if callable(hint):
+            hint(count)
+
     def probes(self, count: int, generator: Optional[torch.Generator]) -> Tensor:
         """``count`` Rademacher rows (entries ±1), drawn one row at a time on the
         generator's device, so that the numbers depend on the generator alone, not on

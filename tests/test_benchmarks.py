@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import jobs, products, solvers
+from benchmarks import estimators, jobs, products, solvers
 from benchmarks.models import build
 
 
@@ -36,3 +36,11 @@ def test_job_tables_on_tiny_models():
     for how in ("hvpfunc lanczos(k=1", "hvpfunc trace(100 probes)", "hvpfunc lanczos(k=5", "hvpfunc spectral_density",
                 "hvpfunc hypergradient(solver='cg'), defaults (converged)"):
         assert how in text
+
+
+@pytest.mark.slow
+def test_estimator_tables_run():
+    pytest.importorskip("scipy")
+    text = estimators.run(tiny=True)
+    assert "scipy eigsh (ARPACK), ncv=20" in text and "hvpfunc trace('xtrace')" in text
+    assert "hvpfunc diagonal('xdiag')" in text

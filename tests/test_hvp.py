@@ -106,6 +106,33 @@ def test_auto_starts_with_the_reused_graph_and_traces_only_after_products_pay_fo
         assert len(again.switches) == 1 and "found 'reverse-over-reverse' best" in again.switches[0].reason
 
 
+def test_auto_told_how_many_products_follow_traces_only_when_they_repay_it(monkeypatch):
+    # Ski rental alone traced inside a 100-product trace job once the products spent
+    # reached the tracing cost, too late to repay it. Told the job's length, auto traces
+    # at once when the products left repay the trace, and never when they do not.
+    from hvpfunc._products import auto
+
+    f, params, (x, y) = mlp_loss([4, 8, 1])
+    product = hf.hvp_fn(f, params, x, y)._product
+    product._trace_seconds, product._saving = 4.0, 0.25  # as a remembered outcome would say
+    product._spent, product.calls = 0.5, 2  # 0.25 s per product so far
+    product.expect_products(60)  # 60 × 0.25 s × 0.25 = 3.75 s saved < 4 s to trace
+    assert not product._pays_to_trace()
+    product.expect_products(70)  # 4.375 s > 4 s
+    assert product._pays_to_trace()
+    product._expected = None  # no hint: the ski-rental threshold, trace / saving = 16 s of products
+    assert not product._pays_to_trace()
+    product._spent = 16.0
+    assert product._pays_to_trace()
+    # and the estimators give the hint
+    seen = []
+    monkeypatch.setattr(auto.AutoProduct, "expect_products", lambda self, count: seen.append(count))
+    mv = hf.hvp_fn(f, params, x, y)
+    hf.trace(mv, params, num_probes=12, generator=torch.Generator().manual_seed(0))
+    hf.spectral_density(mv, params, num_probes=2, num_iters=5, generator=torch.Generator().manual_seed(0))
+    assert seen == [12, 10]
+
+
 def test_auto_rejects_a_traced_map_that_drifts_and_keeps_exact_products(monkeypatch):
     # torch.func.linearize over BCEWithLogitsLoss mutates its stored constants on every
     # replay (exp_/log_ in place): the same v gives 10%, then 35% different products.

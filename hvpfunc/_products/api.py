@@ -99,6 +99,14 @@ class Matvec:
     def switches(self) -> list:
         return list(self._product.switches)
 
+    def expect_products(self, count: int) -> None:
+        """Say that about ``count`` more products will follow (a trace's probes, a
+        density's steps), so that ``"auto"`` traces a faster mode only when those
+        products repay it. A hint; solvers that know their count call it."""
+        hint = getattr(self._product, "expect_products", None)
+        if hint is not None:
+            hint(count)
+
     def __call__(self, v: Tree) -> Tree:
         check_like(v, self.params, name="v")
         with outside_inference_mode():

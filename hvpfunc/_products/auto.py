@@ -87,7 +87,9 @@ class AutoProduct:
     an earlier matvec of the same signature, else estimated from the build), trace
     ``torch.func.linearize``, check its replays against the current mode on two vectors,
     and keep whichever is faster per product. So ``auto`` never costs much more than twice
-    the best fixed choice, and approaches it on long solves.
+    the best fixed choice, and approaches it on long solves. A solver that knows how many
+    products it will spend says so (:meth:`expect_products`): then the trace happens only
+    if the products left repay it, so a job too short to win never pays for the experiment.
     """
 
     def __init__(self, f, params: Tree, args: tuple, kwargs: dict, inspection: Inspection, key: Hashable):
@@ -102,12 +104,14 @@ class AutoProduct:
         self.mode, self._fn = self._first_mode(errors, inspection)
         _sync(params)
         self.build_seconds = time.perf_counter() - start
-        self._trace_cost: Optional[float] = None
+        self._pending = False  # whether the linearize experiment may still run
+        self._expected: Optional[int] = None  # the products the caller said will come, in all
         if inspection.linearize_hazard is None and (memory is None or memory.winner == "linearize"):
+            self._pending = True
             if memory is not None and memory.trace_seconds is not None and memory.saving:
-                self._trace_cost = memory.trace_seconds / memory.saving
+                self._trace_seconds, self._saving = memory.trace_seconds, memory.saving
             else:
-                self._trace_cost = _TRACE_COST_IN_BUILDS * self.build_seconds / _EXPECTED_SAVING
+                self._trace_seconds, self._saving = _TRACE_COST_IN_BUILDS * self.build_seconds, _EXPECTED_SAVING
         reason = "cheapest to build"
         if errors:
             reason += "; " + "; ".join(f"{m} failed: {type(e).__name__}: {e}" for m, e in errors.items())
@@ -133,12 +137,25 @@ class AutoProduct:
         detail = "; ".join(f"{m}: {type(e).__name__}: {e}" for m, e in errors.items())
         raise RuntimeError(f"hvp_fn(mode='auto'): no mode could compute a product ({detail})")
 
+    def expect_products(self, count: int) -> None:
+        """A caller's hint that ``count`` more products will follow (a trace's probes): the
+        experiment then runs only if the saving on those products repays the tracing,
+        instead of when the products spent reach the tracing cost."""
+        self._expected = self.calls + count
+
+    def _pays_to_trace(self) -> bool:
+        if self._expected is None:  # ski rental: the products spent reach trace / saving
+            return self._spent >= self._trace_seconds / self._saving
+        remaining = self._expected - self.calls
+        per_product = self._spent / max(self.calls, 1)
+        return remaining * per_product * self._saving > self._trace_seconds
+
     @property
     def evaluates_f(self) -> bool:
         return self.mode not in ("reverse-over-reverse", "linearize")
 
     def __call__(self, v: Tree) -> Tree:
-        if self._trace_cost is None or _under_transform():
+        if not self._pending or _under_transform():
             self.calls += 1
             return self._fn(v)
         _sync(self._params)
@@ -147,14 +164,14 @@ class AutoProduct:
         _sync(self._params)
         self._spent += time.perf_counter() - start
         self.calls += 1
-        if self._spent >= self._trace_cost:
+        if self._pays_to_trace():
             self._try_linearize()
         return out
 
     def _try_linearize(self) -> None:
         """Trace, check, time; keep the faster mode and remember the outcome. The check's
         products are the timing: two vectors, each replayed twice, against the current mode."""
-        self._trace_cost = None  # one experiment per matvec
+        self._pending = False  # one experiment per matvec
         current = self.mode
         seconds: Dict[str, List[float]] = {"linearize": [], current: []}
 

@@ -91,6 +91,7 @@ def spectral_density(
         raise ValueError(f"sigma must be positive, got {sigma}")
     op = Operator(matvec, like, name="like")
     steps = min(num_iters, op.n)
+    op.expect(num_probes * steps)
     chunk_size = resolve_chunk(chunk_size, op.device)
     chunk = num_probes if chunk_size is None else chunk_size
     nodes, weights = [], []

@@ -116,6 +116,7 @@ def trace(
     bar = Progress(progress, total=num_probes, desc=f"trace ({method})")
     try:
         if tol is None:
+            op.expect(num_probes)
             estimate, stderr, done, finite = _round(op, method, num_probes, generator, chunk_size, bar)
             status, message = probes_outcome(finite, done, num_probes)
         else:
@@ -230,6 +231,7 @@ def squared_frobenius_norm(
     if num_probes < 2:
         raise ValueError(f"squared_frobenius_norm needs num_probes >= 2 to report a standard error, got {num_probes}")
     op = Operator(matvec, like, name="like")
+    op.expect(num_probes)
     step = block_size(chunk_size, num_probes, op.device)
     samples = []
     finite = True
@@ -397,6 +399,7 @@ def diagonal(
         raise ValueError(f"diagonal(method={method!r}) needs num_probes >= {minimum} to report a standard error, "
                          f"got {num_probes}")
     op = Operator(matvec, like, name="like")
+    op.expect(num_probes)
     if method == "xdiag":
         mean, stderr, finite = _xdiag(op, num_probes // 2, generator, chunk_size)
         status, message = probes_outcome(finite, num_probes if finite else 0, num_probes)
