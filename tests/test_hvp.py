@@ -116,9 +116,10 @@ def test_auto_told_how_many_products_follow_traces_only_when_they_repay_it(monke
     product = hf.hvp_fn(f, params, x, y)._product
     product._trace_seconds, product._saving = 4.0, 0.25  # as a remembered outcome would say
     product._spent, product.calls = 0.5, 2  # 0.25 s per product so far
-    product.expect_products(60)  # 60 × 0.25 s × 0.25 = 3.75 s saved < 4 s to trace
+    # the experiment costs 4 s + 6 check products = 5.5 s, and must pay back twice
+    product.expect_products(170)  # 170 × 0.25 s × 0.25 = 10.6 s saved < 11 s
     assert not product._pays_to_trace()
-    product.expect_products(70)  # 4.375 s > 4 s
+    product.expect_products(180)  # 11.25 s > 11 s
     assert product._pays_to_trace()
     product._expected = None  # no hint: the ski-rental threshold, trace / saving = 16 s of products
     assert not product._pays_to_trace()
