@@ -254,10 +254,11 @@ class _State:
     krylov: bool = True  # V[:j] is still the plain Krylov sequence of V[0] (no restart, no fresh vector)
     cap: int = 0  # the basis may grow to this many vectors (memory's limit)
     product_seconds: float = math.inf  # the fastest product seen
-    # orthogonalization time of the first step (its fixed cost: launches, transfers), and
-    # per basis vector beyond it, at the last step
+    last_product: float = 0.0  # this step's product
+    # what a step costs beyond its product (orthogonalization, the small eigenproblems,
+    # the checks): at the first step (its fixed part), and at the last step
     fixed_seconds: float = math.inf
-    vector_seconds: float = 0.0
+    step_seconds: float = 0.0
 
 
 class _Ritz(NamedTuple):
@@ -295,6 +296,7 @@ def _run(
     ``deflate`` (rows U) the operator is PHP, P = I − UᵀU; ``dim`` is the dimension of
     the space the basis lives in."""
     while True:
+        start = time.perf_counter()
         w = _expand(state, op, ctx.slack, deflate)
         if w is None:
             return state, Status.NON_FINITE, "a product was not finite (nan or inf)"
@@ -308,6 +310,7 @@ def _run(
         state.deficient |= invariant
         if (len(ritz.wanted) == k and ritz.ok.all()) or (done is not None and done(state, ritz, invariant)):
             return state, Status.CONVERGED, ""
+        _time_step(state, time.perf_counter() - start)
         if op.num_matvecs >= ctx.budget:
             return state, Status.MAX_ITERS, f"max_iters={ctx.budget} products reached"
         _advance(state, w, ritz, invariant=invariant, k=k, which=ctx.which, generator=ctx.generator)
@@ -326,7 +329,7 @@ def _check_copies(
     rounding floor of tolerances); the most vectors held is returned last."""
     k = len(pairs.values)
     norm_estimate, m, cap = main.norm_estimate, main.V.shape[0] - 1, main.cap
-    timings = (main.product_seconds, main.fixed_seconds, main.vector_seconds)
+    timings = (main.product_seconds, main.fixed_seconds, main.step_seconds)
     del main
     held = 0
     while True:
@@ -341,12 +344,12 @@ def _check_copies(
 
         state = _start(_fresh_direction(U, ctx.generator), min(m, dim), min(cap, dim))
         state.norm_estimate = norm_estimate
-        state.product_seconds, state.fixed_seconds, state.vector_seconds = timings
+        state.product_seconds, state.fixed_seconds, state.step_seconds = timings
         state, status, detail = _run(op, state, 1, dim, ctx, bar, done, deflate=U)
         held = max(held, state.V.shape[0])
         if status is not Status.CONVERGED:
             return pairs, status, detail, held
-        theta = np.linalg.eigvalsh(state.T[: state.j, : state.j])
+        theta = _eigvalsh(state.T[: state.j, : state.j])
         best = _select(theta, ctx.which, 1)
         value = float(theta[best[0]])
         if not _better(value, kth, floor, ctx.which):
@@ -410,12 +413,8 @@ def _expand(state: _State, op: Operator, slack: float, deflate: Optional[Tensor]
     w, h, beta = expand(state.V[: j + 1], product)
     # one device-to-host transfer per step for the coefficients and the norm
     host = torch.cat([h, beta[None]]).to("cpu", torch.float64).numpy()
-    state.product_seconds = min(state.product_seconds, middle - start)
-    seconds = time.perf_counter() - middle
-    if j == 0:
-        state.fixed_seconds = min(state.fixed_seconds, seconds)
-    else:
-        state.vector_seconds = max(0.0, seconds - state.fixed_seconds) / j
+    state.last_product = middle - start
+    state.product_seconds = min(state.product_seconds, state.last_product)
     if not np.isfinite(host).all():
         return None
     h = host[:-1]
@@ -433,7 +432,7 @@ def _expand(state: _State, op: Operator, slack: float, deflate: Optional[Tensor]
 def _ritz(state: _State, k: int, ctx: _Options) -> _Ritz:
     """The Ritz pairs of the current basis and which of the wanted ones have converged."""
     j = state.j
-    theta, Y = np.linalg.eigh(state.T[:j, :j])
+    theta, Y = _eigh(state.T[:j, :j])
     state.norm_estimate = max(state.norm_estimate, float(np.abs(theta).max()))
     wanted = _select(theta, ctx.which, k)
     residuals = np.abs(state.coupling @ Y[:, wanted])
@@ -483,22 +482,35 @@ def _advance(
     state.V[state.j] = nxt
 
 
-# Grow the basis only while orthogonalizing against it costs at most this share of a
-# product (on a 400k-parameter MLP a basis of 100 made each step 3.5x slower than one of
-# 20 for the same products; on a CNN, whose products cost more, it is nearly free), or
-# less than _NEGLIGIBLE_SECONDS per step, which nothing notices.
+# Grow the basis only while a step's cost beyond its product (orthogonalization, the
+# small eigenproblems) stays under this share of a product (on a 400k-parameter MLP a
+# basis of 100 made each step 3.5x slower than one of 20 for the same products, and on a
+# 3,922-parameter MLP, whose products take 1 ms, the eigenproblems of a 100-vector basis
+# made Lanczos 7x slower; on a CNN, whose products cost more, it is nearly free), or under
+# _NEGLIGIBLE_SECONDS, which nothing notices.
 _ORTHOGONALIZATION_SHARE = 0.5
 _NEGLIGIBLE_SECONDS = 1e-4
 
 
+def _time_step(state: _State, seconds: float) -> None:
+    """Record what this step cost beyond its product."""
+    overhead = max(0.0, seconds - state.last_product)
+    if state.j == 1:
+        state.fixed_seconds = min(state.fixed_seconds, overhead)
+    else:
+        state.step_seconds = overhead
+
+
 def _grown(state: _State) -> int:
-    """The basis size to continue with when it is full: doubled (up to ``state.cap``)
-    if the measured orthogonalization cost per vector (beyond the fixed cost of a step)
-    allows, else unchanged."""
+    """The basis size to continue with when it is full: doubled (up to ``state.cap``) if
+    a step's cost beyond its product and its fixed part, measured now and extrapolated to
+    the doubled basis as its square (orthogonalization grows linearly with the basis, the
+    small eigenproblems faster), stays within the allowance; else unchanged."""
     m = state.V.shape[0] - 1
     target = min(2 * m, state.cap)
+    growing = max(0.0, state.step_seconds - state.fixed_seconds) * (target / m) ** 2
     allowed = max(_ORTHOGONALIZATION_SHARE * state.product_seconds, _NEGLIGIBLE_SECONDS)
-    if target > m and target * state.vector_seconds <= allowed:
+    if target > m and growing <= allowed:
         return target
     return m
 
@@ -537,7 +549,7 @@ def _nothing_beyond(state: _State, t: float, which: str, dim: int) -> bool:
     j = state.j
     if not state.krylov or j == 0:
         return False
-    theta = np.linalg.eigvalsh(state.T[:j, :j])
+    theta = _eigvalsh(state.T[:j, :j])
     betas = np.append(np.diag(state.T[1:j, : j - 1]), state.beta)
     log_norm = float(np.log(np.maximum(betas, np.finfo(float).tiny)).sum())
     needed = log_norm + math.log(math.sqrt(2 * dim / math.pi) / _MISS_PROBABILITY)
@@ -557,7 +569,7 @@ def _extract(state: _State, k: int, ctx: _Options) -> _Pairs:
         theta, Y, j, coupling = np.full(1, np.nan), np.ones((1, 1)), 1, np.full(1, np.nan)
     else:
         j, coupling = state.j, state.coupling
-        theta, Y = np.linalg.eigh(state.T[:j, :j])
+        theta, Y = _eigh(state.T[:j, :j])
     wanted = _select(theta, ctx.which, k)
     pad = k - len(wanted)
     values = np.concatenate([theta[wanted], np.full(pad, np.nan)])
@@ -571,6 +583,18 @@ def _extract(state: _State, k: int, ctx: _Options) -> _Pairs:
     vectors = vectors / torch.linalg.vector_norm(vectors, dim=1, keepdim=True)
     vectors = torch.cat([vectors, torch.zeros(pad, n, dtype=V.dtype, device=V.device)])
     return _Pairs(values, vectors, converged, residuals, errors)
+
+
+# The projected eigenproblems go through torch's LAPACK, which shares torch's thread pool:
+# numpy's OpenBLAS threads, idling in spin-waits after each call, took the cores from
+# torch's products (a 3,922-parameter MLP's Lanczos ran 3x slower: 0.71 s against 0.25 s).
+def _eigh(T: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    theta, Y = torch.linalg.eigh(torch.from_numpy(np.ascontiguousarray(T)))
+    return theta.numpy(), Y.numpy()
+
+
+def _eigvalsh(T: np.ndarray) -> np.ndarray:
+    return torch.linalg.eigvalsh(torch.from_numpy(np.ascontiguousarray(T))).numpy()
 
 
 def _select(theta: np.ndarray, which: str, count: int) -> np.ndarray:
