@@ -177,7 +177,7 @@ def run(device: torch.device, *, tiny: bool = False) -> str:
             f"hvpfunc lanczos(k=5, tol=1e-6): {lanczos_seconds:.3f} s for {lanczos_products} products of "
             f"{t_product * 1e3:.2f} ms: {100 * overhead:.0f}% of the time outside the products "
             "(orthogonalization, small eigenproblems, checks).\n",
-            f"hvpfunc cg (100 iterations): {cg_seconds:.3f} s for {res.num_matvecs} products: "
+            f"hvpfunc cg (up to 100 iterations): {cg_seconds:.3f} s for {res.num_matvecs} products: "
             f"{100 * cg_overhead:.0f}% outside the products; on an operator whose product is almost free "
             f"(a diagonal of size 4096) {1e6 * free_seconds / max(free.num_matvecs, 1):.0f} µs per iteration.", ""]
     return "\n".join(out)
