@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple, get_args
+from typing import NamedTuple, Optional, Tuple, get_args
 
 import torch
 from torch import Tensor
@@ -252,31 +252,55 @@ def squared_frobenius_norm(
     return finish(result, "squared_frobenius_norm")
 
 
+class _Sketch(NamedTuple):
+    """Probes W (rows), HW, an orthonormal basis Q of range(HW) (rows), HQ, and S, whose
+    column i, sᵢ, gives the basis without probe i: Q₋ᵢQ₋ᵢᵀ = Q(I − sᵢsᵢᵀ)Qᵀ. S is None
+    when HW has rank below s (or s covers the dimension): then range(H) lies in span(Q)
+    and the projected parts are exact."""
+
+    W: Tensor
+    HW: Tensor
+    Q: Tensor
+    HQ: Tensor
+    S: Optional[Tensor]
+
+
+def _exchangeable_sketch(
+    op: Operator, s: int, generator: Optional[torch.Generator], chunk_size: ChunkSize, bar: Optional[Progress]
+) -> Optional[_Sketch]:
+    """The shared part of XTrace and XDiag, 2s products: every leave-one-out basis from one
+    QR, HW = QR, with sᵢ the i-th column of R⁻ᵀ normalized (Epperly, Tropp & Webber 2024,
+    §2). None when a product was not finite."""
+    W = op.probes(s, generator)
+    HW = op.batch(W, chunk_size=chunk_size, bar=bar)
+    if not bool(torch.isfinite(HW).all()):
+        return None
+    Q, R = torch.linalg.qr(HW.T)
+    Q = Q.T  # rows: an orthonormal basis of range(HW)
+    HQ = op.batch(Q, chunk_size=chunk_size, bar=bar)
+    if not bool(torch.isfinite(HQ).all()):
+        return None
+    diagonal_R = torch.diagonal(R).abs()
+    if s >= op.n or bool(diagonal_R.min() <= math.sqrt(torch.finfo(R.dtype).eps) * diagonal_R.max()):
+        return _Sketch(W, HW, Q, HQ, None)
+    S = torch.linalg.inv(R.T)
+    return _Sketch(W, HW, Q, HQ, S / torch.linalg.vector_norm(S, dim=0, keepdim=True))
+
+
 def _xtrace(
     op: Operator, s: int, generator: Optional[torch.Generator], chunk_size: ChunkSize, bar: Progress
 ) -> Tuple[Tensor, bool]:
     """The s exchangeable XTrace estimates (2s products), and whether every product was
     finite. Estimate i is Hutch++ with the sketch of the other s − 1 probes and probe i
     for the remainder: tr(Q₋ᵢᵀHQ₋ᵢ) + wᵢᵀ(I − Q₋ᵢQ₋ᵢᵀ)H(I − Q₋ᵢQ₋ᵢᵀ)wᵢ, where Q₋ᵢ spans
-    H W without column i. All s bases come from one QR, HW = QR: Q₋ᵢQ₋ᵢᵀ = Q(I − sᵢsᵢᵀ)Qᵀ
-    with sᵢ the i-th column of R⁻ᵀ normalized (Epperly, Tropp & Webber 2024, §2)."""
-    W = op.probes(s, generator)
-    HW = op.batch(W, chunk_size=chunk_size, bar=bar)
-    if not bool(torch.isfinite(HW).all()):
-        return W[:0, 0], False
-    Q, R = torch.linalg.qr(HW.T)
-    Q = Q.T  # rows: an orthonormal basis of range(HW)
-    HQ = op.batch(Q, chunk_size=chunk_size, bar=bar)
-    if not bool(torch.isfinite(HQ).all()):
-        return W[:0, 0], False
+    H W without column i."""
+    sketch = _exchangeable_sketch(op, s, generator, chunk_size, bar)
+    if sketch is None:
+        return torch.zeros(0, dtype=op.dtype, device=op.device), False
+    W, HW, Q, HQ, S = sketch
     M = Q @ HQ.T  # QᵀHQ
-    diagonal_R = torch.diagonal(R).abs()
-    if s >= op.n or bool(diagonal_R.min() <= math.sqrt(torch.finfo(R.dtype).eps) * diagonal_R.max()):
-        # HW has rank below s (or s covers the dimension): the range of H is inside
-        # span(Q), so the remainder (I − QQᵀ)H(I − QQᵀ) vanishes and tr(QᵀHQ) is the trace.
+    if S is None:  # the remainder (I − QQᵀ)H(I − QQᵀ) vanishes: tr(QᵀHQ) is the trace
         return torch.trace(M).expand(s), True
-    S = torch.linalg.inv(R.T)
-    S = S / torch.linalg.vector_norm(S, dim=0, keepdim=True)  # column i: sᵢ
     projected = torch.trace(M) - torch.einsum("ai,ab,bi->i", S, M, S)  # tr(Q₋ᵢᵀHQ₋ᵢ)
 
     def deflated(C: Tensor) -> Tensor:  # row i of C times (I − sᵢsᵢᵀ)
@@ -292,24 +316,15 @@ def _xdiag(
 ) -> Tuple[Tensor, Tensor, bool]:
     """XDiag from 2s products: (estimate, stderr, whether every product was finite).
     Sample i is diag(Q₋ᵢQ₋ᵢᵀH) + wᵢ ⊙ (I − Q₋ᵢQ₋ᵢᵀ)Hwᵢ; with Q₋ᵢQ₋ᵢᵀ = Q(I − sᵢsᵢᵀ)Qᵀ
-    (see :func:`_xtrace`) it is diag(QQᵀH) − Qsᵢ ⊙ HQsᵢ + wᵢ ⊙ (Hwᵢ − Qtᵢ + (sᵢᵀtᵢ)Qsᵢ),
-    tᵢ = (HQ)ᵀwᵢ."""
-    nan = torch.full((op.n,), math.nan, dtype=op.dtype, device=op.device)
-    W = op.probes(s, generator)
-    HW = op.batch(W, chunk_size=chunk_size)
-    if not bool(torch.isfinite(HW).all()):
+    it is diag(QQᵀH) − Qsᵢ ⊙ HQsᵢ + wᵢ ⊙ (Hwᵢ − Qtᵢ + (sᵢᵀtᵢ)Qsᵢ), tᵢ = (HQ)ᵀwᵢ."""
+    sketch = _exchangeable_sketch(op, s, generator, chunk_size, None)
+    if sketch is None:
+        nan = torch.full((op.n,), math.nan, dtype=op.dtype, device=op.device)
         return nan, nan, False
-    Q, R = torch.linalg.qr(HW.T)
-    Q = Q.T
-    HQ = op.batch(Q, chunk_size=chunk_size)
-    if not bool(torch.isfinite(HQ).all()):
-        return nan, nan, False
+    W, HW, Q, HQ, S = sketch
     projected = (Q * HQ).sum(dim=0)  # diag(QQᵀH)
-    diagonal_R = torch.diagonal(R).abs()
-    if s >= op.n or bool(diagonal_R.min() <= math.sqrt(torch.finfo(R.dtype).eps) * diagonal_R.max()):
+    if S is None:
         return projected, torch.zeros_like(projected), True  # range(H) inside span(Q): exact
-    S = torch.linalg.inv(R.T)
-    S = S / torch.linalg.vector_norm(S, dim=0, keepdim=True)
     QS, HQS = S.T @ Q, S.T @ HQ  # rows i: Qsᵢ and HQsᵢ
     T = HQ @ W.T  # column i: tᵢ
     c = (S * T).sum(dim=0)  # sᵢᵀtᵢ
