@@ -22,6 +22,7 @@ from .system import (
     finite_rhs,
     iteration_limit,
     non_finite_message,
+    stall_message,
 )
 
 # Curvature pᵀAp within this many rounding units of ‖A‖‖p‖² counts as zero.
@@ -123,14 +124,6 @@ def _singular_message(curvature: float, pp: float, norm_estimate: float) -> str:
         f"‖H + δI‖‖p‖² ≈ {norm_estimate * pp:.3g}: H + δI is singular and b has a component in "
         "its null space, so (H + δI)x = b has no solution; x is the last iterate. Add damping "
         "(a regularized solution), or use hf.minres (a least-squares solution)."
-    )
-
-
-def _stall_message(norm: float, target: float) -> str:
-    return (
-        f"the true residual b − (H + δI)x stalls at {norm:.3g} above the target {target:.3g} while CG's "
-        "recursive residual meets it: rounding in the products sets this floor (about ε·κ‖b‖). "
-        "Loosen tol, precondition, or compute in float64."
     )
 
 
@@ -343,7 +336,8 @@ def _confirm(state: _State, A, M) -> None:
             # the recursion met the tolerance twice, the true residual did not move: rounding.
             # The iterate of the earlier confirmation is the better one.
             state.X[i], state.r_norms[i] = state.kept.pop(i), state.confirmed[i]
-            state.status[i], state.messages[i] = Status.MAX_ITERS, _stall_message(state.confirmed[i], state.targets[i])
+            message = stall_message(state.confirmed[i], state.targets[i], "CG's recursive residual")
+            state.status[i], state.messages[i] = Status.MAX_ITERS, message
             state.active.remove(i)
         else:
             state.confirmed[i] = norm

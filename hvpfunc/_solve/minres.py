@@ -11,7 +11,7 @@ from .._outcome import finish
 from .._progress import Progress
 from .._types import MatvecFn, ProgressArg, Tree
 from ..results import SolveResult, Status
-from .system import LinearSystem, attainable_tol, non_finite_message
+from .system import LinearSystem, attainable_tol, non_finite_message, stall_message
 
 _INCONSISTENT = (
     "b is not in the range of H + δI to the tolerance (a singular or numerically singular, "
@@ -164,10 +164,7 @@ def minres(
                     break
                 if residual_norm >= confirmed:
                     x, residual_norm = kept, confirmed  # the earlier confirmation's iterate is better
-                    status, message = Status.MAX_ITERS, (
-                        f"the true residual ‖b − (H + δI)x‖ stalls at {confirmed:.3g} above the target "
-                        f"{goal:.3g} while MINRES's estimate meets it: rounding in the products sets this "
-                        "floor (about ε·κ‖b‖). Loosen tol, or compute in float64.")
+                    status, message = Status.MAX_ITERS, stall_message(confirmed, goal, "MINRES's estimate")
                     break
                 confirmed, kept = residual_norm, x
                 target /= 2  # rounding left the true residual behind the estimate

@@ -14,7 +14,7 @@ from .._outcome import finish
 from .._progress import Progress
 from .._types import MatvecFn, ProgressArg, Tree
 from ..results import ConvergenceWarning, SolveResult, Status
-from .system import LinearSystem, attainable_tol, check_tol_damping, non_finite_message
+from .system import LinearSystem, attainable_tol, check_tol_damping, non_finite_message, stall_message
 
 # A symmetric contraction can only shrink the terms; growth beyond rounding proves the
 # spectral radius is at least one. LiSSA's products are sampled, so its terms may
@@ -252,10 +252,9 @@ def _series(
                     p_norm = r_norm
                     break
                 if r_norm >= last_true:
-                    return _Run(kept, Status.MAX_ITERS, (  # the earlier confirmation's x is better
-                        f"the true residual b − (H + δI)x stalls at {last_true / b_norm:.3g}·‖b‖ while the "
-                        "series' own residual meets the tolerance: rounding in the products sets this floor. "
-                        "Loosen tol, or compute in float64."), last_true, terms)
+                    # the earlier confirmation's x is the better one
+                    return _Run(kept, Status.MAX_ITERS, stall_message(last_true, target, "the series' own residual"),
+                                last_true, terms)
                 last_true, kept = r_norm, x
                 p, p_norm, best_x, best_norm = r, r_norm, x, r_norm
             if terms >= num_terms:

@@ -47,6 +47,16 @@ def attainable_tol(tol: float, eps: float, solver: str, *, stacklevel: int = 3) 
     return floor
 
 
+def stall_message(norm: float, target: float, estimate: str) -> str:
+    """Why a solver stopped when a restart from its true residual did not lower it:
+    ``estimate`` (its own running residual) met the target, ‖b − (H + δI)x‖ did not."""
+    return (
+        f"the true residual ‖b − (H + δI)x‖ stalls at {norm:.3g} above the target {target:.3g} while "
+        f"{estimate} meets it: rounding in the products sets this floor (about ε·κ‖b‖). Loosen tol, "
+        "precondition, or compute in float64."
+    )
+
+
 def finite_rhs(b: Tensor) -> Tensor:
     """The flat right-hand side(s), refused if any entry is nan or inf."""
     if not bool(torch.isfinite(b).all()):
