@@ -167,9 +167,10 @@ def lanczos(
         checking = status is Status.CONVERGED and state.j < n and (repeat or state.deficient)
         held = state.V.shape[0]
         if checking:
-            seed = state
-            del state  # the pairs hold all that is kept: the copy check needs the memory
-            pairs, status, detail, check_held = _check_copies(op, pairs, seed, n, ctx, bar, repeat=repeat)
+            carried = _Carried(state.norm_estimate, state.V.shape[0] - 1, state.cap, state.product_seconds,
+                               state.fixed_seconds, state.step_seconds)
+            del state  # the pairs hold all that is kept: the copy check needs the basis' memory
+            pairs, status, detail, check_held = _check_copies(op, pairs, carried, n, ctx, bar, repeat=repeat)
             held = max(held, check_held + k)
     finally:
         bar.close()
@@ -316,21 +317,30 @@ def _run(
         _advance(state, w, ritz, invariant=invariant, k=k, which=ctx.which, generator=ctx.generator)
 
 
+class _Carried(NamedTuple):
+    """What the copy check takes from the main run (not its basis, which it frees)."""
+
+    norm_estimate: float  # a lower bound of ‖H‖: the rounding floor of tolerances
+    m: int  # the basis size reached
+    cap: int
+    product_seconds: float
+    fixed_seconds: float
+    step_seconds: float
+
+
 def _check_copies(
-    op: Operator, pairs: _Pairs, main: _State, n: int, ctx: _Options, bar: Progress, *, repeat: bool,
+    op: Operator, pairs: _Pairs, main: _Carried, n: int, ctx: _Options, bar: Progress, *, repeat: bool,
 ) -> Tuple[_Pairs, Status, str, int]:
     """Look for eigenvalues better than the k-th found, which a single Krylov sequence
     misses when it is a copy of one found (or when the start vector lay in an invariant
     subspace): Lanczos on the deflated operator PHP, P = I − UUᵀ projecting off the
     pairs' vectors U, from a fresh random vector. It stops when its best pair converges
     or when :func:`_nothing_beyond` rules out anything better; a better pair found
-    joins the k (replacing the worst) and, with ``repeat``, the check runs again. The
-    main run's ``main`` state gives the basis size, its limits and ‖H‖'s estimate (the
-    rounding floor of tolerances); the most vectors held is returned last."""
+    joins the k (replacing the worst) and, with ``repeat``, the check runs again. ``main``
+    carries the main run's basis size, limits, timings and ‖H‖'s estimate; the most
+    vectors held is returned last."""
     k = len(pairs.values)
-    norm_estimate, m, cap = main.norm_estimate, main.V.shape[0] - 1, main.cap
-    timings = (main.product_seconds, main.fixed_seconds, main.step_seconds)
-    del main
+    norm_estimate = main.norm_estimate
     held = 0
     while True:
         U = pairs.vectors
@@ -342,9 +352,10 @@ def _check_copies(
             # an invariant Krylov space of a random vector holds every distinct eigenvalue
             return invariant or _nothing_beyond(state, kth + (floor if ctx.which == "SA" else -floor), ctx.which, dim)
 
-        state = _start(_fresh_direction(U, ctx.generator), min(m, dim), min(cap, dim))
+        state = _start(_fresh_direction(U, ctx.generator), min(main.m, dim), min(main.cap, dim))
         state.norm_estimate = norm_estimate
-        state.product_seconds, state.fixed_seconds, state.step_seconds = timings
+        state.product_seconds, state.fixed_seconds, state.step_seconds = (
+            main.product_seconds, main.fixed_seconds, main.step_seconds)
         state, status, detail = _run(op, state, 1, dim, ctx, bar, done, deflate=U)
         held = max(held, state.V.shape[0])
         if status is not Status.CONVERGED:
@@ -405,8 +416,9 @@ def _expand(state: _State, op: Operator, slack: float, deflate: Optional[Tensor]
     j = state.j
     start = time.perf_counter()
     product = op(state.V[j])
-    if product.is_cuda:
-        torch.cuda.synchronize(product.device)  # to time the product apart from the rest
+    if product.is_cuda and state.V.shape[0] - 1 < state.cap:
+        # the timing decides whether the basis grows: only then is a synchronization worth it
+        torch.cuda.synchronize(product.device)
     middle = time.perf_counter()
     if deflate is not None:
         product, _ = orthogonalize(deflate, product)
