@@ -312,3 +312,19 @@ def test_the_basis_stays_within_the_memory_budget(monkeypatch):
     monkeypatch.setattr(module, "_free_memory", lambda device: 1.0)
     assert module.default_basis(300, 5, DT, torch.device("cpu")) == 20  # never below max(2k + 1, 20)
     assert module.default_basis(300, 30, DT, torch.device("cpu")) == 61
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_partial_reorthogonalization_keeps_ghosts_out(dtype, tol):
+    # An isolated top eigenvalue converges in a few steps; plain three-term Lanczos then
+    # loses orthogonality along its vector and, in a long run, returns copies ("ghosts")
+    # of it as the next eigenvalues. Only the partial reorthogonalization keeps them out.
+    lam = torch.cat([torch.tensor([50.0, 1.0, 0.999]), torch.linspace(0.0, 0.99, 397)]).to(DT)
+    Q, _ = torch.linalg.qr(torch.randn(400, 400, generator=torch.Generator().manual_seed(3), dtype=DT))
+    H = ((Q * lam) @ Q.T).to(dtype)
+    res = hf.lanczos(lambda v: H @ v, torch.ones(400, dtype=dtype), k=3, tol=tol, max_basis=150)
+    assert res.status == "converged"
+    assert torch.allclose(res.eigenvalues.double(), lam[:3], rtol=10 * tol, atol=0)
+    V = res.eigenvectors.double()
+    assert torch.allclose(V @ V.T, torch.eye(3, dtype=DT), atol=10 * tol)
+    assert float(((H.double() @ V.T) - V.T * lam[:3]).norm(dim=0).max()) <= 10 * tol * 50

@@ -1,4 +1,4 @@
-"""Thick-restart Lanczos with full reorthogonalization for k extreme eigenpairs."""
+"""Thick-restart Lanczos with partial reorthogonalization for k extreme eigenpairs."""
 
 from __future__ import annotations
 
@@ -42,9 +42,14 @@ def lanczos(
     Lanczos builds an orthonormal basis V of the Krylov space span{v0, Hv0, H²v0, ...};
     the eigenpairs (θ, y) of the small projected matrix T = VᵀHV give Ritz pairs
     (θ, Vy) whose residual is ‖H Vy − θ Vy‖ = β |y_last|, known without extra products.
-    Every new vector is orthogonalized against the whole basis twice (classical
-    Gram–Schmidt, as one matrix product per pass), which prevents the spurious
-    "ghost" copies of converged eigenvalues that plain three-term Lanczos produces.
+    Plain three-term Lanczos loses orthogonality as Ritz pairs converge and then
+    produces spurious "ghost" copies of them; orthogonalizing every new vector against
+    the whole basis prevents that but costs O(basis · n) per step, which on a large model
+    rivals the product itself. Instead each step orthogonalizes against its two
+    predecessors and follows the loss of orthogonality with Simon's recurrence
+    (scalars only); when it passes √ε the new vector (and the next) is orthogonalized
+    against the whole basis (classical Gram–Schmidt twice). The basis stays
+    semi-orthogonal, which keeps the Ritz values accurate to rounding (Simon 1984).
     When the basis holds ``max_basis`` vectors it is restarted (Wu & Simon): it keeps
     the best ``k + (max_basis − k) // 2`` Ritz vectors and the residual direction, so
     memory stays at ``max_basis + 1`` parameter-sized vectors however long the run.
@@ -121,8 +126,9 @@ def lanczos(
         (tensor([100.,  99.,  98.], dtype=torch.float64), <Status.CONVERGED: 'converged'>)
 
     References:
-        Lanczos (1950); Wu & Simon, "Thick-restart Lanczos method for large symmetric
-        eigenvalue problems", SIAM J. Matrix Anal. Appl. 22 (2000); Lehoucq, Sorensen &
+        Lanczos (1950); Simon, "The Lanczos algorithm with partial reorthogonalization",
+        Math. Comp. 42 (1984); Wu & Simon, "Thick-restart Lanczos method for large
+        symmetric eigenvalue problems", SIAM J. Matrix Anal. Appl. 22 (2000); Lehoucq, Sorensen &
         Yang, *ARPACK Users' Guide* (1998); Hochstenbach, "Probabilistic upper bounds for
         the matrix two-norm", J. Sci. Comput. 57 (2013).
     """
@@ -155,9 +161,11 @@ def lanczos(
     if generator is None:
         generator = torch.Generator().manual_seed(0)
 
+    eps = torch.finfo(op.dtype).eps
     ctx = _Options(
-        which=which, tol=tol, stop=stop, eps=torch.finfo(op.dtype).eps, budget=budget, generator=generator,
+        which=which, tol=tol, stop=stop, eps=eps, budget=budget, generator=generator,
         slack=symmetry_slack(op.layout.product_eps),
+        rounding=_ROUNDING * max(eps, op.layout.product_eps),
     )
     repeat = find_copies and k > 1
     bar = Progress(progress, total=budget, desc=f"lanczos (k={k}, {which})")
@@ -227,6 +235,14 @@ def _free_memory(device: torch.device) -> float:
         return float(2**30)
 
 
+# One step's rounding, in units of ε‖H‖/β, seeding Simon's estimates. PROPACK and SLEPc
+# take the worst case of an n-term inner product, √n ε / 2, which in float32 on a
+# 400k-parameter network (1e-4 ε) left nearly no room below √ε and reorthogonalized every
+# step, while the measured loss after a local step was 1–5 ε: blocked summation makes
+# rounding grow like log n, not √n. 10 keeps a margin over what was measured.
+_ROUNDING = 10.0
+
+
 @dataclass(frozen=True)
 class _Options:
     which: str
@@ -236,6 +252,7 @@ class _Options:
     budget: int
     generator: torch.Generator
     slack: float  # of the symmetry check
+    rounding: float  # the loss of orthogonality one step's rounding may cause, times β/‖H‖
 
 
 @dataclass
@@ -251,15 +268,24 @@ class _State:
     coupling: np.ndarray = field(default_factory=lambda: np.zeros(0))
     norm_estimate: float = 0.0  # the largest |Ritz value| seen, a lower bound of ‖H‖
     plain: bool = False  # V[j] came from the three-term step, so T[j, j-1] = β is to be checked
+    # Simon's estimates of v_iᵀv_k (i ≠ k) for the rows of V, and whether the next step
+    # must orthogonalize against the whole basis (the step after one that did)
+    omega: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    reorthogonalize: bool = False
+    level: float = 0.0  # the loss of orthogonality allowed (set from the tolerance by _ritz)
     deficient: bool = False  # an invariant subspace was met: the start vector missed directions
     krylov: bool = True  # V[:j] is still the plain Krylov sequence of V[0] (no restart, no fresh vector)
     cap: int = 0  # the basis may grow to this many vectors (memory's limit)
     product_seconds: float = math.inf  # the fastest product seen
     last_product: float = 0.0  # this step's product
     # what a step costs beyond its product (orthogonalization, the small eigenproblems,
-    # the checks): at the first step (its fixed part), and at the last step
+    # the checks): at the first step (its fixed part), and on average over the steps
+    # since the basis last grew or restarted (the occasional full reorthogonalizations
+    # amortized), from their total and count
     fixed_seconds: float = math.inf
     step_seconds: float = 0.0
+    overhead_total: float = 0.0
+    overhead_steps: int = 0
 
 
 class _Ritz(NamedTuple):
@@ -281,11 +307,12 @@ class _Pairs(NamedTuple):
 
 
 def _start(x0: Tensor, m: int, cap: int) -> _State:
-    V = torch.zeros(m + 1, x0.shape[0], dtype=x0.dtype, device=x0.device)
+    # rows are written before they are read (row j before the product that reads it)
+    V = torch.empty(m + 1, x0.shape[0], dtype=x0.dtype, device=x0.device)
     V[0] = x0 / torch.linalg.vector_norm(x0)
     # The projected matrix and its eigenproblems are tiny: numpy float64 on the host,
     # where each small operation costs microseconds rather than a kernel launch.
-    return _State(V=V, T=np.zeros((m + 1, m + 1)), cap=max(cap, m))
+    return _State(V=V, T=np.zeros((m + 1, m + 1)), omega=np.zeros((m + 1, m + 1)), cap=max(cap, m))
 
 
 def _run(
@@ -298,7 +325,7 @@ def _run(
     the space the basis lives in."""
     while True:
         start = time.perf_counter()
-        w = _expand(state, op, ctx.slack, deflate)
+        w = _expand(state, op, ctx, deflate)
         if w is None:
             return state, Status.NON_FINITE, "a product was not finite (nan or inf)"
         ritz = _ritz(state, k, ctx)
@@ -395,10 +422,13 @@ def _merge(
     gap = float(np.abs(others - value).min()) if len(others) else np.inf
     error = min(residual, residual**2 / gap) if gap > 0 else residual
     measure = residual if ctx.stop == "residual" else error
-    # Hu − θu gains a part (g_iᵀu) from each deflated pair's own residual g_i, each at
-    # most the rounding floor for pairs at it: the floor grows by √(k + 1).
+    # Hu − θu gains a part U g with g_i = r_iᵀu from each deflated pair's own residual
+    # r_i, which the deflated run cannot see and no longer run could reduce: a pair
+    # found next to pairs converged to tol·|θ_i| is as accurate as they allow, up to
+    # ‖(‖r_i‖)_i‖, above the floor grown by √(k + 1) for rounding.
     floor = math.sqrt(len(pairs.values) + 1) * norm_estimate
-    ok = bool(measure <= _threshold(np.array([value]), ctx.tol, ctx.eps, floor)[0])
+    leak = float(np.linalg.norm(pairs.residuals[np.isfinite(pairs.residuals)]))
+    ok = bool(measure <= _threshold(np.array([value]), ctx.tol, ctx.eps, floor)[0] + leak)
     values = np.append(pairs.values, value)
     order = _select(values, ctx.which, len(pairs.values))
     return _Pairs(
@@ -410,9 +440,14 @@ def _merge(
     )
 
 
-def _expand(state: _State, op: Operator, slack: float, deflate: Optional[Tensor] = None) -> Optional[Tensor]:
+def _expand(state: _State, op: Operator, ctx: _Options, deflate: Optional[Tensor] = None) -> Optional[Tensor]:
     """One product: H V[j] (P H V[j] with ``deflate``) goes into column j of T. Returns
-    the residual direction, or None (the state unchanged) when the product was not finite."""
+    the residual direction, or None (the state unchanged) when the product was not finite.
+
+    After a three-term step (``state.plain``) H v_j couples only to v_{j-1} and v_j, so
+    the product is orthogonalized against those two and :func:`_orthogonality` says
+    whether the result must also be orthogonalized against the rest; after a restart or
+    a fresh direction it is orthogonalized against the whole basis."""
     j = state.j
     start = time.perf_counter()
     product = op(state.V[j])
@@ -422,23 +457,61 @@ def _expand(state: _State, op: Operator, slack: float, deflate: Optional[Tensor]
     middle = time.perf_counter()
     if deflate is not None:
         product, _ = orthogonalize(deflate, product)
-    w, h, beta = expand(state.V[: j + 1], product)
+    local = state.plain and not state.reorthogonalize
+    first = j - 1 if local else 0
+    w, h, beta = expand(state.V[first : j + 1], product)
+    if deflate is not None:  # else the basis' parts along U grow with its loss of orthogonality
+        w, _ = orthogonalize(deflate, w)
+        beta = torch.linalg.vector_norm(w)
     # one device-to-host transfer per step for the coefficients and the norm
     host = torch.cat([h, beta[None]]).to("cpu", torch.float64).numpy()
     state.last_product = middle - start
     state.product_seconds = min(state.product_seconds, state.last_product)
     if not np.isfinite(host).all():
         return None
-    h = host[:-1]
+    h = np.zeros(j + 1)
+    h[first:] = host[:-1]
     if state.plain:
-        check_symmetric(h[j - 1], state.T[j, j - 1], max(state.norm_estimate, abs(h[j])), slack)
+        check_symmetric(h[j - 1], state.T[j, j - 1], max(state.norm_estimate, abs(h[j])), ctx.slack)
     state.T[: j + 1, j] = h
     state.T[j, : j + 1] = h
-    state.j = j + 1
     state.beta = float(host[-1])
+    omega = np.full(j + 1, ctx.rounding)
+    state.reorthogonalize = False
+    if local and j >= 2:
+        estimate = _orthogonality(state, ctx.rounding)
+        if np.abs(estimate[: j - 1]).max() > state.level:
+            w, _ = orthogonalize(state.V[: j + 1], w)
+            state.beta = float(torch.linalg.vector_norm(w).to("cpu", torch.float64))
+            state.reorthogonalize = True  # Simon: the next vector too, its estimate rests on this one's
+        else:
+            omega = estimate
+            omega[j - 1 :] = ctx.rounding  # orthogonalized against explicitly
+    state.omega[j + 1, : j + 1] = omega
+    state.omega[: j + 1, j + 1] = omega
+    state.j = j + 1
     state.coupling = np.zeros(j + 1)
     state.coupling[j] = state.beta
     return w
+
+
+def _orthogonality(state: _State, rounding: float) -> np.ndarray:
+    """Simon's estimate of v_kᵀ v_{j+1} for k ≤ j, before v_{j+1} = w/β is normalized.
+
+    From β v_{j+1} = H v_j − Σ_i T_ij v_i and H v_k = Σ_i T_ik v_i (column k ≤ j − 1 of
+    T is complete, also for the kept Ritz vectors of a thick restart, whose column is θ
+    on the diagonal and the coupling to the vector after them), with W = VᵀV:
+    β v_kᵀ v_{j+1} = (T W − W T)_kj, plus the rounding of one step, ε √n ‖H‖ / 2 with the
+    sign that makes it larger (Simon 1984; Larsen's PROPACK; SLEPc)."""
+    j = state.j
+    T = state.T[: j + 1, : j + 1]
+    W = state.omega[: j + 1, : j + 1].copy()
+    np.fill_diagonal(W, 1.0)
+    commutator = T @ W[:, j] - W @ T[:, j]
+    scale = max(state.norm_estimate, float(np.abs(T[:, j]).sum()) + state.beta)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        estimate = (commutator + np.copysign(rounding * scale, commutator)) / state.beta
+    return np.where(np.isfinite(estimate), estimate, np.inf)
 
 
 def _ritz(state: _State, k: int, ctx: _Options) -> _Ritz:
@@ -449,7 +522,13 @@ def _ritz(state: _State, k: int, ctx: _Options) -> _Ritz:
     wanted = _select(theta, ctx.which, k)
     residuals = np.abs(state.coupling @ Y[:, wanted])
     measure = residuals if ctx.stop == "residual" else _error_bounds(theta, wanted, residuals)
-    ok = measure <= _threshold(theta[wanted], ctx.tol, ctx.eps, state.norm_estimate)
+    threshold = _threshold(theta[wanted], ctx.tol, ctx.eps, state.norm_estimate)
+    ok = measure <= threshold
+    if state.norm_estimate > 0:
+        # Reorthogonalizing discards coefficients of the size of the loss of
+        # orthogonality times ‖H‖, which then blur the residuals: keep it 10x below
+        # the smallest residual asked for (full reorthogonalization at the rounding floor).
+        state.level = min(math.sqrt(ctx.eps), 0.1 * float(threshold.min()) / state.norm_estimate)
     return _Ritz(theta, Y, wanted, residuals, ok)
 
 
@@ -476,22 +555,26 @@ def _advance(
     j, m = state.j, state.V.shape[0] - 1
     if j == m:
         grown = _grown(state)
+        state.overhead_total, state.overhead_steps = 0.0, 0
         if grown > m:
-            V = torch.zeros(grown + 1, state.V.shape[1], dtype=state.V.dtype, device=state.V.device)
+            V = torch.empty(grown + 1, state.V.shape[1], dtype=state.V.dtype, device=state.V.device)
             V[:j] = state.V[:j]
-            T = np.zeros((grown + 1, grown + 1))
+            T, omega = np.zeros((grown + 1, grown + 1)), np.zeros((grown + 1, grown + 1))
             T[: m + 1, : m + 1] = state.T
-            state.V, state.T, m = V, T, grown
+            omega[: m + 1, : m + 1] = state.omega
+            state.V, state.T, state.omega, m = V, T, omega, grown
     if invariant:
         nxt = _fresh_direction(state.V[:j], generator)
+        state.omega[j, :j] = state.omega[:j, j] = 0.0
         state.krylov = False
     else:
         nxt = w / state.beta
         state.T[j, j - 1] = state.beta  # vᵀ_{j-1}Hv_j must come back equal: the symmetry check
     state.plain = not invariant and j != m
     if j == m:
-        _restart(state, ritz, k + (m - k) // 2, which)
-    state.V[state.j] = nxt
+        _restart(state, ritz, k + (m - k) // 2, which, nxt)
+    else:
+        state.V[j] = nxt
 
 
 # Grow the basis only while a step's cost beyond its product (orthogonalization, the
@@ -505,12 +588,14 @@ _NEGLIGIBLE_SECONDS = 1e-4
 
 
 def _time_step(state: _State, seconds: float) -> None:
-    """Record what this step cost beyond its product."""
+    """Record what this step cost beyond its product (the running mean of the cycle)."""
     overhead = max(0.0, seconds - state.last_product)
     if state.j == 1:
         state.fixed_seconds = min(state.fixed_seconds, overhead)
     else:
-        state.step_seconds = overhead
+        state.overhead_total += overhead
+        state.overhead_steps += 1
+        state.step_seconds = state.overhead_total / state.overhead_steps
 
 
 def _grown(state: _State) -> int:
@@ -527,15 +612,34 @@ def _grown(state: _State) -> int:
     return m
 
 
-def _restart(state: _State, ritz: _Ritz, keep: int, which: str) -> None:
-    """Thick restart (Wu & Simon): keep the ``keep`` preferred Ritz vectors as the new
-    basis, T their diagonal of Ritz values; the next expansion refills the coupling."""
+def _restart(state: _State, ritz: _Ritz, keep: int, which: str, nxt: Tensor) -> None:
+    """Thick restart (Wu & Simon): keep the ``keep`` preferred Ritz vectors U = YᵀV and
+    the residual direction ``nxt`` as the new basis, T their Ritz values; the next
+    expansion refills the coupling.
+
+    A semi-orthogonal basis gives Ritz vectors orthogonal only to about √ε, so the new
+    basis Z = [U; nxt] is orthonormalized (Cholesky QR: Z ← L⁻¹Z with LLᵀ = ZZᵀ, one
+    pass suffices for a Gram matrix this close to I), and T and the coupling follow it:
+    from HU = ΘU + c nxtᵀ, with U = L_U U' and nxt = U'ᵀl + λ nxt', the kept block is
+    HU' = (L_U⁻¹ΘL_U + L_U⁻¹c lᵀ) U' + λ L_U⁻¹c nxt'ᵀ, whose symmetric part is kept."""
     kept = _select(ritz.theta, which, keep)
     Yk = torch.as_tensor(ritz.Y[:, kept]).to(state.V.device, state.V.dtype)
     state.V[:keep] = Yk.T @ state.V[: state.j]
+    state.V[keep] = nxt
+    Z = state.V[: keep + 1]
+    # the small factorizations on the host through torch's LAPACK (see _eigh)
+    L = torch.linalg.cholesky((Z @ Z.T).to("cpu", torch.float64))
+    Z.copy_(torch.linalg.solve_triangular(L.to(Z.device, Z.dtype), Z, upper=False))
+    L_U, tail, lam = L[:keep, :keep], L[keep, :keep], float(L[keep, keep])
+    coupling = torch.as_tensor(state.beta * ritz.Y[state.j - 1, kept])[:, None]
+    c = torch.linalg.solve_triangular(L_U, coupling, upper=False)
+    theta = torch.as_tensor(ritz.theta[kept])[:, None]
+    block = (torch.linalg.solve_triangular(L_U, theta * L_U, upper=False) + c * tail[None, :]).numpy()
+    c = c[:, 0].numpy()
     state.T[:] = 0.0
-    state.T[:keep, :keep] = np.diag(ritz.theta[kept])
-    state.coupling = state.beta * ritz.Y[state.j - 1, kept]
+    state.T[:keep, :keep] = (block + block.T) / 2
+    state.omega[:] = 0.0
+    state.coupling = lam * c
     state.j = keep
     state.krylov = False
 
