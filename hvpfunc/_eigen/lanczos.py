@@ -455,14 +455,19 @@ def _expand(state: _State, op: Operator, ctx: _Options, deflate: Optional[Tensor
         # the timing decides whether the basis grows: only then is a synchronization worth it
         torch.cuda.synchronize(product.device)
     middle = time.perf_counter()
-    if deflate is not None:
-        product, _ = orthogonalize(deflate, product)
     local = state.plain and not state.reorthogonalize
     first = j - 1 if local else 0
-    w, h, beta = expand(state.V[first : j + 1], product)
-    if deflate is not None:  # else the basis' parts along U grow with its loss of orthogonality
+    if local:
+        # the three-term step in one pass (Paige): ⟨v_{j-1}, Hv_j⟩ (for the symmetry
+        # check) and α_j from one product with the pair; the estimates watch the rest
+        pair = state.V[j - 1 : j + 1]
+        h = torch.mv(pair, product)
+        w = product.addmv_(pair.T, h, alpha=-1)  # the product is ours: no new vector
+    else:
+        w, h, _ = expand(state.V[: j + 1], product)
+    if deflate is not None:  # projected after the step: the basis' parts along U would grow
         w, _ = orthogonalize(deflate, w)
-        beta = torch.linalg.vector_norm(w)
+    beta = torch.linalg.vector_norm(w)
     # one device-to-host transfer per step for the coefficients and the norm
     host = torch.cat([h, beta[None]]).to("cpu", torch.float64).numpy()
     state.last_product = middle - start
@@ -481,7 +486,10 @@ def _expand(state: _State, op: Operator, ctx: _Options, deflate: Optional[Tensor
     if local and j >= 2:
         estimate = _orthogonality(state, ctx.rounding)
         if np.abs(estimate[: j - 1]).max() > state.level:
-            w, _ = orthogonalize(state.V[: j + 1], w)
+            # one pass: w is already orthogonal to within the level (≤ √ε), which a
+            # single classical Gram–Schmidt pass brings down to rounding
+            basis = state.V[: j + 1]
+            w.addmv_(basis.T, torch.mv(basis, w), alpha=-1)
             state.beta = float(torch.linalg.vector_norm(w).to("cpu", torch.float64))
             state.reorthogonalize = True  # Simon: the next vector too, its estimate rests on this one's
         else:
@@ -568,12 +576,12 @@ def _advance(
         state.omega[j, :j] = state.omega[:j, j] = 0.0
         state.krylov = False
     else:
-        nxt = w / state.beta
+        nxt = torch.div(w, state.beta, out=state.V[j]) if j < m else w / state.beta
         state.T[j, j - 1] = state.beta  # vᵀ_{j-1}Hv_j must come back equal: the symmetry check
     state.plain = not invariant and j != m
     if j == m:
         _restart(state, ritz, k + (m - k) // 2, which, nxt)
-    else:
+    elif invariant:
         state.V[j] = nxt
 
 
