@@ -17,6 +17,7 @@ Mode = Literal[
     "reverse-over-reverse-recomputed",
     "linearize",
     "compiled",
+    "gradient-difference",
 ]
 Which = Literal["LM", "LA", "SA"]
 TraceMethod = Literal["hutchinson", "hutch++", "xtrace"]

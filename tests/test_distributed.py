@@ -3,6 +3,7 @@ single-process full-data products and Lanczos eigenvalues."""
 
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from references import DT, flat, mlp
 
 SPLIT = 13  # rank 0 holds 13 examples, rank 1 holds 17
+TIMEOUT = timedelta(seconds=60)  # a hung collective raises instead of hanging the test
 
 
 def _data():
@@ -30,7 +32,7 @@ def _v(params):
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=TIMEOUT)
     try:
         x, y = _data()
         shard = (x[:SPLIT], y[:SPLIT]) if rank == 0 else (x[SPLIT:], y[SPLIT:])
@@ -79,3 +81,37 @@ def test_vmap_over_a_reduced_matvec_is_a_clear_error(tmp_path):
             torch.func.vmap(matvec)({"w": torch.ones(2, 3)})
     finally:
         dist.destroy_process_group()
+
+
+def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=TIMEOUT)
+    try:
+        x, y = _data()
+        half = slice(0, 15) if rank == 0 else slice(15, 30)  # DDP averages the ranks' gradients equally
+        model = nn.parallel.DistributedDataParallel(mlp([3, 5, 1]))
+        matvec, params = hf.model_hvp_fn(model, nn.functional.mse_loss, (x[half], y[half]), mode="gradient-difference")
+        v = hf.tree.random_like(params, generator=torch.Generator().manual_seed(1), kind="gaussian")
+        v0 = hf.tree.random_like(params, generator=torch.Generator().manual_seed(2), kind="gaussian")
+        top = hf.lanczos(matvec, v0, k=2, tol=1e-9)
+        torch.save({"product": flat(matvec(v)), "top": top.eigenvalues,
+                    "intact": all(torch.equal(p, q) for p, q in zip(model.module.parameters(), mlp([3, 5, 1]).parameters()))},
+                   os.path.join(out_dir, f"ddp{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_gradient_differences_through_ddp_own_backward(tmp_path):
+    # DDP has no double backward (pytorch#63812); gradient differences need only its own
+    # backward, whose all-reduce makes every rank's product the full-data one.
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    x, y = _data()
+    full, params = hf.model_hvp_fn(mlp([3, 5, 1]), nn.functional.mse_loss, (x, y))
+    want = flat(full(_v(params)))
+    v0 = hf.tree.random_like(params, generator=torch.Generator().manual_seed(2), kind="gaussian")
+    want_top = hf.lanczos(full, v0, k=2, tol=1e-10).eigenvalues
+    for r in range(2):
+        got = torch.load(tmp_path / f"ddp{r}.pt")
+        assert float((got["product"] - want).norm() / want.norm()) < 1e-8
+        assert torch.allclose(got["top"], want_top, rtol=1e-7)
+        assert got["intact"]

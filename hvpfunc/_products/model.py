@@ -15,6 +15,7 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from .._types import Mode, Tree
 from ..tree import axpy, scale
+from . import difference
 from .api import Fixed, Matvec, build, usable
 from .checks import inspect, memory_light_mode
 from .modes import BUILDERS, differentiable_attention, scalar_fn
@@ -167,6 +168,9 @@ def model_hvp_fn(
     def loss(p: Dict[str, Tensor], x: Any, y: Tensor) -> Tensor:
         return loss_fn(forward(p, x), y)
 
+    if mode == "gradient-difference":
+        return _gradient_difference(model, loss_fn, single, batches, stream, named, params, reduction, forward,
+                                    batch_size, dropouts, unpack_inputs), params
     cache: dict = {}
     if single is not None:
         # auto's memory: this model's parameter shapes, this loss and the batch's shapes
@@ -199,6 +203,45 @@ def model_hvp_fn(
                 "The module itself was not modified: hvpfunc works on copies."
             )
     return matvec, params
+
+
+def _gradient_difference(model: nn.Module, loss_fn: Any, single: Optional[Batch], batches: List[Batch],
+                         stream: Optional[Iterable], named: Dict[str, Tensor], params: Dict[str, Tensor],
+                         reduction: Optional[str], forward: Callable, batch_size: Optional[Callable[[Batch], int]],
+                         dropouts: List[Tuple[str, nn.Module, float]], unpack_inputs: bool) -> Matvec:
+    """``mode="gradient-difference"``: gradients from the module's own forward and
+    backward at θ ± hv (:func:`difference.live_module`), the batches weighted as the
+    other modes weigh them."""
+
+    def thunk(batch: Batch) -> Callable[[], Tensor]:
+        x, y = batch
+        call = _as_call(x, unpack_inputs)
+        return lambda: loss_fn(model(*call[0], **(call[1] if len(call) > 1 else {})), y)
+
+    if single is not None:
+        def passes() -> Iterable[Tuple[float, Callable[[], Tensor]]]:
+            return [(1.0, thunk(single))]
+    else:
+        kind = _reduction(loss_fn, reduction)
+        weigh = _weigher(kind, loss_fn, forward, params, batch_size)
+        if stream is None:
+            weights = [weigh(batch) for batch in batches]
+            total = sum(weights) if kind == "mean" else 1.0
+            fixed = [(w / total, thunk(batch)) for w, batch in zip(weights, batches)]
+
+            def passes() -> Iterable[Tuple[float, Callable[[], Tensor]]]:
+                return fixed
+        else:  # the weights from one read now; each gradient reads the stream again, a batch at a time
+            weights = [weigh(_checked(batch, i)) for i, batch in enumerate(_outside_transforms(stream))]
+            total = sum(weights) if kind == "mean" else 1.0
+
+            def passes() -> Iterable[Tuple[float, Callable[[], Tensor]]]:
+                for w, batch in zip(weights, _outside_transforms(stream)):
+                    yield w / total, thunk(batch)
+
+    base = {name: value.detach().clone() for name, value in named.items()}
+    fn = difference.live_module(model, list(params), base, passes, lambda: _dropout_off(dropouts))
+    return Matvec(Fixed(fn, "gradient-difference"), params)
 
 
 def _copies(tensors: Dict[str, Any]) -> Dict[str, Any]:
