@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor
@@ -96,6 +96,17 @@ class Operator:
         self._checked = False
         self._seconds_per_row: Dict[int, float] = {}  # chunk_size="auto"'s trials on CPUs
         self._vmap_error: Optional[BaseException] = None  # why "auto" stopped using vmap
+        # A matvec may bring its own product of a stacked batch (data_parallel: vmap of
+        # the local matvec, then one collective). "auto" then batches by a fixed rule,
+        # never by timing: every rank must make the same calls.
+        self._batched: Optional[Callable[[Tree], Tree]] = getattr(matvec, "batched_matvec", None)
+
+    def resolve_chunk(self, chunk_size: ChunkSize) -> int | None:
+        """:func:`resolve_chunk` for this operator: ``"auto"`` is 16 also on a CPU for a
+        matvec with its own batched product."""
+        if chunk_size == "auto" and self._batched is not None:
+            return _AUTO_CHUNK
+        return resolve_chunk(chunk_size, self.device)
 
     def expect(self, count: int) -> None:
         """Tell the matvec (a :class:`~hvpfunc.Matvec` in ``"auto"`` mode) that ``count``
@@ -148,7 +159,7 @@ class Operator:
         while start < b:
             step = self._auto_chunk() if auto else max(b if fixed is None else fixed, 1)
             rows = X[start : start + (_AUTO_CHUNK if auto else step)]
-            trial = auto and self.device.type != "cuda" and step not in self._seconds_per_row
+            trial = auto and self._batched is None and self.device.type != "cuda" and step not in self._seconds_per_row
             if trial and step == 1 and self.num_matvecs == 0 and rows.shape[0] > 1:
                 outs.append(self._rows(rows[:1], 1))  # the first product pays one-off costs
                 done, rows = 1, rows[1:]
@@ -174,7 +185,7 @@ class Operator:
     def _auto_chunk(self) -> int:
         if self._vmap_error is not None:
             return 1
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" or self._batched is not None:
             return _AUTO_CHUNK
         loop = self._seconds_per_row.get(1)
         if loop is None or loop >= _VMAP_TRIAL_SECONDS:
@@ -189,7 +200,8 @@ class Operator:
             return torch.stack([self(row) for row in rows])
         outs = []
         for start in range(0, rows.shape[0], step):
-            out = torch.func.vmap(self.matvec)(self.layout.unflatten(rows[start : start + step]))
+            batched = self._batched or torch.func.vmap(self.matvec)
+            out = batched(self.layout.unflatten(rows[start : start + step]))
             self._check_output(out, 1)
             self.num_matvecs += min(step, rows.shape[0] - start)
             outs.append(self.layout.flatten(out, batch_dims=1))

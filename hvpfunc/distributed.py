@@ -36,10 +36,16 @@ def data_parallel(
     (as hvpfunc's defaults are) or broadcast it.
 
     All leaves of a product go through one ``all_reduce`` per dtype (one collective, not
-    one per parameter). Collectives cannot run under ``torch.func.vmap``: the matvec
-    raises there before any collective, and ``trace``, ``diagonal`` and ``cg_batched``
-    with their default ``chunk_size="auto"`` then loop over vectors on every rank alike;
-    ``spectral_density`` needs ``chunk_size=1`` on GPUs (its CPU default loops).
+    one per parameter). Collectives cannot run under ``torch.func.vmap``, so the matvec
+    raises there before any collective; instead it carries its own batched product,
+    ``batched_matvec``: ``vmap`` of this rank's matvec over a stack of vectors, then one
+    all-reduce for the stack. ``trace``, ``diagonal``, ``squared_frobenius_norm``,
+    ``cg_batched`` and ``spectral_density`` use it with their default
+    ``chunk_size="auto"``, which for this matvec means 16 vectors a collective on every
+    device (a fixed rule, not a timing, so that all ranks make the same calls). If this
+    rank's matvec cannot run under ``vmap``, the error comes before any collective on
+    every rank alike, and ``"auto"`` loops from then on; wrapping the returned matvec
+    in another function hides ``batched_matvec`` (the solvers then loop).
 
     Args:
         matvec: this rank's ``v -> H_r v``.
@@ -87,23 +93,40 @@ def data_parallel(
     total = torch.tensor([share], dtype=torch.float64, device=device)
     dist.all_reduce(total, group=group)
     scale = share / float(total) if reduce == "mean" else 1.0
+    return _Reduced(matvec, group, scale)
 
-    def reduced(v: Tree) -> Tree:
+
+class _Reduced:
+    """A data-parallel matvec: this rank's products, scaled and all-reduced."""
+
+    def __init__(self, matvec: MatvecFn, group: Optional[Any], scale: float):
+        self._matvec, self._group, self._scale = matvec, group, scale
+
+    def __call__(self, v: Tree) -> Tree:
         if torch._C._functorch.peek_interpreter_stack() is not None:
             raise RuntimeError(
                 "a data_parallel matvec cannot run under torch.func transforms (vmap): "
                 "collectives have no batching rule. Pass chunk_size=1 to the solver."
             )
-        leaves, spec = pytree.tree_flatten(matvec(v))
+        return self._reduce(self._matvec(v))
+
+    def batched_matvec(self, V: Tree) -> Tree:
+        """Products of a stack of vectors (a leading batch dimension on every leaf):
+        ``vmap`` of this rank's matvec, then one all-reduce per dtype for the whole
+        stack. Solvers use it for their batched products (``op.batch``)."""
+        return self._reduce(torch.func.vmap(self._matvec)(V))
+
+    def _reduce(self, product: Tree) -> Tree:
+        """All leaves through one ``all_reduce`` per dtype (one collective, not one per
+        parameter)."""
+        leaves, spec = pytree.tree_flatten(product)
         out = list(leaves)
         by_dtype: dict = {}
         for i, leaf in enumerate(leaves):
             by_dtype.setdefault(leaf.dtype, []).append(i)
         for indices in by_dtype.values():
-            flat = torch.cat([leaves[i].reshape(-1) for i in indices]) * scale
-            dist.all_reduce(flat, group=group)
+            flat = torch.cat([leaves[i].reshape(-1) for i in indices]) * self._scale
+            dist.all_reduce(flat, group=self._group)
             for i, part in zip(indices, torch.split(flat, [leaves[i].numel() for i in indices])):
                 out[i] = part.view_as(leaves[i])
         return pytree.tree_unflatten(out, spec)
-
-    return reduced

@@ -42,10 +42,40 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         v0 = hf.tree.random_like(params, generator=torch.Generator().manual_seed(2), kind="gaussian")
         top = hf.lanczos(matvec, v0, k=2, tol=1e-10)
         summed = flat(data_parallel(local, reduce="sum")(_v(params)))
-        torch.save({"product": product, "top": top.eigenvalues, "summed": summed, "local": flat(local(_v(params)))},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        batched = _batched_jobs(matvec, params)
+        torch.save({"product": product, "top": top.eigenvalues, "summed": summed, "local": flat(local(_v(params))),
+                    **batched}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def _batched_jobs(matvec, params) -> dict:
+    """Trace, diagonal and SLQ with their default chunk_size, and the collectives each
+    made (counted on dist.all_reduce)."""
+    calls = {"n": 0}
+    original = dist.all_reduce
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    dist.all_reduce = counted
+    try:
+        out = {}
+        for name, job in (
+            ("trace", lambda: hf.trace(matvec, params, num_probes=32, method="hutchinson",
+                                       generator=torch.Generator().manual_seed(3)).estimate),
+            ("diagonal", lambda: flat(hf.diagonal(matvec, params, num_probes=32,
+                                                  generator=torch.Generator().manual_seed(4)).estimate)),
+            ("density", lambda: hf.spectral_density(matvec, params, num_probes=4, num_iters=10,
+                                                    generator=torch.Generator().manual_seed(5)).nodes),
+        ):
+            calls["n"] = 0
+            out[name] = job()
+            out[name + "_collectives"] = calls["n"]
+        return out
+    finally:
+        dist.all_reduce = original
 
 
 @pytest.mark.slow
@@ -57,9 +87,16 @@ def test_two_processes_reproduce_the_full_data_hessian(tmp_path):
     want = flat(full(_v(params)))
     v0 = hf.tree.random_like(params, generator=torch.Generator().manual_seed(2), kind="gaussian")
     want_top = hf.lanczos(full, v0, k=2, tol=1e-10).eigenvalues
+    batched = _batched_jobs(full, params)
     for r in results:
         assert torch.allclose(r["product"], want, rtol=1e-10, atol=1e-12)
         assert torch.allclose(r["top"], want_top, rtol=1e-9)
+        # batched probes under data parallelism: one collective per 16 stacked vectors
+        assert torch.allclose(r["trace"], batched["trace"], rtol=1e-10)
+        assert torch.allclose(r["diagonal"], batched["diagonal"], rtol=1e-9, atol=1e-12)
+        assert torch.allclose(r["density"], batched["density"], rtol=1e-8, atol=1e-10)
+        assert r["trace_collectives"] == 2 and r["diagonal_collectives"] == 2
+        assert r["density_collectives"] == 10  # one per Lanczos step for the 4 probes together
         assert torch.allclose(r["summed"], results[0]["local"] + results[1]["local"], rtol=1e-12)
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .._krylov import check_symmetric, expand, symmetry_slack
-from .._operator import Operator, resolve_chunk
+from .._operator import Operator
 from .._outcome import finish, probes_outcome
 from .._progress import Progress
 from .._types import ChunkSize, MatvecFn, ProgressArg, Tree
@@ -92,7 +92,7 @@ def spectral_density(
     op = Operator(matvec, like, name="like")
     steps = min(num_iters, op.n)
     op.expect(num_probes * steps)
-    chunk_size = resolve_chunk(chunk_size, op.device)
+    chunk_size = op.resolve_chunk(chunk_size)
     chunk = num_probes if chunk_size is None else chunk_size
     nodes, weights = [], []
     bar = Progress(progress, total=num_probes * steps, desc="spectral density")
