@@ -9,47 +9,51 @@ three-term structure gives. Everything works batched: a basis ``V`` of shape
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from ._operator import norm
 
-def orthogonalize(V: Tensor, w: Tensor) -> Tuple[Tensor, Tensor]:
+
+def orthogonalize(V: Tensor, w: Tensor, allsum: Optional[Callable[[Tensor], Tensor]] = None) -> Tuple[Tensor, Tensor]:
     """Project w off the rows of V twice (classical Gram–Schmidt, "twice is enough").
 
     Returns the projected w and the coefficients Vᵀw of both passes summed, shape
-    ``(..., j)``.
+    ``(..., j)``. With ``allsum`` (sharded vectors) each pass's coefficients are
+    completed over the ranks: one all-reduce per pass.
 
     Reference: Giraud, Langou & Rozložník, "The loss of orthogonality in the
     Gram–Schmidt orthogonalization process", Comput. Math. Appl. 50 (2005).
     """
+    done = allsum if allsum is not None else (lambda t: t)
     if V.dim() == 2:
         # matrix-vector kernels, the second pass in place: on a 400k-vector CPU basis the
         # (1 × j) @ (j × n) products and their fresh outputs cost 8x more for j = 2
-        h = torch.mv(V, w)
+        h = done(torch.mv(V, w))
         w = torch.addmv(w, V.T, h, alpha=-1)
-        h2 = torch.mv(V, w)
+        h2 = done(torch.mv(V, w))
         w.addmv_(V.T, h2, alpha=-1)
         return w, h + h2
-    h = (V @ w.unsqueeze(-1)).squeeze(-1)
+    h = done((V @ w.unsqueeze(-1)).squeeze(-1))
     w = w - (h.unsqueeze(-2) @ V).squeeze(-2)
-    h2 = (V @ w.unsqueeze(-1)).squeeze(-1)
+    h2 = done((V @ w.unsqueeze(-1)).squeeze(-1))
     w = w - (h2.unsqueeze(-2) @ V).squeeze(-2)
     return w, h + h2
 
 
-def expand(V: Tensor, w: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+def expand(V: Tensor, w: Tensor, allsum: Optional[Callable[[Tensor], Tensor]] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """One Lanczos expansion: ``w = H v_last`` orthogonalized against the basis ``V``.
 
     Returns ``(w, h, beta)``: the new direction (not normalized), the projected
     matrix's new column h = Vᵀ H v_last (shape ``(..., j)``), and β = ‖w‖ (shape
     ``(...)``). The next basis vector is w / β unless β is at rounding level (the
-    Krylov space became invariant).
+    Krylov space became invariant). ``allsum`` as in :func:`orthogonalize`.
     """
-    w, h = orthogonalize(V, w)
-    return w, h, torch.linalg.vector_norm(w, dim=-1)
+    w, h = orthogonalize(V, w, allsum)
+    return w, h, norm(w, allsum)
 
 
 def symmetry_slack(product_eps: float) -> float:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
+from ._sharding import Sharding, is_dtensor, local
 from ._types import ChunkSize, MatvecFn, Tree
 from .tree import check_like, check_tree, leaves_with_paths
 
@@ -37,10 +38,13 @@ class Layout:
         named, self.spec = leaves_with_paths(like)
         self.paths = [p for p, _ in named]
         leaves = [leaf for _, leaf in named]
-        self.shapes = [tuple(leaf.shape) for leaf in leaves]
+        # DTensor leaves: the flat vector holds this rank's shards (see _sharding)
+        self.sharding = Sharding(leaves, self.paths, name) if any(map(is_dtensor, leaves)) else None
+        pieces = [local(leaf) for leaf in leaves]
+        self.shapes = [tuple(piece.shape) for piece in pieces]
         self.dtypes = [leaf.dtype for leaf in leaves]
-        self.sizes = [leaf.numel() for leaf in leaves]
-        self.n = sum(self.sizes)
+        self.sizes = [piece.numel() for piece in pieces]
+        self.n = sum(leaf.numel() for leaf in leaves)  # the dimension; this rank holds sum(sizes)
         self.device = leaves[0].device
         for path, leaf in named:
             if leaf.device != self.device:
@@ -63,7 +67,7 @@ class Layout:
         that requires grad must not make the basis a graph)."""
         leaves = pytree.tree_leaves(tree)
         lead = tuple(leaves[0].shape[:batch_dims])
-        return torch.cat([leaf.detach().reshape(*lead, -1).to(self.dtype) for leaf in leaves], dim=-1)
+        return torch.cat([local(leaf).detach().reshape(*lead, -1).to(self.dtype) for leaf in leaves], dim=-1)
 
     def unflatten(self, vec: Tensor) -> Tree:
         """Views of ``vec`` (shape ``(*batch, n)``) as a tree with leading dims ``batch``."""
@@ -73,6 +77,8 @@ class Layout:
             part.reshape(lead + shape).to(dtype)
             for part, shape, dtype in zip(parts, self.shapes, self.dtypes)
         ]
+        if self.sharding is not None:
+            leaves = self.sharding.rebuild(leaves, lead)
         return pytree.tree_unflatten(leaves, self.spec)
 
 
@@ -90,6 +96,10 @@ class Operator:
         self.like = like
         self.layout = Layout(like, name=name)
         self.n = self.layout.n
+        # completes a sum over the vector dimension: an all-reduce for sharded vectors,
+        # None (nothing to do) otherwise
+        self.allsum: Optional[Callable[[Tensor], Tensor]] = (
+            self.layout.sharding.allsum if self.layout.sharding is not None else None)
         self.dtype = self.layout.dtype
         self.device = self.layout.device
         self.num_matvecs = 0
@@ -104,6 +114,8 @@ class Operator:
     def resolve_chunk(self, chunk_size: ChunkSize) -> int | None:
         """:func:`resolve_chunk` for this operator: ``"auto"`` is 16 also on a CPU for a
         matvec with its own batched product."""
+        if self.layout.sharding is not None:
+            return 1  # sharded vectors do not stack under vmap
         if chunk_size == "auto" and self._batched is not None:
             return _AUTO_CHUNK
         return resolve_chunk(chunk_size, self.device)
@@ -120,9 +132,12 @@ class Operator:
         generator's device, so that the numbers depend on the generator alone, not on
         how the rows are chunked or on the operator's device."""
         device = generator.device if generator is not None else torch.device("cpu")
-        rows = [torch.randint(0, 2, (self.n,), generator=generator, device=device) for _ in range(count)]
+        size = sum(self.layout.sizes)
+        if self.layout.sharding is not None and count:
+            generator = self.layout.sharding.generator(generator)  # this rank's part
+        rows = [torch.randint(0, 2, (size,), generator=generator, device=device) for _ in range(count)]
         if not rows:
-            return torch.zeros(0, self.n, dtype=self.dtype, device=self.device)
+            return torch.zeros(0, size, dtype=self.dtype, device=self.device)
         return torch.stack(rows).to(self.device, self.dtype).mul_(2).sub_(1)
 
     def flatten_input(self, tree: Tree, *, name: str) -> Tensor:
@@ -183,7 +198,7 @@ class Operator:
         return torch.cat(outs) if outs else X.clone()
 
     def _auto_chunk(self) -> int:
-        if self._vmap_error is not None:
+        if self._vmap_error is not None or self.layout.sharding is not None:
             return 1
         if self.device.type == "cuda" or self._batched is not None:
             return _AUTO_CHUNK
@@ -196,7 +211,7 @@ class Operator:
     def _rows(self, rows: Tensor, step: int) -> Tensor:
         """The products of ``rows``: one matvec call per row for ``step == 1``, else
         ``vmap`` calls of ``step`` rows."""
-        if step == 1:
+        if step == 1 or self.layout.sharding is not None:  # sharded vectors do not stack under vmap
             return torch.stack([self(row) for row in rows])
         outs = []
         for start in range(0, rows.shape[0], step):
@@ -227,12 +242,22 @@ def block_size(chunk_size: ChunkSize, count: int, device: torch.device) -> int:
     return max(count if resolved is None else resolved, 1)
 
 
-def check_start(x: Tensor, *, name: str) -> None:
-    """A start vector must be finite and nonzero."""
-    if not bool(torch.isfinite(x).all()):
+def check_start(x: Tensor, *, name: str, allsum: Optional[Callable[[Tensor], Tensor]] = None) -> None:
+    """A start vector must be finite and nonzero (on every rank's shards together)."""
+    counts = torch.stack([(~torch.isfinite(x)).sum(), (x != 0).sum()])
+    if allsum is not None:
+        counts = allsum(counts)
+    if int(counts[0]):
         raise ValueError(f"{name} has non-finite entries (nan or inf); pass a finite start vector")
-    if not bool((x != 0).any()):
+    if not int(counts[1]):
         raise ValueError(f"{name} is the zero vector; pass a nonzero start vector")
+
+
+def norm(x: Tensor, allsum: Optional[Callable[[Tensor], Tensor]], dim: int = -1, keepdim: bool = False) -> Tensor:
+    """‖x‖ along ``dim``, over every rank's shards when ``allsum`` completes sums."""
+    if allsum is None:
+        return torch.linalg.vector_norm(x, dim=dim, keepdim=keepdim)
+    return allsum(x.square().sum(dim=dim, keepdim=keepdim)).sqrt()
 
 
 def isfinite(*values: float) -> bool:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .._krylov import check_symmetric, expand, orthogonalize, symmetry_slack
-from .._operator import Operator, check_start
+from .._operator import Operator, check_start, norm
 from .._outcome import finish
 from .._progress import Progress
 from .._types import MatvecFn, ProgressArg, Tree, Which
@@ -157,20 +157,22 @@ def lanczos(
     if budget < 1:
         raise ValueError(f"max_iters must be at least 1, got {max_iters}")
     x0 = op.layout.flatten(v0)
-    check_start(x0, name="v0")
+    check_start(x0, name="v0", allsum=op.allsum)
     if generator is None:
         generator = torch.Generator().manual_seed(0)
+    if op.layout.sharding is not None:  # each rank draws its own shards of fresh vectors
+        generator = op.layout.sharding.generator(generator)
 
     eps = torch.finfo(op.dtype).eps
     ctx = _Options(
         which=which, tol=tol, stop=stop, eps=eps, budget=budget, generator=generator,
         slack=symmetry_slack(op.layout.product_eps),
-        rounding=_ROUNDING * max(eps, op.layout.product_eps),
+        rounding=_ROUNDING * max(eps, op.layout.product_eps), allsum=op.allsum,
     )
     repeat = find_copies and k > 1
     bar = Progress(progress, total=budget, desc=f"lanczos (k={k}, {which})")
     try:
-        state, status, detail = _run(op, _start(x0, m, cap), k, n, ctx, bar)
+        state, status, detail = _run(op, _start(x0, m, cap, ctx.allsum), k, n, ctx, bar)
         pairs = _extract(state, k, ctx)
         checking = status is Status.CONVERGED and state.j < n and (repeat or state.deficient)
         held = state.V.shape[0]
@@ -253,6 +255,7 @@ class _Options:
     generator: torch.Generator
     slack: float  # of the symmetry check
     rounding: float  # the loss of orthogonality one step's rounding may cause, times β/‖H‖
+    allsum: Optional[Callable[[Tensor], Tensor]] = None  # completes sums over sharded vectors
 
 
 @dataclass
@@ -306,10 +309,10 @@ class _Pairs(NamedTuple):
     errors: np.ndarray  # bounds of |λ − θ|
 
 
-def _start(x0: Tensor, m: int, cap: int) -> _State:
+def _start(x0: Tensor, m: int, cap: int, allsum: Optional[Callable[[Tensor], Tensor]]) -> _State:
     # rows are written before they are read (row j before the product that reads it)
     V = torch.empty(m + 1, x0.shape[0], dtype=x0.dtype, device=x0.device)
-    V[0] = x0 / torch.linalg.vector_norm(x0)
+    V[0] = x0 / norm(x0, allsum)
     # The projected matrix and its eigenproblems are tiny: numpy float64 on the host,
     # where each small operation costs microseconds rather than a kernel launch.
     return _State(V=V, T=np.zeros((m + 1, m + 1)), omega=np.zeros((m + 1, m + 1)), cap=max(cap, m))
@@ -341,7 +344,8 @@ def _run(
         _time_step(state, time.perf_counter() - start)
         if op.num_matvecs >= ctx.budget:
             return state, Status.MAX_ITERS, f"max_iters={ctx.budget} products reached"
-        _advance(state, w, ritz, invariant=invariant, k=k, which=ctx.which, generator=ctx.generator)
+        _advance(state, w, ritz, invariant=invariant, k=k, which=ctx.which, generator=ctx.generator,
+                 allsum=ctx.allsum)
 
 
 class _Carried(NamedTuple):
@@ -379,7 +383,8 @@ def _check_copies(
             # an invariant Krylov space of a random vector holds every distinct eigenvalue
             return invariant or _nothing_beyond(state, kth + (floor if ctx.which == "SA" else -floor), ctx.which, dim)
 
-        state = _start(_fresh_direction(U, ctx.generator), min(main.m, dim), min(main.cap, dim))
+        state = _start(_fresh_direction(U, ctx.generator, ctx.allsum), min(main.m, dim), min(main.cap, dim),
+                       ctx.allsum)
         state.norm_estimate = norm_estimate
         state.product_seconds, state.fixed_seconds, state.step_seconds = (
             main.product_seconds, main.fixed_seconds, main.step_seconds)
@@ -414,7 +419,7 @@ def _merge(
     ``theta``). The found pair's residual in H (not in the deflated operator) costs one
     product: Hu − θu has a part along U that the deflated run cannot see."""
     value, u = float(found.values[0]), found.vectors[0]
-    r = torch.linalg.vector_norm(op(u) - value * u)
+    r = norm(op(u) - value * u, ctx.allsum)
     residual = float(r.to("cpu", torch.float64))
     # u lies in the deflated space, so its gap is to the deflated operator's spectrum
     # (a copy's twin among the pairs is the same eigenvalue, not a neighbour)
@@ -462,12 +467,14 @@ def _expand(state: _State, op: Operator, ctx: _Options, deflate: Optional[Tensor
         # check) and α_j from one product with the pair; the estimates watch the rest
         pair = state.V[j - 1 : j + 1]
         h = torch.mv(pair, product)
+        if ctx.allsum is not None:
+            h = ctx.allsum(h)
         w = product.addmv_(pair.T, h, alpha=-1)  # the product is ours: no new vector
     else:
-        w, h, _ = expand(state.V[: j + 1], product)
+        w, h, _ = expand(state.V[: j + 1], product, ctx.allsum)
     if deflate is not None:  # projected after the step: the basis' parts along U would grow
-        w, _ = orthogonalize(deflate, w)
-    beta = torch.linalg.vector_norm(w)
+        w, _ = orthogonalize(deflate, w, ctx.allsum)
+    beta = norm(w, ctx.allsum)
     # one device-to-host transfer per step for the coefficients and the norm
     host = torch.cat([h, beta[None]]).to("cpu", torch.float64).numpy()
     state.last_product = middle - start
@@ -489,8 +496,9 @@ def _expand(state: _State, op: Operator, ctx: _Options, deflate: Optional[Tensor
             # one pass: w is already orthogonal to within the level (≤ √ε), which a
             # single classical Gram–Schmidt pass brings down to rounding
             basis = state.V[: j + 1]
-            w.addmv_(basis.T, torch.mv(basis, w), alpha=-1)
-            state.beta = float(torch.linalg.vector_norm(w).to("cpu", torch.float64))
+            coefficients = torch.mv(basis, w)
+            w.addmv_(basis.T, coefficients if ctx.allsum is None else ctx.allsum(coefficients), alpha=-1)
+            state.beta = float(norm(w, ctx.allsum).to("cpu", torch.float64))
             state.reorthogonalize = True  # Simon: the next vector too, its estimate rests on this one's
         else:
             omega = estimate
@@ -555,7 +563,7 @@ def _error_bounds(theta: np.ndarray, wanted: np.ndarray, residuals: np.ndarray) 
 
 def _advance(
     state: _State, w: Tensor, ritz: _Ritz, *, invariant: bool, k: int, which: str,
-    generator: torch.Generator,
+    generator: torch.Generator, allsum: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> None:
     """Put the next basis vector in place: w/β, or a fresh random direction after an
     invariant subspace. When the basis is full it grows if :func:`_grown` allows, else
@@ -563,6 +571,10 @@ def _advance(
     j, m = state.j, state.V.shape[0] - 1
     if j == m:
         grown = _grown(state)
+        if allsum is not None:
+            # timings differ between ranks, the basis size may not: grow only if all agree
+            votes = allsum(torch.tensor([float(grown > m), 1.0], dtype=state.V.dtype, device=state.V.device))
+            grown = grown if float(votes[0]) == float(votes[1]) else m
         state.overhead_total, state.overhead_steps = 0.0, 0
         if grown > m:
             V = torch.empty(grown + 1, state.V.shape[1], dtype=state.V.dtype, device=state.V.device)
@@ -572,7 +584,7 @@ def _advance(
             omega[: m + 1, : m + 1] = state.omega
             state.V, state.T, state.omega, m = V, T, omega, grown
     if invariant:
-        nxt = _fresh_direction(state.V[:j], generator)
+        nxt = _fresh_direction(state.V[:j], generator, allsum)
         state.omega[j, :j] = state.omega[:j, j] = 0.0
         state.krylov = False
     else:
@@ -580,7 +592,7 @@ def _advance(
         state.T[j, j - 1] = state.beta  # vᵀ_{j-1}Hv_j must come back equal: the symmetry check
     state.plain = not invariant and j != m
     if j == m:
-        _restart(state, ritz, k + (m - k) // 2, which, nxt)
+        _restart(state, ritz, k + (m - k) // 2, which, nxt, allsum)
     elif invariant:
         state.V[j] = nxt
 
@@ -620,7 +632,8 @@ def _grown(state: _State) -> int:
     return m
 
 
-def _restart(state: _State, ritz: _Ritz, keep: int, which: str, nxt: Tensor) -> None:
+def _restart(state: _State, ritz: _Ritz, keep: int, which: str, nxt: Tensor,
+             allsum: Optional[Callable[[Tensor], Tensor]] = None) -> None:
     """Thick restart (Wu & Simon): keep the ``keep`` preferred Ritz vectors U = YᵀV and
     the residual direction ``nxt`` as the new basis, T their Ritz values; the next
     expansion refills the coupling.
@@ -636,7 +649,8 @@ def _restart(state: _State, ritz: _Ritz, keep: int, which: str, nxt: Tensor) -> 
     state.V[keep] = nxt
     Z = state.V[: keep + 1]
     # the small factorizations on the host through torch's LAPACK (see _eigh)
-    L = torch.linalg.cholesky((Z @ Z.T).to("cpu", torch.float64))
+    gram = Z @ Z.T
+    L = torch.linalg.cholesky((gram if allsum is None else allsum(gram)).to("cpu", torch.float64))
     Z.copy_(torch.linalg.solve_triangular(L.to(Z.device, Z.dtype), Z, upper=False))
     L_U, tail, lam = L[:keep, :keep], L[keep, :keep], float(L[keep, keep])
     coupling = torch.as_tensor(state.beta * ritz.Y[state.j - 1, kept])[:, None]
@@ -704,7 +718,7 @@ def _extract(state: _State, k: int, ctx: _Options) -> _Pairs:
     converged = measure <= _threshold(values, ctx.tol, ctx.eps, state.norm_estimate)
     V = state.V
     vectors = torch.as_tensor(Y[:, wanted].T.copy()).to(V.device, V.dtype) @ V[:j]
-    vectors = vectors / torch.linalg.vector_norm(vectors, dim=1, keepdim=True)
+    vectors = vectors / norm(vectors, ctx.allsum, dim=1, keepdim=True)
     vectors = torch.cat([vectors, torch.zeros(pad, n, dtype=V.dtype, device=V.device)])
     return _Pairs(values, vectors, converged, residuals, errors)
 
@@ -732,8 +746,9 @@ def _threshold(theta: np.ndarray, tol: float, eps: float, norm_estimate: float) 
     return np.maximum(tol * np.abs(theta), 100 * eps * norm_estimate)
 
 
-def _fresh_direction(V: Tensor, generator: torch.Generator) -> Tensor:
+def _fresh_direction(V: Tensor, generator: torch.Generator,
+                     allsum: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
     """A random unit vector orthogonal to the rows of V."""
     z = torch.randn(V.shape[1], generator=generator, dtype=torch.float64)
-    z, _ = orthogonalize(V, z.to(V.device, V.dtype))
-    return z / torch.linalg.vector_norm(z)
+    z, _ = orthogonalize(V, z.to(V.device, V.dtype), allsum)
+    return z / norm(z, allsum)

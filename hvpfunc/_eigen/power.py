@@ -8,7 +8,7 @@ from typing import NamedTuple, Optional, get_args
 import torch
 from torch import Tensor
 
-from .._operator import Operator, check_start, isfinite
+from .._operator import Operator, check_start, isfinite, norm
 from .._outcome import finish
 from .._progress import Progress
 from .._types import MatvecFn, ProgressArg, Tree, Which
@@ -94,7 +94,7 @@ def power_iteration(
         raise ValueError(f"max_iters must be at least 1, got {max_iters}")
     op = Operator(matvec, v0, name="v0")
     x0 = op.layout.flatten(v0)
-    check_start(x0, name="v0")
+    check_start(x0, name="v0", allsum=op.allsum)
     bar = Progress(progress, total=max_iters, desc=f"power iteration ({which})")
     try:
         run = _power(op, x0, shift=0.0, tol=tol, max_iters=max_iters, bar=bar)
@@ -113,7 +113,7 @@ def power_iteration(
             f"stopped after {op.num_matvecs} products: {run.reason}; residual "
             f"{run.residual:.3g}. {run.status.remedy}"
         )
-    vector = run.vector / torch.linalg.vector_norm(run.vector)
+    vector = run.vector / norm(run.vector, op.allsum)
     result = EigResult(
         eigenvalues=torch.tensor([run.eigenvalue], dtype=op.dtype, device=op.device),
         eigenvectors=op.layout.unflatten(vector[None]),
@@ -133,7 +133,7 @@ def _power(
     op: Operator, x0: Tensor, *, shift: float, tol: float, max_iters: int, bar: Progress
 ) -> _Run:
     """Power iteration on H − shift·I; returns the eigenvalue of H (shift added back)."""
-    q = x0 / torch.linalg.vector_norm(x0)
+    q = x0 / norm(x0, op.allsum)
     best = _Run(math.nan, q, math.inf, Status.MAX_ITERS, f"max_iters={max_iters} reached", 0.0)
     previous = math.nan
     eps = torch.finfo(op.dtype).eps
@@ -142,8 +142,9 @@ def _power(
         w = op(q)
         if shift:
             w = w - shift * q
-        mu = float(torch.dot(q, w))
-        residual = float(torch.linalg.vector_norm(w - mu * q))
+        mu = torch.dot(q, w)
+        mu = float(mu if op.allsum is None else op.allsum(mu))
+        residual = float(norm(w - mu * q, op.allsum))
         if not isfinite(mu, residual):
             return best._replace(status=Status.NON_FINITE, reason="a product was not finite (nan or inf)")
         lam = mu + shift
@@ -155,6 +156,6 @@ def _power(
             return best._replace(status=Status.CONVERGED, reason="")
         if residual == 0.0:  # q is an exact eigenvector; w may be zero, so stop here
             return best._replace(status=Status.CONVERGED, reason="")
-        q = w / torch.linalg.vector_norm(w)
+        q = w / norm(w, op.allsum)
         previous = lam
     return best

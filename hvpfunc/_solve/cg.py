@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from .._operator import Operator
+from .._operator import Operator, norm
 from .._outcome import finish, finish_all, solve_result
 from .._progress import Progress
 from .._types import ChunkSize, MatvecFn, ProgressArg, Tree
@@ -111,7 +111,7 @@ def cg(
         return system.M(rows[0])[None] if preconditioner is not None else rows
 
     state = _run(system.b[None], x, A, M, tol=tol, limit=system.limit, eps=system.op.layout.product_eps,
-                 progress=progress, desc="cg",
+                 progress=progress, desc="cg", allsum=system.op.allsum,
                  report=lambda s: s.r_norms[0] / system.b_norm)
     result = system.result(state.X[0], state.status[0], state.messages[0], state.r_norms[0],
                            {"iterations": state.iterations[0]})
@@ -202,7 +202,7 @@ def cg_batched(
 
     state = _run(B, None, A, lambda rows: rows, tol=tol, limit=iteration_limit(max_iters, op.n),
                  eps=op.layout.product_eps, progress=progress,
-                 desc=f"cg ({B.shape[0]} systems)", report=lambda s: float(len(s.active)))
+                 desc=f"cg ({B.shape[0]} systems)", report=lambda s: float(len(s.active)), allsum=op.allsum)
     results = [
         solve_result(
             op.layout.unflatten(state.X[i].clone()),
@@ -240,6 +240,11 @@ class _State:
     confirmed: List[float] = field(default_factory=list)  # the true residual at the last confirmation
     kept: dict = field(default_factory=dict)  # system -> its iterate at that confirmation
     floor: float = 0.0  # curvature below floor·‖A‖‖p‖² is zero to the products' rounding
+    allsum: Optional[Callable[[Tensor], Tensor]] = None  # completes sums over sharded vectors
+
+    def total(self, t: Tensor) -> Tensor:
+        """Sums over the vector dimension, completed over the ranks for sharded vectors."""
+        return t if self.allsum is None else self.allsum(t)
 
 
 def _run(
@@ -254,12 +259,13 @@ def _run(
     progress: ProgressArg,
     desc: str,
     report: Callable[[_State], float],
+    allsum: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> _State:
     """CG on every row of B until each converges, fails or reaches ``limit`` iterations.
 
     ``A`` and ``M`` map rows to rows: (H + δI) and M⁻¹, one batched call per step.
     """
-    state = _start(B, X0, A, M, tol, limit)
+    state = _start(B, X0, A, M, tol, limit, allsum)
     state.floor = _CURVATURE_FLOOR * eps
     bar = Progress(progress, total=limit, desc=desc)
     try:
@@ -275,9 +281,10 @@ def _run(
     return state
 
 
-def _start(B: Tensor, X0: Optional[Tensor], A, M, tol: float, limit: int) -> _State:
+def _start(B: Tensor, X0: Optional[Tensor], A, M, tol: float, limit: int,
+           allsum: Optional[Callable[[Tensor], Tensor]]) -> _State:
     K = B.shape[0]
-    b_norms = torch.linalg.vector_norm(B, dim=1).tolist()
+    b_norms = norm(B, allsum, dim=1).tolist()
     products = [0] * K
     if X0 is None:
         X, R = torch.zeros_like(B), B.clone()
@@ -294,12 +301,13 @@ def _start(B: Tensor, X0: Optional[Tensor], A, M, tol: float, limit: int) -> _St
             status[i], messages[i] = Status.CONVERGED, "b is zero, so x = 0"
         else:
             active.append(i)
+    rz = torch.linalg.vecdot(R, Z)
     return _State(
-        B=B, X=X, R=R, P=Z.clone(), rz=torch.linalg.vecdot(R, Z),
+        B=B, X=X, R=R, P=Z.clone(), rz=rz if allsum is None else allsum(rz),
         targets=[tol * b for b in b_norms],
-        r_norms=torch.linalg.vector_norm(R, dim=1).tolist(),
+        r_norms=norm(R, allsum, dim=1).tolist(),
         iterations=[0] * K, products=products, status=status, messages=messages, active=active,
-        norm_estimates=[0.0] * K, confirmed=[math.inf] * K,
+        norm_estimates=[0.0] * K, confirmed=[math.inf] * K, allsum=allsum,
     )
 
 
@@ -327,12 +335,12 @@ def _confirm(state: _State, A, M) -> None:
     for i in done:
         state.products[i] += 1
     restart = []
-    for row, (i, norm) in enumerate(zip(done, torch.linalg.vector_norm(true, dim=1).tolist())):
-        state.r_norms[i] = norm
-        if norm <= state.targets[i]:
+    for row, (i, true_norm) in enumerate(zip(done, norm(true, state.allsum, dim=1).tolist())):
+        state.r_norms[i] = true_norm
+        if true_norm <= state.targets[i]:
             state.status[i], state.messages[i] = Status.CONVERGED, ""
             state.active.remove(i)
-        elif norm >= state.confirmed[i]:
+        elif true_norm >= state.confirmed[i]:
             # the recursion met the tolerance twice, the true residual did not move: rounding.
             # The iterate of the earlier confirmation is the better one.
             state.X[i], state.r_norms[i] = state.kept.pop(i), state.confirmed[i]
@@ -340,7 +348,7 @@ def _confirm(state: _State, A, M) -> None:
             state.status[i], state.messages[i] = Status.MAX_ITERS, message
             state.active.remove(i)
         else:
-            state.confirmed[i] = norm
+            state.confirmed[i] = true_norm
             state.kept[i] = state.X[i].clone()
             restart.append(row)
     if restart:
@@ -349,7 +357,7 @@ def _confirm(state: _State, A, M) -> None:
         R = true[picked]
         Z = M(R)
         state.R[index], state.P[index] = R, Z
-        state.rz[index] = torch.linalg.vecdot(R, Z)
+        state.rz[index] = state.total(torch.linalg.vecdot(R, Z))
 
 
 def _step(state: _State, A, M) -> None:
@@ -359,9 +367,10 @@ def _step(state: _State, A, M) -> None:
     idx = _rows(state.active, K)
     P = _take(state.P, idx)
     AP = A(P)
-    curvature = torch.linalg.vecdot(P, AP)
+    both = state.total(torch.stack([torch.linalg.vecdot(P, AP), torch.linalg.vecdot(P, P)]))  # one collective
+    curvature = both[0]
     keep = []
-    host = torch.stack([curvature, torch.linalg.vecdot(P, P)]).tolist()  # one transfer
+    host = both.tolist()  # one transfer
     for row, (i, c, pp) in enumerate(zip(state.active, *host)):
         state.products[i] += 1
         if not math.isfinite(c):
@@ -392,10 +401,10 @@ def _step(state: _State, A, M) -> None:
     for i in state.active:
         state.iterations[i] += 1
     Z = M(R)
-    rz_new = torch.linalg.vecdot(R, Z)
+    rz_new = state.total(torch.linalg.vecdot(R, Z))
     P.mul_(rz_new.div(rz).unsqueeze_(1)).add_(Z)
     rz.copy_(rz_new)
     if not isinstance(kept, slice):  # gathered copies: scatter them back
         state.X[kept], state.R[kept], state.P[kept], state.rz[kept] = X, R, P, rz
-    for i, norm in zip(state.active, torch.linalg.vector_norm(R, dim=1).tolist()):
-        state.r_norms[i] = norm
+    for i, r_norm in zip(state.active, norm(R, state.allsum, dim=1).tolist()):
+        state.r_norms[i] = r_norm

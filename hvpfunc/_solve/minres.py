@@ -93,7 +93,7 @@ def minres(
     x = torch.zeros_like(bf)
     r1 = bf.clone()
     y = M(r1)
-    beta1 = math.sqrt(max(float(torch.dot(r1, y)), 0.0))
+    beta1 = math.sqrt(max(system.dot(r1, y), 0.0))
     if preconditioner is not None and not beta1 > 0:
         raise ValueError("the preconditioner is not positive definite: bᵀM⁻¹b ≤ 0")
     oldb, beta, dbar, epsln, phibar, tnorm2, gmax = 0.0, beta1, 0.0, 0.0, beta1, 0.0, 0.0
@@ -114,12 +114,12 @@ def minres(
             y = A(v)
             if it >= 2:
                 y = y - (beta / oldb) * r1
-            alfa = float(torch.dot(v, y))
+            alfa = system.dot(v, y)
             y = y - (alfa / beta) * r2
             r1, r2 = r2, y
             y = M(r2)
             oldb = beta
-            beta = math.sqrt(max(float(torch.dot(r2, y)), 0.0))
+            beta = math.sqrt(max(system.dot(r2, y), 0.0))
             if not (math.isfinite(alfa) and math.isfinite(beta)):
                 status, message = Status.NON_FINITE, non_finite_message()
                 break
@@ -137,7 +137,7 @@ def minres(
             # MINRES then returns entries of order 1/ε). Either way, stop before the
             # update, at the iterate reached.
             if math.hypot(gbar, dbar) <= tol * math.sqrt(tnorm2) or gamma <= 10 * eps * max(gmax, gamma):
-                residual_norm = float(torch.linalg.vector_norm(bf - A(x)))
+                residual_norm = system.norm(bf - A(x))
                 if residual_norm <= goal:
                     status, message = Status.CONVERGED, ""
                 else:
@@ -155,7 +155,7 @@ def minres(
             if estimate <= target or beta <= eps * abs(alfa):
                 # the recurrence says done (or the Krylov space became invariant):
                 # confirm on the true residual
-                residual_norm = float(torch.linalg.vector_norm(bf - A(x)))
+                residual_norm = system.norm(bf - A(x))
                 if residual_norm <= goal:
                     status, message = Status.CONVERGED, ""
                     break
@@ -169,7 +169,7 @@ def minres(
                 confirmed, kept = residual_norm, x
                 target /= 2  # rounding left the true residual behind the estimate
         else:
-            residual_norm = float(torch.linalg.vector_norm(bf - A(x)))
+            residual_norm = system.norm(bf - A(x))
     finally:
         bar.close()
     return finish(system.result(x, status, message, residual_norm, {"iterations": it}), "minres")

@@ -247,7 +247,7 @@ def _series(
                 if not confirm or terms == 0:  # with no terms, x = 0 and the residual is b itself
                     break
                 r = bf - system.A(x)
-                r_norm = float(torch.linalg.vector_norm(r))
+                r_norm = system.norm(r)
                 if r_norm <= target:
                     p_norm = r_norm
                     break
@@ -268,7 +268,7 @@ def _series(
             system.op.matvec = mv
             x_next = x + alpha * p
             p_next = p - alpha * system.A(p)
-            p_norm_next = float(torch.linalg.vector_norm(p_next))
+            p_norm_next = system.norm(p_next)
             terms += 1
             if not math.isfinite(p_norm_next):
                 # Growth is caught while the terms are still finite (at the first term

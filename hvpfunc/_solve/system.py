@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._operator import Operator
+from .._operator import Operator, norm
 from .._outcome import solve_result
 from .._types import MatvecFn, Tree
 from ..results import SolveResult, Status
@@ -92,9 +92,18 @@ class LinearSystem:
         self.op = Operator(matvec, b, name="b")
         self.b = finite_rhs(self.op.layout.flatten(b))
         self.limit = iteration_limit(max_iters, self.op.n)
-        self.b_norm = float(torch.linalg.vector_norm(self.b))
+        self.b_norm = float(norm(self.b, self.op.allsum))
         self.damping = damping
         self.preconditioner = preconditioner
+
+    def dot(self, a: Tensor, b: Tensor) -> float:
+        """⟨a, b⟩ over every rank's shards."""
+        d = torch.dot(a, b)
+        return float(d if self.op.allsum is None else self.op.allsum(d))
+
+    def norm(self, a: Tensor) -> float:
+        """‖a‖ over every rank's shards."""
+        return float(norm(a, self.op.allsum))
 
     def A(self, v: Tensor) -> Tensor:
         """(H + δI) v."""

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .._krylov import check_symmetric, expand, symmetry_slack
-from .._operator import Operator
+from .._operator import Operator, norm
 from .._outcome import finish, probes_outcome
 from .._progress import Progress
 from .._types import ChunkSize, MatvecFn, ProgressArg, Tree
@@ -155,13 +155,13 @@ def _tridiagonalize(
     Q = torch.zeros(b, steps, n, dtype=op.dtype, device=op.device)
     alpha = torch.zeros(b, steps, dtype=torch.float64)
     beta = torch.zeros(b, steps, dtype=torch.float64)
-    q = Z / torch.linalg.vector_norm(Z, dim=1, keepdim=True)
+    q = Z / norm(Z, op.allsum, dim=1, keepdim=True)
     scale = torch.zeros(b, dtype=op.dtype, device=op.device)
     slack = symmetry_slack(op.layout.product_eps)
     for j in range(steps):
         Q[:, j] = q
         w = op.batch(q, chunk_size=b if chunk_size is None else chunk_size)
-        w, h, norms = expand(Q[:, : j + 1], w)
+        w, h, norms = expand(Q[:, : j + 1], w, op.allsum)
         finite = torch.isfinite(h).all(dim=1) & torch.isfinite(norms)
         if not bool(finite.all()):
             alpha[:, j] = torch.where(finite, h[:, j], math.nan).to("cpu", torch.float64)

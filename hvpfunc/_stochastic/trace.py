@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Tuple, get_args
+from typing import Callable, NamedTuple, Optional, Tuple, get_args
 
 import torch
 from torch import Tensor
@@ -115,6 +115,8 @@ def trace(
     if tol is not None and not tol > 0:
         raise ValueError(f"tol must be positive (or None), got {tol}")
     op = Operator(matvec, like, name="like")
+    if method == "xtrace":
+        _unsharded(op, "trace(method='xtrace')")
     bar = Progress(progress, total=num_probes, desc=f"trace ({method})")
     try:
         if tol is None:
@@ -182,9 +184,8 @@ def _round(
         return _mean(samples), _stderr(samples), samples.shape[0], finite
     sketch = count // 3
     S = op.probes(sketch, generator)
-    Q, _ = torch.linalg.qr(op.batch(S, chunk_size=chunk_size, bar=bar).T)
-    Q = Q.T  # rows: an orthonormal basis of range(HS)
-    exact = (Q * op.batch(Q, chunk_size=chunk_size, bar=bar)).sum()
+    Q = _orthonormal_rows(op.batch(S, chunk_size=chunk_size, bar=bar), op.allsum)  # a basis of range(HS)
+    exact = _total(op, (Q * op.batch(Q, chunk_size=chunk_size, bar=bar)).sum())
     if not bool(torch.isfinite(exact)):  # the sketch's products were not finite: nothing to build on
         return nan, nan, 0, False
     samples, finite = _quadratic_forms(op, count - 2 * sketch, generator, chunk_size, bar, deflate=Q)
@@ -239,7 +240,7 @@ def squared_frobenius_norm(
     finite = True
     for start in range(0, num_probes, step):
         Z = op.probes(min(step, num_probes - start), generator)
-        norms = op.batch(Z, chunk_size=chunk_size).square().sum(dim=1)
+        norms = _total(op, op.batch(Z, chunk_size=chunk_size).square().sum(dim=1))
         ok = torch.isfinite(norms)
         if not bool(ok.all()):
             samples.append(norms[: int(ok.to(torch.int8).argmin())])
@@ -349,8 +350,8 @@ def _quadratic_forms(
     for start in range(0, count, step):
         Z = op.probes(min(step, count - start), generator)
         if deflate is not None:
-            Z = Z - (Z @ deflate.T) @ deflate
-        forms = (Z * op.batch(Z, chunk_size=chunk_size, bar=bar)).sum(dim=1)
+            Z = Z - _total(op, Z @ deflate.T) @ deflate
+        forms = _total(op, (Z * op.batch(Z, chunk_size=chunk_size, bar=bar)).sum(dim=1))
         finite = torch.isfinite(forms)
         if not bool(finite.all()):
             samples.append(forms[: int(finite.to(torch.int8).argmin())])
@@ -421,6 +422,7 @@ def diagonal(
     op = Operator(matvec, like, name="like")
     op.expect(num_probes)
     if method == "xdiag":
+        _unsharded(op, "diagonal(method='xdiag')")
         mean, stderr, finite = _xdiag(op, num_probes // 2, generator, chunk_size)
         status, message = probes_outcome(finite, num_probes if finite else 0, num_probes)
         result = DiagonalResult(op.layout.unflatten(mean), op.layout.unflatten(stderr), op.num_matvecs, status, message)
@@ -428,7 +430,7 @@ def diagonal(
     step = block_size(chunk_size, num_probes, op.device)
     # Running mean and sum of squared deviations, merged chunk by chunk (Chan et al.),
     # so memory holds one chunk of probes and the variance does not cancel.
-    count, mean, m2 = 0, torch.zeros(op.n, dtype=op.dtype, device=op.device), None
+    count, mean, m2 = 0, torch.zeros(sum(op.layout.sizes), dtype=op.dtype, device=op.device), None
     all_finite = True
     for start in range(0, num_probes, step):
         Z = op.probes(min(step, num_probes - start), generator)
@@ -494,3 +496,32 @@ def _t975(dof: int) -> float:
         return (12.706204736, 4.302652730)[dof - 1]
     z = _Z975
     return z + (z**3 + z) / (4 * dof) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * dof**2)
+
+
+def _total(op: Operator, t: Tensor) -> Tensor:
+    """Sums over the vector dimension, completed over the ranks for sharded vectors."""
+    return t if op.allsum is None else op.allsum(t)
+
+
+def _orthonormal_rows(Y: Tensor, allsum: Optional[Callable[[Tensor], Tensor]]) -> Tensor:
+    """An orthonormal basis of the rows of Y, as rows: Householder QR, or for sharded
+    rows (whose QR would need every shard) SVQB twice, from the all-reduced Gram matrix
+    YYᵀ = UΛUᵀ: Λ^{-1/2}UᵀY, dropping directions below √ε of the largest (rank-revealing;
+    Stathopoulos & Wu, SIAM J. Sci. Comput. 23 (2002))."""
+    if allsum is None:
+        Q, _ = torch.linalg.qr(Y.T)
+        return Q.T
+    eps = torch.finfo(Y.dtype).eps
+    for _ in range(2):
+        lam, U = torch.linalg.eigh(allsum(Y @ Y.T).to(torch.float64))
+        keep = lam > math.sqrt(eps) * lam.max().clamp_min(torch.finfo(torch.float64).tiny)
+        Y = ((U[:, keep] / lam[keep].sqrt()).T.to(Y.dtype)) @ Y
+    return Y
+
+
+def _unsharded(op: Operator, what: str) -> None:
+    if op.layout.sharding is not None:
+        raise NotImplementedError(
+            f"{what} is not available for sharded (DTensor) vectors yet: its leave-one-out QR needs "
+            "the whole vectors. Use method='hutch++' or 'hutchinson'."
+        )

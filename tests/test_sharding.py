@@ -1,0 +1,123 @@
+"""Solvers on sharded vectors: two gloo processes, each holding half of every leaf (a
+DTensor sharded on dim 0, as fully_shard makes them), against the dense single-process
+reference. Every collective has a timeout, so a hang fails the test."""
+
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import hvpfunc as hf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from references import DT
+
+TIMEOUT = timedelta(seconds=60)
+N_A, SHAPE_B = 7, (5, 3)  # 22 parameters; rank 0 holds 4 + 9, rank 1 holds 3 + 6
+
+
+def _matrix() -> torch.Tensor:
+    """A symmetric positive definite 22 x 22 matrix with a known spectrum."""
+    n = N_A + SHAPE_B[0] * SHAPE_B[1]
+    lam = torch.cat([torch.tensor([9.0, 7.0, 6.5]), torch.linspace(0.5, 3.0, n - 3)]).to(DT)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(0), dtype=DT))
+    return (Q * lam) @ Q.T
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=TIMEOUT)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (2,))
+        H = _matrix()
+
+        def shard(full):
+            return {"a": distribute_tensor(full[:N_A], mesh, [Shard(0)]),
+                    "b": distribute_tensor(full[N_A:].reshape(SHAPE_B), mesh, [Shard(0)])}
+
+        def matvec(v):  # the test's operator gathers; the solvers must not
+            x = torch.cat([v["a"].full_tensor(), v["b"].full_tensor().reshape(-1)])
+            return shard(H @ x)
+
+        like = shard(torch.zeros(H.shape[0], dtype=DT))
+        b = shard(torch.arange(1.0, H.shape[0] + 1, dtype=DT))
+        v0 = shard(torch.ones(H.shape[0], dtype=DT))
+        top = hf.lanczos(matvec, v0, k=3, tol=1e-10)
+        gen = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
+        out = {
+            "local_sizes": (like["a"].to_local().numel(), like["b"].to_local().numel()),
+            "lanczos": top.eigenvalues,
+            "lanczos_vector_local": top.eigenvectors["a"].to_local().shape,
+            "lanczos_vector": torch.cat([top.eigenvectors["a"].full_tensor()[0],
+                                         top.eigenvectors["b"].full_tensor()[0].reshape(-1)]),
+            "smallest": hf.lanczos(matvec, v0, k=2, which="SA", tol=1e-10).eigenvalues,
+            "power": hf.power_iteration(matvec, v0, tol=1e-10, max_iters=2000).eigenvalues,
+            "cg": _gather(hf.cg(matvec, b, tol=1e-12).x),
+            "minres": _gather(hf.minres(matvec, b, tol=1e-12).x),
+            "neumann": _gather(hf.neumann(matvec, b, tol=1e-8, num_terms=3000).x),
+            "hutch++": hf.trace(matvec, like, num_probes=66, generator=gen(1)).estimate,  # sketch spans all
+            "hutchinson": hf.trace(matvec, like, num_probes=200, method="hutchinson", generator=gen(2)),
+            "frobenius": hf.squared_frobenius_norm(matvec, like, num_probes=400, generator=gen(3)),
+            "diagonal": hf.diagonal(matvec, like, num_probes=400, generator=gen(4)),
+            "density": hf.spectral_density(matvec, like, num_probes=2, num_iters=22, generator=gen(5)),
+        }
+        for key in ("diagonal",):
+            result = out[key]
+            out[key] = (_gather(result.estimate), _gather(result.stderr))
+        # Ranks time their steps apart, and the basis grows on timings: with rank 0 wanting
+        # to grow and rank 1 not, they must still agree (else their collectives part ways).
+        from hvpfunc._eigen import lanczos as module
+
+        original = module._grown
+        module._grown = lambda state: min(2 * (state.V.shape[0] - 1), state.cap) if rank == 0 else state.V.shape[0] - 1
+        try:
+            out["disagreeing"] = hf.lanczos(matvec, v0, k=2, which="SA", tol=1e-10, max_iters=400).eigenvalues
+        finally:
+            module._grown = original
+        with pytest.raises(NotImplementedError, match="sharded"):
+            hf.trace(matvec, like, num_probes=8, method="xtrace")
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _gather(tree) -> torch.Tensor:
+    return torch.cat([tree["a"].full_tensor(), tree["b"].full_tensor().reshape(-1)])
+
+
+@pytest.mark.slow
+def test_solvers_on_sharded_vectors_match_the_dense_reference(tmp_path):
+    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    H = _matrix()
+    ev = torch.linalg.eigvalsh(H)
+    b = torch.arange(1.0, H.shape[0] + 1, dtype=DT)
+    x = torch.linalg.solve(H, b)
+    for rank in range(2):
+        r = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert r["local_sizes"] == ((4, 9) if rank == 0 else (3, 6))  # each rank holds its shards only
+        assert torch.allclose(r["lanczos"], ev.flip(0)[:3], rtol=1e-10)
+        assert torch.allclose(r["disagreeing"], ev[:2], rtol=1e-9)
+        assert r["lanczos_vector_local"][0] == 3  # k eigenvectors stacked, sharded after the stack dim
+        u = r["lanczos_vector"]
+        assert float((H @ u - ev[-1] * u).norm()) < 1e-8
+        assert torch.allclose(r["smallest"], ev[:2], rtol=1e-9)
+        assert torch.allclose(r["power"], ev[-1:], rtol=1e-9)
+        for solver in ("cg", "minres"):
+            assert torch.allclose(r[solver], x, rtol=1e-9, atol=1e-10), solver
+        assert torch.allclose(r["neumann"], x, rtol=1e-6, atol=1e-7)
+        assert abs(float(r["hutch++"]) - float(H.trace())) < 1e-9
+        for key, exact in (("hutchinson", H.trace()), ("frobenius", (H * H).sum())):
+            est = r[key]
+            assert abs(float(est.estimate) - float(exact)) < 5 * float(est.stderr), key
+        mean, stderr = r["diagonal"]
+        assert bool(((mean - H.diagonal()).abs() < 5 * stderr + 1e-12).all())
+        density = r["density"]
+        assert abs(float(density.weights.sum()) - 2.0) < 1e-8 or abs(float(density.weights.sum()) - 1.0) < 1e-8
+        assert float(density.nodes.min()) > ev[0] - 1e-8 and float(density.nodes.max()) < ev[-1] + 1e-8
