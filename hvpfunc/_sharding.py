@@ -10,7 +10,7 @@ not one per leaf). Nothing is gathered whole, so a basis takes 1/world of its me
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -65,25 +65,43 @@ class Sharding:
     def rebuild(self, parts: List[Tensor], lead: tuple = ()) -> List[Tensor]:
         """DTensors from local pieces shaped as this rank's shards, after ``lead``
         leading dimensions (a stack of vectors: eigenvectors, iterates)."""
-        from torch.distributed.tensor import DTensor, Shard
-
-        out = []
-        for part, placements, shape, stride in zip(parts, self.placements, self.global_shapes, self.strides):
-            if lead:
-                placements = tuple(Shard(p.dim + len(lead)) for p in placements)
-                shape = lead + shape
-                stride = _contiguous_strides(shape)
-            out.append(DTensor.from_local(part.contiguous(), self.mesh, placements, run_check=False,
-                                          shape=torch.Size(shape), stride=stride))
-        return out
+        return [wrap(part, self.mesh, placements, shape, stride, lead)
+                for part, placements, shape, stride in zip(parts, self.placements, self.global_shapes, self.strides)]
 
     def generator(self, generator: Optional[torch.Generator]) -> torch.Generator:
-        """A generator for this rank's part of a random vector: seeded from one draw of
-        ``generator`` (the same on every rank, which keeps the ranks' generators in
-        step) and the rank, so that the ranks' parts are independent."""
-        device = generator.device if generator is not None else torch.device("cpu")
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device))
-        return torch.Generator(device=device).manual_seed(seed + self.rank)
+        """:func:`rank_generator` (the rank in the mesh's group and the world agree for
+        the 1-D meshes supported)."""
+        return rank_generator(generator)
+
+
+def wrap(part: Tensor, mesh: Any, placements: tuple, shape: tuple, stride: Optional[tuple], lead: tuple = ()) -> Tensor:
+    """The DTensor whose local piece on this rank is ``part``, placed as a leaf of global
+    ``shape`` with ``placements``, after ``lead`` stacking dimensions (its shards then
+    lie ``len(lead)`` dimensions further)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if lead:
+        placements = tuple(Shard(p.dim + len(lead)) if p.is_shard() else p for p in placements)
+        shape = tuple(lead) + tuple(shape)
+        stride = _contiguous_strides(shape)
+    return DTensor.from_local(part.contiguous(), mesh, placements, run_check=False, shape=torch.Size(shape),
+                              stride=stride)
+
+
+def random_like(leaf: Tensor, draw: Callable[[tuple], Tensor], lead: tuple) -> Tensor:
+    """A random DTensor placed as ``leaf`` (stacked after ``lead``): this rank draws its
+    own shard with ``draw(shape)``."""
+    part = draw(tuple(lead) + tuple(leaf.to_local().shape))
+    return wrap(part, leaf.device_mesh, leaf.placements, tuple(leaf.shape), leaf.stride(), lead)
+
+
+def rank_generator(generator: Optional[torch.Generator]) -> torch.Generator:
+    """A generator for this rank's shards of a random vector: seeded from one draw of
+    ``generator`` (the same on every rank, which keeps the ranks' generators in step)
+    and the rank, so that the ranks' parts are independent."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device))
+    return torch.Generator(device=device).manual_seed(seed + dist.get_rank())
 
 
 def _contiguous_strides(shape: tuple) -> tuple:

@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
+from ._sharding import is_dtensor, rank_generator
+from ._sharding import random_like as sharded_random_like
 from ._types import Tree
 
 __all__ = [
@@ -110,6 +112,12 @@ def check_like(
     for (path, leaf), (_, ref) in zip(leaves, like_leaves):
         if not isinstance(leaf, Tensor):
             raise TypeError(f"{name}{_fmt(path)} is a {type(leaf).__name__}, expected a tensor")
+        if is_dtensor(leaf) != is_dtensor(ref):
+            kinds = ("a DTensor", "a plain tensor") if is_dtensor(leaf) else ("a plain tensor", "a DTensor (sharded)")
+            raise TypeError(
+                f"{name}{_fmt(path)} is {kinds[0]}, but {like_name}{_fmt(path)} is {kinds[1]}: build vectors "
+                f"like {like_name}, e.g. with hvpfunc.tree.random_like({like_name}) or torch.ones_like"
+            )
         shape = tuple(leaf.shape)
         if batch_dims:
             lead, shape = shape[:batch_dims], shape[batch_dims:]
@@ -148,6 +156,8 @@ def _matches(tree: Tree, like: Tree, batch_dims: int) -> bool:
     lead = None
     for leaf, ref in zip(leaves, like_leaves):
         if not isinstance(leaf, Tensor) or leaf.dtype != ref.dtype or leaf.device != ref.device:
+            return False
+        if is_dtensor(leaf) != is_dtensor(ref):
             return False
         shape = leaf.shape
         if batch_dims:
@@ -294,14 +304,19 @@ def random_like(
     gen_device = generator.device if generator is not None else torch.device("cpu")
     lead = () if batch is None else (batch,)
 
-    def draw(leaf: Tensor) -> Tensor:
-        shape = lead + tuple(leaf.shape)
+    def numbers(shape: tuple, dtype: torch.dtype, source: Optional[torch.Generator]) -> Tensor:
         if kind == "rademacher":
-            z = torch.randint(0, 2, shape, generator=generator, device=gen_device)
-            z = z.to(leaf.dtype).mul_(2).sub_(1)
-        else:
-            z = torch.randn(shape, generator=generator, device=gen_device, dtype=leaf.dtype)
-        return z.to(leaf.device)
+            return torch.randint(0, 2, shape, generator=source, device=gen_device).to(dtype).mul_(2).sub_(1)
+        return torch.randn(shape, generator=source, device=gen_device, dtype=dtype)
+
+    # DTensor leaves (sharded parameters): each rank draws its own shards, from a
+    # generator seeded by one shared draw and its rank
+    own = rank_generator(generator) if any(map(is_dtensor, pytree.tree_leaves(like))) else None
+
+    def draw(leaf: Tensor) -> Tensor:
+        if is_dtensor(leaf):
+            return sharded_random_like(leaf, lambda shape: numbers(shape, leaf.dtype, own).to(leaf.device), lead)
+        return numbers(lead + tuple(leaf.shape), leaf.dtype, generator).to(leaf.device)
 
     return pytree.tree_map(draw, like)
 

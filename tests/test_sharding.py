@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
 
 import hvpfunc as hf
 
@@ -121,3 +122,67 @@ def test_solvers_on_sharded_vectors_match_the_dense_reference(tmp_path):
         density = r["density"]
         assert abs(float(density.weights.sum()) - 2.0) < 1e-8 or abs(float(density.weights.sum()) - 1.0) < 1e-8
         assert float(density.nodes.min()) > ev[0] - 1e-8 and float(density.nodes.max()) < ev[-1] + 1e-8
+
+
+def _fsdp_worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=TIMEOUT)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (2,))
+        model = _fsdp_model()
+        fully_shard(model[0], mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        before = {k: p.to_local().clone() for k, p in model.named_parameters()}
+        x, y = _fsdp_data()
+        half = slice(0, 20) if rank == 0 else slice(20, 40)  # each rank its own data
+        out = {}
+        for mode in ("auto", "reverse-over-reverse-recomputed", "gradient-difference"):
+            matvec, params = hf.model_hvp_fn(model, nn.functional.cross_entropy, (x[half], y[half]), mode=mode)
+            v0 = hf.tree.random_like(params, generator=torch.Generator().manual_seed(1))
+            out[mode] = hf.lanczos(matvec, v0, k=5, tol=1e-10).eigenvalues
+        matvec, params = hf.model_hvp_fn(model, nn.functional.cross_entropy, (x[half], y[half]))
+        b = {k: torch.ones_like(p) for k, p in params.items()}
+        out["cg"] = {k: t.full_tensor() for k, t in hf.cg(matvec, b, damping=0.5, tol=1e-12).x.items()}
+        out["local"] = sum(p.to_local().numel() for p in params.values())
+        out["intact"] = all(torch.equal(p.to_local(), before[k]) for k, p in model.named_parameters())
+        loss = nn.functional.cross_entropy(model(x[half]), y[half])
+        loss.backward()  # FSDP still trains: its hooks are back
+        out["trains"] = all(p.grad is not None for p in model.parameters())
+        torch.save(out, os.path.join(out_dir, f"fsdp{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _fsdp_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+
+
+def _fsdp_data():
+    gen = torch.Generator().manual_seed(2)
+    return torch.randn(40, 4, generator=gen, dtype=DT), torch.randint(0, 3, (40,), generator=gen)
+
+
+@pytest.mark.slow
+def test_fsdp2_model_exact_products_and_gradient_differences(tmp_path):
+    # FSDP2's hooks have no double backward (pytorch#172543): the exact modes run the
+    # module hook-free with gathered parameters; gradient differences run its hooks.
+    mp.spawn(_fsdp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    model = _fsdp_model()
+    x, y = _fsdp_data()
+    full, params = hf.model_hvp_fn(model, nn.functional.cross_entropy, (x, y))
+    want = hf.lanczos(full, hf.tree.random_like(params, generator=torch.Generator().manual_seed(1)),
+                      k=5, tol=1e-10).eigenvalues
+    n = sum(p.numel() for p in params.values())
+    b = {k: torch.ones_like(p) for k, p in params.items()}
+    x_want = hf.cg(full, b, damping=0.5, tol=1e-12).x
+    for rank in range(2):
+        r = torch.load(tmp_path / f"fsdp{rank}.pt", weights_only=False)
+        for mode in ("auto", "reverse-over-reverse-recomputed"):
+            assert torch.allclose(r[mode], want, rtol=1e-8), mode
+        assert torch.allclose(r["gradient-difference"], want, rtol=1e-7)
+        assert all(torch.allclose(r["cg"][k], x_want[k], rtol=1e-9, atol=1e-11) for k in b)
+        assert r["local"] < n  # this rank's shards only
+        assert r["intact"] and r["trains"]

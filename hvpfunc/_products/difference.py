@@ -40,11 +40,11 @@ def step_size(theta: Tree, v: Tree, *, richardson: bool) -> Tensor:
     return eps ** (0.2 if richardson else 1 / 3) * scale / _norm(pytree.tree_leaves(v))
 
 
-def quotient(gradient: Callable[[Tensor], Tree], h: Tensor, *, richardson: bool) -> Tree:
+def quotient(gradient: Callable[[Any], Tree], h: Any, *, richardson: bool) -> Tree:
     """(g(h) − g(−h)) / 2h with g(s) = ∇f(θ + s v); with ``richardson``, the combination
     (4 D(h/2) − D(h)) / 3 of two such quotients, which cancels the h² term."""
 
-    def central(step: Tensor) -> Tree:
+    def central(step: Any) -> Tree:
         plus, minus = gradient(step), gradient(-step)
         return pytree.tree_map(lambda a, b: (a - b) / (2 * step), plus, minus)
 
@@ -106,9 +106,8 @@ def live_module(
     """
     live = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
-    first = next(iter(base.values()))
     if richardson is None:
-        richardson = richardson_by_dtype(first.dtype)
+        richardson = richardson_by_dtype(next(iter(base.values())).dtype)
 
     def gradient(point: Dict[str, Tensor], saved_buffers: Dict[str, Tensor]) -> Dict[str, Tensor]:
         with torch.no_grad():
@@ -135,9 +134,10 @@ def live_module(
         grads = {n: p.grad for n, p in live.items()}
         saved_buffers = {n: b.detach().clone() for n, b in buffers.items() if b is not None}
         try:
-            h = step_size({n: base[n] for n in names}, v, richardson=richardson).to(first.dtype)
+            # a number, not a tensor: a plain 0-dim tensor does not mix with DTensor parameters
+            h = float(step_size({n: base[n] for n in names}, v, richardson=richardson))
 
-            def at(s: Tensor) -> Tree:
+            def at(s: float) -> Tree:
                 point = dict(base)
                 for n in names:
                     point[n] = base[n] + s * v[n]

@@ -15,7 +15,7 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from .._types import Mode, Tree
 from ..tree import axpy, scale
-from . import difference
+from . import difference, sharded
 from .api import Fixed, Matvec, build, usable
 from .checks import inspect, memory_light_mode
 from .modes import BUILDERS, differentiable_attention, scalar_fn
@@ -171,6 +171,9 @@ def model_hvp_fn(
     if mode == "gradient-difference":
         return _gradient_difference(model, loss_fn, single, batches, stream, named, params, reduction, forward,
                                     batch_size, dropouts, unpack_inputs), params
+    if sharded.is_sharded(named):
+        return _sharded(model, loss_fn, single, batches, stream, params, frozen, buffers, reduction, batch_size,
+                        dropouts, unpack_inputs, mode), params
     cache: dict = {}
     if single is not None:
         # auto's memory: this model's parameter shapes, this loss and the batch's shapes
@@ -242,6 +245,42 @@ def _gradient_difference(model: nn.Module, loss_fn: Any, single: Optional[Batch]
     base = {name: value.detach().clone() for name, value in named.items()}
     fn = difference.live_module(model, list(params), base, passes, lambda: _dropout_off(dropouts))
     return Matvec(Fixed(fn, "gradient-difference"), params)
+
+
+def _sharded(model: nn.Module, loss_fn: Any, single: Optional[Batch], batches: List[Batch],
+             stream: Optional[Iterable], params: Dict[str, Tensor], frozen: Dict[str, Any], buffers: Dict[str, Any],
+             reduction: Optional[str], batch_size: Optional[Callable[[Batch], int]],
+             dropouts: List[Tuple[str, nn.Module, float]], unpack_inputs: bool, mode: str) -> Matvec:
+    """Exact products of a model with sharded (DTensor) parameters (:mod:`.sharded`):
+    this rank's batches, weighted as in the other modes, hooks off, parameters gathered
+    for the product."""
+    if stream is not None:
+        raise NotImplementedError(
+            "streamed data for a model with sharded parameters: pass this rank's batches as a list")
+    if mode not in sharded.MODES:
+        raise ValueError(f"mode={mode!r} is not available for a model with sharded (DTensor) parameters: "
+                         f"use one of {sharded.MODES}")
+    constants = {k: sharded.gathered(t).detach() for k, t in frozen.items()}
+
+    def forward(p: Dict[str, Tensor], x: Any) -> Any:
+        with _dropout_off(dropouts):
+            return torch.func.functional_call(model, (p, constants, buffers), *_as_call(x, unpack_inputs))
+
+    if single is not None:
+        parts = [(1.0, single)]
+    else:
+        kind = _reduction(loss_fn, reduction)
+
+        def plain_forward(p: Dict[str, Tensor], x: Any) -> Any:
+            with sharded.hooks_off(model):
+                return forward({k: sharded.gathered(t) for k, t in p.items()}, x)
+
+        weigh = _weigher(kind, loss_fn, plain_forward, params, batch_size)
+        weights = [weigh(batch) for batch in batches]
+        total = sum(weights) if kind == "mean" else 1.0
+        parts = [(w / total, batch) for w, batch in zip(weights, batches)]
+    fn = sharded.matvec(sharded.batches_loss(model, parts, forward, loss_fn), params, mode)
+    return Matvec(Fixed(fn, "reverse-over-reverse" if mode == "auto" else mode), params)
 
 
 def _copies(tensors: Dict[str, Any]) -> Dict[str, Any]:
