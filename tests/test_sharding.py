@@ -186,3 +186,17 @@ def test_fsdp2_model_exact_products_and_gradient_differences(tmp_path):
         assert all(torch.allclose(r["cg"][k], x_want[k], rtol=1e-9, atol=1e-11) for k in b)
         assert r["local"] < n  # this rank's shards only
         assert r["intact"] and r["trains"]
+
+
+@pytest.mark.slow
+def test_example_runs_under_torchrun():
+    import subprocess
+
+    script = Path(__file__).resolve().parent.parent / "examples" / "sharded_top_eigenvalues.py"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script)],
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("top-5")]
+    exact, approx = ([float(v) for v in line.split("[", 1)[1].split("]")[0].split(",")] for line in lines)
+    assert all(abs(a - b) < 1e-7 * abs(a) for a, b in zip(exact, approx))
+    assert done.stdout.count("[converged]") == 2
