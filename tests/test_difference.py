@@ -147,3 +147,14 @@ def test_solvers_loop_where_vmap_cannot_run_and_vmap_says_why():
     batch = hf.tree.stack([params, params])
     with pytest.raises(RuntimeError, match="chunk_size=1"):
         torch.func.vmap(approx)(batch)
+
+
+def test_function_products_under_vmap_equal_the_loop():
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(6, 6, generator=gen, dtype=DT)
+    params = {"w": torch.randn(6, generator=gen, dtype=DT)}
+    matvec = hf.hvp_fn(lambda p: (torch.tanh(A @ p["w"]) ** 2).sum(), params, mode="gradient-difference")
+    V = {"w": torch.randn(4, 6, generator=gen, dtype=DT)}
+    batched = torch.func.vmap(matvec)(V)["w"]
+    looped = torch.stack([matvec({"w": V["w"][i]})["w"] for i in range(4)])
+    assert torch.allclose(batched, looped, rtol=1e-12, atol=1e-14)
