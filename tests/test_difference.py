@@ -157,4 +157,5 @@ def test_function_products_under_vmap_equal_the_loop():
     V = {"w": torch.randn(4, 6, generator=gen, dtype=DT)}
     batched = torch.func.vmap(matvec)(V)["w"]
     looped = torch.stack([matvec({"w": V["w"][i]})["w"] for i in range(4)])
-    assert torch.allclose(batched, looped, rtol=1e-12, atol=1e-14)
+    # the same step per vector; batched kernels round differently, well below the difference error
+    assert torch.allclose(batched, looped, rtol=1e-9, atol=1e-12)
