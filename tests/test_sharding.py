@@ -200,3 +200,52 @@ def test_example_runs_under_torchrun():
     exact, approx = ([float(v) for v in line.split("[", 1)[1].split("]")[0].split(",")] for line in lines)
     assert all(abs(a - b) < 1e-7 * abs(a) for a, b in zip(exact, approx))
     assert done.stdout.count("[converged]") == 2
+
+
+def _ridge():
+    gen = torch.Generator().manual_seed(0)
+    X, y = torch.randn(30, 6, generator=gen, dtype=DT), torch.randn(30, generator=gen, dtype=DT)
+    Xv, yv = torch.randn(20, 6, generator=gen, dtype=DT), torch.randn(20, generator=gen, dtype=DT)
+    return X, y, Xv, yv
+
+
+def _hypergradient_worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=TIMEOUT)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Partial, Replicate, Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (2,))
+        X, y, Xv, yv = _ridge()
+        lam = 0.5
+        w_star = torch.linalg.solve(X.T @ X + lam * torch.eye(6, dtype=DT), X.T @ y)
+
+        def full(w):  # the losses gather the sharded weights they use
+            return w.redistribute(mesh, [Replicate()]).to_local(grad_placements=[Partial("avg")])
+
+        def inner(w, h):
+            return 0.5 * ((X @ full(w["w"]) - y) ** 2).sum() + 0.5 * h["lam"] * (full(w["w"]) ** 2).sum()
+
+        def outer(w, h):
+            return 0.5 * ((Xv @ full(w["w"]) - yv) ** 2).sum()
+
+        params = {"w": distribute_tensor(w_star, mesh, [Shard(0)])}
+        grad, result = hf.hypergradient(inner, outer, params, {"lam": torch.tensor(lam, dtype=DT)})
+        torch.save({"grad": grad["lam"], "status": str(result.status), "x_is_sharded": result.x["w"].to_local().numel()},
+                   os.path.join(out_dir, f"hyper{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_hypergradient_with_sharded_parameters(tmp_path):
+    mp.spawn(_hypergradient_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    X, y, Xv, yv = _ridge()
+    A = X.T @ X + 0.5 * torch.eye(6, dtype=DT)
+    w_star = torch.linalg.solve(A, X.T @ y)
+    # d/dλ of the validation loss at w*(λ) = A⁻¹Xᵀy: dw*/dλ = −A⁻¹w*
+    want = -(Xv.T @ (Xv @ w_star - yv)) @ torch.linalg.solve(A, w_star)
+    for rank in range(2):
+        r = torch.load(tmp_path / f"hyper{rank}.pt", weights_only=False)
+        assert r["status"] == "converged" and r["x_is_sharded"] == 3
+        assert torch.allclose(r["grad"], want, rtol=1e-9)

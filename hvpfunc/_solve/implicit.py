@@ -14,6 +14,7 @@ from torch.utils import _pytree as pytree
 
 from .._outcome import finish
 from .._products.api import hvp_fn, outside_inference_mode, usable
+from .._sharding import is_dtensor
 from .._types import Mode, Solver, Tree
 from ..results import ConvergenceWarning, SolveResult, Status
 from ..tree import check_tree, dot, leaves_with_paths, norm, sub
@@ -54,6 +55,11 @@ def hypergradient(
         outer_loss: ``outer_loss(params, hparams)``, a scalar (the validation loss); it
             need not depend on ``hparams``.
         params: the inner solution w, a pytree at (or near) a minimum of ``inner_loss``.
+            Its leaves may be sharded DTensors (FSDP2): the losses then gather what they
+            use (e.g. ``w.redistribute(mesh, [Replicate()]).to_local(grad_placements=
+            [Partial("avg")])``), derivatives go through plain autograd (torch.func's
+            transforms do not carry DTensors), ``mode="auto"`` is the reused graph, and
+            the solve keeps each rank's shards.
         hparams: λ, a pytree of floating tensors.
         solver: ``"cg"`` (default; fast, and reports negative curvature), ``"minres"``
             (for an inner point that is not a strict minimum, where H is indefinite) or
@@ -120,7 +126,10 @@ def hypergradient(
 
 def _hypergradient(inner_loss, outer_loss, params, hparams, solver, mode, stationarity_tol,
                                       solver_options):
-    grad_out_w, grad_out_h = torch.func.grad(outer_loss, argnums=(0, 1))(params, hparams)
+    sharded = any(map(is_dtensor, pytree.tree_leaves(params)))
+    if sharded and mode == "auto":
+        mode = "reverse-over-reverse"  # a fixed choice: every rank must make the same collectives
+    grad_out_w, grad_out_h = _gradients(outer_loss, params, hparams, sharded)
     _check_finite(grad_out_w, "d outer_loss / d params")
     _check_finite(grad_out_h, "d outer_loss / d hparams")
     # Parameters the inner loss does not use have zero rows and columns in H and no mixed
@@ -148,11 +157,42 @@ def _hypergradient(inner_loss, outer_loss, params, hparams, solver, mode, statio
             "inner loss, pass damping=..., or solver='minres' for the least-squares choice. "
             f"The solver said: {result.message}"
         ))
-    grad_in_w = torch.func.grad(inner_loss, argnums=0)
-    (g, vjp_fn) = torch.func.vjp(lambda h: grad_in_w(params, h), hparams)
-    (mixed,) = vjp_fn(result.x)
+    g, mixed = _mixed(inner_loss, params, hparams, result.x, sharded)
     result = _check_stationary(g, matvec, params, stationarity_tol, result)
     return sub(grad_out_h, mixed), result
+
+
+def _gradients(loss: Callable[[Tree, Tree], Tensor], params: Tree, hparams: Tree, sharded: bool) -> Tuple[Tree, Tree]:
+    """(d loss / d params, d loss / d hparams): torch.func, or plain autograd for sharded
+    (DTensor) parameters, which torch.func's transforms do not carry."""
+    if not sharded:
+        return torch.func.grad(loss, argnums=(0, 1))(params, hparams)
+    (w, w_spec), (h, h_spec) = _inputs(params), _inputs(hparams)
+    with torch.enable_grad():
+        out = loss(pytree.tree_unflatten(w, w_spec), pytree.tree_unflatten(h, h_spec))
+        grads = torch.autograd.grad(out, w + h, allow_unused=True, materialize_grads=True)
+    return pytree.tree_unflatten(list(grads[: len(w)]), w_spec), pytree.tree_unflatten(list(grads[len(w):]), h_spec)
+
+
+def _mixed(inner_loss: Callable[[Tree, Tree], Tensor], params: Tree, hparams: Tree, x: Tree,
+           sharded: bool) -> Tuple[Tree, Tree]:
+    """(∇_w inner, (∂²inner / ∂λ∂w) x): the inner gradient and the mixed term, as a
+    vector-Jacobian product of the inner gradient with respect to λ."""
+    if not sharded:
+        grad_in_w = torch.func.grad(inner_loss, argnums=0)
+        (g, vjp_fn) = torch.func.vjp(lambda h: grad_in_w(params, h), hparams)
+        return g, vjp_fn(x)[0]
+    (w, w_spec), (h, h_spec) = _inputs(params), _inputs(hparams)
+    with torch.enable_grad():
+        out = inner_loss(pytree.tree_unflatten(w, w_spec), pytree.tree_unflatten(h, h_spec))
+        g = torch.autograd.grad(out, w, create_graph=True, allow_unused=True, materialize_grads=True)
+        mixed = torch.autograd.grad(g, h, pytree.tree_leaves(x), allow_unused=True, materialize_grads=True)
+    return pytree.tree_unflatten([t.detach() for t in g], w_spec), pytree.tree_unflatten(list(mixed), h_spec)
+
+
+def _inputs(tree: Tree) -> Tuple[list, Any]:
+    leaves, spec = pytree.tree_flatten(tree)
+    return [leaf.detach().requires_grad_(leaf.is_floating_point()) for leaf in leaves], spec
 
 
 def _check_stationary(g: Tree, matvec, params: Tree, tol: float, result: SolveResult) -> SolveResult:
@@ -160,17 +200,17 @@ def _check_stationary(g: Tree, matvec, params: Tree, tol: float, result: SolveRe
     distance along the inner gradient g, ‖g‖³ / gᵀHg (one product), says how far params
     is from one; beyond ``tol · ‖params‖`` the hypergradient is not the derivative of
     anything, and the result says so (stats and a warning)."""
-    g_norm = float(norm(g))
+    g_norm = _number(norm(g))
     if g_norm == 0.0:
         return result
-    curvature = float(dot(g, matvec(g)))
+    curvature = _number(dot(g, matvec(g)))
     distance = g_norm**3 / curvature if curvature > 0 else math.inf
     stats = {**result.stats, "inner_gradient_norm": g_norm, "distance_to_stationary": distance}
     result = result._replace(stats=MappingProxyType(stats))
-    if distance > tol * float(norm(params)):
+    if distance > tol * _number(norm(params)):
         warnings.warn(
             f"hypergradient: params is not a stationary point of inner_loss (‖∇_w inner‖ = {g_norm:.3g}, "
-            f"about {distance:.3g} from one along the gradient, against ‖params‖ = {float(norm(params)):.3g}): "
+            f"about {distance:.3g} from one along the gradient, against ‖params‖ = {_number(norm(params)):.3g}): "
             "the implicit function theorem does not apply there, so the hypergradient is not the "
             "derivative of the outer loss through the inner optimum. Train the inner problem further, "
             "or raise stationarity_tol if an approximate hypergradient is what you want.",
@@ -192,7 +232,12 @@ def _unused_by(inner_loss: Callable[[Tree, Tree], Tensor], params: Tree, hparams
     return unused if any(unused) else []
 
 
+def _number(t: Tensor) -> float:
+    """A 0-dim result as a float (a DTensor's over all ranks)."""
+    return float(t.full_tensor() if is_dtensor(t) else t)
+
+
 def _check_finite(tree: Tree, what: str) -> None:
     for path, leaf in leaves_with_paths(tree)[0]:
-        if not bool(torch.isfinite(leaf).all()):
+        if not _number(torch.isfinite(leaf).all()):
             raise ValueError(f"{what} is not finite at {path}; check the losses at params")
