@@ -22,9 +22,11 @@ from ._solve.cg import cg, cg_batched
 from ._solve.implicit import hypergradient
 from ._solve.minres import minres
 from ._solve.neumann import lissa, neumann
+from ._stochastic.blocks import block_spectra
 from ._stochastic.density import spectral_density
 from ._stochastic.trace import diagonal, squared_frobenius_norm, trace
 from .results import (
+    BlockSpectra,
     ConvergenceWarning,
     DiagonalResult,
     EigResult,
@@ -52,6 +54,7 @@ __all__ = [
     "diagonal",
     "squared_frobenius_norm",
     "spectral_density",
+    "block_spectra",
     # layer 3: linear solves and implicit differentiation
     "cg",
     "cg_batched",
@@ -69,4 +72,5 @@ __all__ = [
     "TraceResult",
     "DiagonalResult",
     "SpectralDensity",
+    "BlockSpectra",
 ]

@@ -15,6 +15,7 @@ from ._eigen.lanczos import lanczos
 from ._products.model import model_hvp_fn
 from ._solve.cg import cg
 from ._solve.neumann import neumann
+from ._stochastic.blocks import block_spectra
 from ._stochastic.density import spectral_density
 from ._stochastic.trace import trace
 from .results import ConvergenceWarning
@@ -43,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="hvpfunc",
         description=(
             "Train a small MLP classifier on synthetic data for a few seconds, then report "
-            "its loss Hessian: extreme eigenvalues (Lanczos), trace (Hutch++), the "
+            "its loss Hessian: extreme eigenvalues (Lanczos), trace (Hutch++), per-layer "
+            "traces and top eigenvalues, the "
             "Neumann-vs-CG comparison of the hyperparameter user story, and a spectral "
             "density plot (stochastic Lanczos quadrature). Small models are checked "
             "against the dense Hessian."
@@ -151,6 +153,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if exact is not None:
         line += f"; exact {float(exact.sum()):.6g}"
     print(line)
+
+    blocks = block_spectra(matvec, params, num_probes=args.probes, k=1, tol=1e-6, generator=gen)
+    print(f"\nper layer (traces from {args.probes} shared probes, top eigenvalue of each diagonal block):")
+    print("  " + blocks.table().replace("\n", "\n  "))
 
     lam_min = float(bottom.eigenvalues[0])
     lam_max = float(top.eigenvalues[0])

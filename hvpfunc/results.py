@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from types import MappingProxyType
-from typing import Any, Mapping, NamedTuple, Optional
+from typing import Any, Mapping, NamedTuple, Optional, Tuple
 
 from torch import Tensor
 
@@ -239,4 +239,73 @@ class SpectralDensity(NamedTuple):
             ax.set_yscale("log")
         ax.set_xlabel("eigenvalue")
         ax.set_ylabel("density")
+        return fig
+
+
+class BlockSpectra(NamedTuple):
+    """Per-group (per-layer) curvature: the trace and top eigenvalues of each diagonal
+    block H_bb of the Hessian (:func:`hvpfunc.block_spectra`).
+
+    Attributes:
+        groups: the groups' names, in the order of their first parameter.
+        traces: tr H_bb per group (Hutchinson, shared probes), shape ``(groups,)``.
+        stderrs: their standard errors (±1.96·stderr is a 95% interval).
+        shares: each trace over their sum (the whole trace's estimate).
+        sizes: parameters per group.
+        top: the top ``k`` eigenvalues of each block, shape ``(groups, k)``, float64;
+            nan where a block has fewer than ``k`` parameters.
+        converged: per eigenvalue, whether Lanczos met its tolerance.
+        num_matvecs: products with the operator spent (probes and Lanczos runs).
+        status: ``"converged"``, ``"max_iters"`` (an eigenvalue missed its tolerance) or
+            ``"non_finite"`` (a probe's product was not finite).
+        message: what happened.
+    """
+
+    groups: Tuple[str, ...]
+    traces: Tensor
+    stderrs: Tensor
+    shares: Tensor
+    sizes: Tensor
+    top: Tensor
+    converged: Tensor
+    num_matvecs: int
+    status: Status = Status.CONVERGED
+    message: str = ""
+
+    def table(self) -> str:
+        """The results as a Markdown table, one row per group."""
+        k = self.top.shape[1]
+        head = "| group | parameters | trace ± stderr | share |" + ("" if not k else f" top {k} |")
+        rows = [head, "|" + "---|" * (4 + bool(k))]
+        for i, name in enumerate(self.groups):
+            row = (f"| {name} | {int(self.sizes[i])} | {float(self.traces[i]):.4g} ± {float(self.stderrs[i]):.2g} "
+                   f"| {100 * float(self.shares[i]):.1f}% |")
+            if k:
+                row += " " + ", ".join(f"{float(v):.4g}" + ("" if bool(c) else "*")
+                                       for v, c in zip(self.top[i], self.converged[i])) + " |"
+            rows.append(row)
+        if k and not bool(self.converged.all()):
+            rows.append("\n\\* not converged")
+        return "\n".join(rows)
+
+    def plot(self, ax: Any = None, **kwargs: Any) -> Any:
+        """A bar plot of the blocks' traces with 95% intervals; returns the figure.
+
+        Raises:
+            ImportError: matplotlib is not installed (``pip install "hvpfunc[plot]"``).
+        """
+        try:
+            import matplotlib.pyplot as plt
+        except ImportError as err:
+            raise ImportError("BlockSpectra.plot needs matplotlib: pip install 'hvpfunc[plot]'") from err
+        if ax is None:
+            fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(self.groups) + 2), 4))
+        else:
+            fig = ax.figure
+        x = range(len(self.groups))
+        ax.bar(x, self.traces.detach().cpu().double().numpy(),
+               yerr=1.96 * self.stderrs.detach().cpu().double().numpy(), **kwargs)
+        ax.set_xticks(list(x))
+        ax.set_xticklabels(self.groups, rotation=45, ha="right")
+        ax.set_ylabel("trace of the diagonal block")
         return fig
