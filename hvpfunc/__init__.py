@@ -15,6 +15,7 @@ shared ``_operator`` and ``_krylov`` kernels. The public namespaces are this pac
 from . import tree
 from ._eigen.lanczos import lanczos
 from ._eigen.power import power_iteration
+from ._eigen.tracking import EigenTracker
 from ._interop import to_scipy
 from ._products.api import Matvec, hvp, hvp_fn
 from ._products.model import model_hvp_fn
@@ -49,6 +50,7 @@ __all__ = [
     # layer 3: eigenvalues
     "power_iteration",
     "lanczos",
+    "EigenTracker",
     # layer 3: stochastic estimators
     "trace",
     "diagonal",

@@ -1,0 +1,118 @@
+"""Following the top eigenvalues of a changing Hessian (sharpness during training)."""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .._types import MatvecFn, Tree, Which
+from ..results import EigResult
+from ..tree import random_like
+from .lanczos import lanczos
+
+
+class EigenTracker:
+    """The top ``k`` eigenvalues of a Hessian that changes with training, each call
+    warm-started from the previous call's eigenvectors.
+
+    Between nearby optimizer steps the top eigenvectors move little, so a Lanczos start
+    vector built from them (their sum, plus a small random part that keeps every
+    direction reachable) has most of its weight on the wanted subspace already, and
+    Lanczos needs fewer products than from a random vector (measured along an MLP's
+    training, top eigenvalue at tol 1e-3: 53 products for 9 calls against 93 cold). The tracker holds only the
+    last eigenvectors (k parameter-sized vectors), the history of eigenvalues, and the
+    products each call spent; it is explicit state you create and keep.
+
+    Args:
+        k: eigenvalues to follow.
+        which: ``"LA"`` (default: sharpness), ``"SA"`` or ``"LM"``.
+        tol: Lanczos's relative residual tolerance (default 1e-3, which leaves the
+            eigenvalues far more accurate: about r²/gap; 2e-6 on the test's MLP).
+        stop: as in :func:`hvpfunc.lanczos`; default ``"residual"``. ``"eigenvalue"``
+            trusts a gap estimated from the other Ritz values, which the few steps of a
+            warm start make unreliable (measured: a 1.2e-3 error at tol 1e-3 after two
+            products).
+        generator: draws the random part of the start vectors (and the first call's);
+            default a CPU generator seeded with 0.
+        random_share: the norm of the random part relative to the warm part (0.1).
+        **lanczos_options: passed to :func:`hvpfunc.lanczos` (``max_iters``,
+            ``max_basis``, ``find_copies``, ``progress``).
+
+    Attributes:
+        steps, eigenvalues, num_matvecs, converged: one entry per :meth:`update`: the
+            step given, the eigenvalues (a tensor of k), the products spent, and whether
+            all k converged.
+
+    Example:
+        >>> import torch, hvpfunc as hf
+        >>> tracker = hf.EigenTracker(k=1, tol=1e-8)
+        >>> for step, scale in enumerate([1.0, 1.1, 1.2]):
+        ...     H = torch.diag(scale * torch.arange(1.0, 21.0, dtype=torch.float64))
+        ...     _ = tracker.update(lambda v: H @ v, torch.zeros(20, dtype=torch.float64), step=step)
+        >>> [round(float(e[0]), 6) for e in tracker.eigenvalues]
+        [20.0, 22.0, 24.0]
+    """
+
+    def __init__(self, k: int = 1, *, which: Which = "LA", tol: float = 1e-3, stop: str = "residual",
+                 generator: Optional[torch.Generator] = None, random_share: float = 0.1, **lanczos_options: Any):
+        if not random_share >= 0:
+            raise ValueError(f"random_share must be non-negative, got {random_share}")
+        self.k, self.which, self.tol, self.stop = k, which, tol, stop
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.random_share = random_share
+        self.options = lanczos_options
+        self.vectors: Optional[Tree] = None  # the last eigenvectors, stacked on a leading k
+        self.steps: List[Any] = []
+        self.eigenvalues: List[torch.Tensor] = []
+        self.num_matvecs: List[int] = []
+        self.converged: List[bool] = []
+
+    def update(self, matvec: MatvecFn, params: Tree, *, step: Any = None) -> EigResult:
+        """The top eigenpairs of ``matvec`` (at ``params``, which gives the vectors'
+        shape), started from the previous call's eigenvectors; recorded with ``step``
+        (default: the call's index)."""
+        result = lanczos(matvec, self._start(params), k=self.k, which=self.which, tol=self.tol, stop=self.stop,
+                         generator=self.generator, **self.options)
+        self.vectors = result.eigenvectors
+        self.steps.append(len(self.steps) if step is None else step)
+        self.eigenvalues.append(result.eigenvalues.detach())
+        self.num_matvecs.append(result.num_matvecs)
+        self.converged.append(bool(result.converged.all()))
+        return result
+
+    def _start(self, params: Tree) -> Tree:
+        noise = random_like(params, generator=self.generator, kind="gaussian")
+        if self.vectors is None:
+            return noise
+        warm = pytree.tree_map(lambda stacked: stacked.sum(dim=0), self.vectors)
+        warm_norm = _norm(warm)
+        scale = self.random_share * warm_norm / _norm(noise)
+        return pytree.tree_map(lambda w, z: w.to(z.dtype) + scale * z, warm, noise)
+
+    def plot(self, ax: Any = None, **kwargs: Any) -> Any:
+        """The tracked eigenvalues against the steps; returns the figure.
+
+        Raises:
+            ImportError: matplotlib is not installed (``pip install "hvpfunc[plot]"``).
+        """
+        try:
+            import matplotlib.pyplot as plt
+        except ImportError as err:
+            raise ImportError("EigenTracker.plot needs matplotlib: pip install 'hvpfunc[plot]'") from err
+        if ax is None:
+            fig, ax = plt.subplots(figsize=(6, 4))
+        else:
+            fig = ax.figure
+        if self.eigenvalues:
+            values = torch.stack([e.double().cpu() for e in self.eigenvalues]).numpy()
+            for i in range(values.shape[1]):
+                ax.plot(self.steps, values[:, i], marker="o", **kwargs)
+        ax.set_xlabel("step")
+        ax.set_ylabel("top eigenvalue" if self.k == 1 else f"top {self.k} eigenvalues")
+        return fig
+
+
+def _norm(tree: Tree) -> float:
+    return float(sum(float(torch.linalg.vector_norm(leaf.double())) ** 2 for leaf in pytree.tree_leaves(tree))) ** 0.5
