@@ -2,7 +2,7 @@
 
     python -m benchmarks                      # CPU, small models
     python -m benchmarks --device cuda --size large
-    python -m benchmarks --only jobs          # or: products, solvers, estimators
+    python -m benchmarks --only jobs          # or: products, solvers, estimators, sharded
 
 Peers (PyHessian, hessian-eigenthings, curvlinops) are compared where installed:
 pip install -e ".[bench]".
@@ -14,7 +14,7 @@ import argparse
 
 import torch
 
-from . import estimators, jobs, peers, products, solvers
+from . import estimators, jobs, peers, products, sharded, solvers
 from .harness import describe
 from .models import build
 
@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--size", default=None, choices=["tiny", "small", "large"],
                         help="model sizes (default: small on CPU, large on CUDA)")
-    parser.add_argument("--only", choices=["jobs", "products", "solvers", "estimators"], default=None)
+    parser.add_argument("--only", choices=["jobs", "products", "solvers", "estimators", "sharded"], default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
     size = args.size or ("large" if device.type == "cuda" else "small")
@@ -47,6 +47,9 @@ def main() -> None:
     if args.only in (None, "estimators"):
         print("## Products per answer (dense operators, float64)\n")
         print(estimators.run(tiny=size == "tiny"))
+    if args.only in (None, "sharded"):
+        print("## Sharded model (FSDP2, 2 processes): memory per rank\n")
+        print(sharded.run(tiny=size == "tiny"))
 
 
 if __name__ == "__main__":

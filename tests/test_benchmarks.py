@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import estimators, jobs, products, solvers
+from benchmarks import estimators, jobs, products, sharded, solvers
 from benchmarks.models import build
 
 
@@ -44,3 +44,10 @@ def test_estimator_tables_run():
     text = estimators.run(tiny=True)
     assert "scipy eigsh (ARPACK), ncv=20" in text and "hvpfunc trace('xtrace')" in text
     assert "hvpfunc diagonal('xdiag')" in text
+
+
+@pytest.mark.slow
+def test_sharded_memory_table_on_a_tiny_model():
+    text = sharded.run(tiny=True)
+    for how in ("training gradient", "exact product", "gradient-difference product", "Lanczos basis"):
+        assert how in text
