@@ -82,8 +82,10 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             out["disagreeing"] = hf.lanczos(matvec, v0, k=2, which="SA", tol=1e-10, max_iters=400).eigenvalues
         finally:
             module._grown = original
-        with pytest.raises(NotImplementedError, match="sharded"):
-            hf.trace(matvec, like, num_probes=8, method="xtrace")
+        out["xtrace"] = hf.trace(matvec, like, num_probes=20, method="xtrace", generator=gen(6))
+        xdiag = hf.diagonal(matvec, like, num_probes=20, method="xdiag", generator=gen(7))
+        out["xdiag"] = (_gather(xdiag.estimate), _gather(xdiag.stderr))
+        out["xtrace_full"] = hf.trace(matvec, like, num_probes=44, method="xtrace", generator=gen(8)).estimate
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -119,6 +121,11 @@ def test_solvers_on_sharded_vectors_match_the_dense_reference(tmp_path):
             assert abs(float(est.estimate) - float(exact)) < 5 * float(est.stderr), key
         mean, stderr = r["diagonal"]
         assert bool(((mean - H.diagonal()).abs() < 5 * stderr + 1e-12).all())
+        xtrace = r["xtrace"]  # leave-one-out sketches from Cholesky QR on the shards
+        assert abs(float(xtrace.estimate) - float(H.trace())) < 5 * float(xtrace.stderr) + 1e-9
+        assert abs(float(r["xtrace_full"]) - float(H.trace())) < 1e-9  # a full sketch is exact
+        mean, stderr = r["xdiag"]
+        assert bool(((mean - H.diagonal()).abs() < 5 * stderr + 1e-9).all())
         density = r["density"]
         assert abs(float(density.weights.sum()) - 2.0) < 1e-8 or abs(float(density.weights.sum()) - 1.0) < 1e-8
         assert float(density.nodes.min()) > ev[0] - 1e-8 and float(density.nodes.max()) < ev[-1] + 1e-8

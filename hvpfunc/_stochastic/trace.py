@@ -115,8 +115,6 @@ def trace(
     if tol is not None and not tol > 0:
         raise ValueError(f"tol must be positive (or None), got {tol}")
     op = Operator(matvec, like, name="like")
-    if method == "xtrace":
-        _unsharded(op, "trace(method='xtrace')")
     bar = Progress(progress, total=num_probes, desc=f"trace ({method})")
     try:
         if tol is None:
@@ -276,11 +274,12 @@ def _exchangeable_sketch(
     HW = op.batch(W, chunk_size=chunk_size, bar=bar)
     if not bool(torch.isfinite(HW).all()):
         return None
-    Q, R = torch.linalg.qr(HW.T)
-    Q = Q.T  # rows: an orthonormal basis of range(HW)
+    Q, R = _qr_rows(HW, op.allsum)  # rows of Q: an orthonormal basis of range(HW); HW = RᵀQ
     HQ = op.batch(Q, chunk_size=chunk_size, bar=bar)
     if not bool(torch.isfinite(HQ).all()):
         return None
+    if R is None:  # HW is rank deficient: its range is H's, the remainder vanishes
+        return _Sketch(W, HW, Q, HQ, None)
     diagonal_R = torch.diagonal(R).abs()
     if s >= op.n or bool(diagonal_R.min() <= math.sqrt(torch.finfo(R.dtype).eps) * diagonal_R.max()):
         return _Sketch(W, HW, Q, HQ, None)
@@ -299,7 +298,7 @@ def _xtrace(
     if sketch is None:
         return torch.zeros(0, dtype=op.dtype, device=op.device), False
     W, HW, Q, HQ, S = sketch
-    M = Q @ HQ.T  # QᵀHQ
+    M = _total(op, Q @ HQ.T)  # QᵀHQ
     if S is None:  # the remainder (I − QQᵀ)H(I − QQᵀ) vanishes: tr(QᵀHQ) is the trace
         return torch.trace(M).expand(s), True
     projected = torch.trace(M) - torch.einsum("ai,ab,bi->i", S, M, S)  # tr(Q₋ᵢᵀHQ₋ᵢ)
@@ -307,9 +306,9 @@ def _xtrace(
     def deflated(C: Tensor) -> Tensor:  # row i of C times (I − sᵢsᵢᵀ)
         return C - (C * S.T).sum(dim=1, keepdim=True) * S.T
 
-    HPW = HW - deflated(W @ Q.T) @ HQ  # row i: H(I − Q₋ᵢQ₋ᵢᵀ)wᵢ
-    PHPW = HPW - deflated(HPW @ Q.T) @ Q  # row i: (I − Q₋ᵢQ₋ᵢᵀ)H(I − Q₋ᵢQ₋ᵢᵀ)wᵢ
-    return projected + (W * PHPW).sum(dim=1), True
+    HPW = HW - deflated(_total(op, W @ Q.T)) @ HQ  # row i: H(I − Q₋ᵢQ₋ᵢᵀ)wᵢ
+    PHPW = HPW - deflated(_total(op, HPW @ Q.T)) @ Q  # row i: (I − Q₋ᵢQ₋ᵢᵀ)H(I − Q₋ᵢQ₋ᵢᵀ)wᵢ
+    return projected + _total(op, (W * PHPW).sum(dim=1)), True
 
 
 def _xdiag(
@@ -320,14 +319,14 @@ def _xdiag(
     it is diag(QQᵀH) − Qsᵢ ⊙ HQsᵢ + wᵢ ⊙ (Hwᵢ − Qtᵢ + (sᵢᵀtᵢ)Qsᵢ), tᵢ = (HQ)ᵀwᵢ."""
     sketch = _exchangeable_sketch(op, s, generator, chunk_size, None)
     if sketch is None:
-        nan = torch.full((op.n,), math.nan, dtype=op.dtype, device=op.device)
+        nan = torch.full((sum(op.layout.sizes),), math.nan, dtype=op.dtype, device=op.device)
         return nan, nan, False
     W, HW, Q, HQ, S = sketch
     projected = (Q * HQ).sum(dim=0)  # diag(QQᵀH)
     if S is None:
         return projected, torch.zeros_like(projected), True  # range(H) inside span(Q): exact
     QS, HQS = S.T @ Q, S.T @ HQ  # rows i: Qsᵢ and HQsᵢ
-    T = HQ @ W.T  # column i: tᵢ
+    T = _total(op, HQ @ W.T)  # column i: tᵢ
     c = (S * T).sum(dim=0)  # sᵢᵀtᵢ
     samples = projected - QS * HQS + W * (HW - T.T @ Q + c[:, None] * QS)
     return samples.mean(dim=0), _stderr(samples), True
@@ -422,7 +421,6 @@ def diagonal(
     op = Operator(matvec, like, name="like")
     op.expect(num_probes)
     if method == "xdiag":
-        _unsharded(op, "diagonal(method='xdiag')")
         mean, stderr, finite = _xdiag(op, num_probes // 2, generator, chunk_size)
         status, message = probes_outcome(finite, num_probes if finite else 0, num_probes)
         result = DiagonalResult(op.layout.unflatten(mean), op.layout.unflatten(stderr), op.num_matvecs, status, message)
@@ -519,9 +517,21 @@ def _orthonormal_rows(Y: Tensor, allsum: Optional[Callable[[Tensor], Tensor]]) -
     return Y
 
 
-def _unsharded(op: Operator, what: str) -> None:
-    if op.layout.sharding is not None:
-        raise NotImplementedError(
-            f"{what} is not available for sharded (DTensor) vectors yet: its leave-one-out QR needs "
-            "the whole vectors. Use method='hutch++' or 'hutchinson'."
-        )
+def _qr_rows(Y: Tensor, allsum: Optional[Callable[[Tensor], Tensor]]) -> Tuple[Tensor, Optional[Tensor]]:
+    """Q, R with Y = RᵀQ, the rows of Q orthonormal, R upper triangular: Householder QR
+    of Yᵀ, or for sharded rows Cholesky QR twice from all-reduced Gram matrices (Fukaya
+    et al., "CholeskyQR2", 2014). R is None when Y is rank deficient to rounding (its
+    Gram matrix is not positive definite); Q is then an orthonormal basis of its rows
+    (:func:`_orthonormal_rows`)."""
+    if allsum is None:
+        Q, R = torch.linalg.qr(Y.T)
+        return Q.T, R
+    R_total = None
+    Q = Y
+    for _ in range(2):
+        L, info = torch.linalg.cholesky_ex(allsum(Q @ Q.T).to(torch.float64))
+        if int(info):
+            return _orthonormal_rows(Y, allsum), None
+        Q = torch.linalg.solve_triangular(L.to(Q.dtype), Q, upper=False)  # L⁻¹Q
+        R_total = L.T if R_total is None else L.T @ R_total
+    return Q, R_total.to(Y.dtype)
