@@ -85,6 +85,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         out["xtrace"] = hf.trace(matvec, like, num_probes=20, method="xtrace", generator=gen(6))
         xdiag = hf.diagonal(matvec, like, num_probes=20, method="xdiag", generator=gen(7))
         out["xdiag"] = (_gather(xdiag.estimate), _gather(xdiag.stderr))
+        out["blocks"] = hf.block_spectra(matvec, like, num_probes=200, k=1, tol=1e-10, generator=gen(9))
         out["xtrace_full"] = hf.trace(matvec, like, num_probes=44, method="xtrace", generator=gen(8)).estimate
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -124,6 +125,11 @@ def test_solvers_on_sharded_vectors_match_the_dense_reference(tmp_path):
         xtrace = r["xtrace"]  # leave-one-out sketches from Cholesky QR on the shards
         assert abs(float(xtrace.estimate) - float(H.trace())) < 5 * float(xtrace.stderr) + 1e-9
         assert abs(float(r["xtrace_full"]) - float(H.trace())) < 1e-9  # a full sketch is exact
+        blocks = r["blocks"]
+        for i, idx in enumerate((slice(0, N_A), slice(N_A, None))):
+            block = H[idx, idx]
+            assert abs(float(blocks.traces[i]) - float(block.trace())) < 5 * float(blocks.stderrs[i])
+            assert abs(float(blocks.top[i, 0]) - float(torch.linalg.eigvalsh(block)[-1])) < 1e-8
         mean, stderr = r["xdiag"]
         assert bool(((mean - H.diagonal()).abs() < 5 * stderr + 1e-9).all())
         density = r["density"]
