@@ -8,6 +8,7 @@ from typing import Any, Mapping, NamedTuple, Optional, Tuple
 
 from torch import Tensor
 
+from ._plotting import axes
 from ._types import Which
 
 __all__ = [
@@ -221,16 +222,7 @@ class SpectralDensity(NamedTuple):
         Raises:
             ImportError: matplotlib is not installed (``pip install "hvpfunc[plot]"``).
         """
-        try:
-            import matplotlib.pyplot as plt
-        except ImportError as err:
-            raise ImportError(
-                "SpectralDensity.plot needs matplotlib: pip install 'hvpfunc[plot]'"
-            ) from err
-        if ax is None:
-            fig, ax = plt.subplots(figsize=(6, 4))
-        else:
-            fig = ax.figure
+        fig, ax = axes(ax, "SpectralDensity.plot")
         grid = self.grid.detach().cpu().double().numpy()
         density = self.density.detach().cpu().double().numpy()
         floor = max(density.max() * 1e-8, 1e-300)
@@ -294,14 +286,7 @@ class BlockSpectra(NamedTuple):
         Raises:
             ImportError: matplotlib is not installed (``pip install "hvpfunc[plot]"``).
         """
-        try:
-            import matplotlib.pyplot as plt
-        except ImportError as err:
-            raise ImportError("BlockSpectra.plot needs matplotlib: pip install 'hvpfunc[plot]'") from err
-        if ax is None:
-            fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(self.groups) + 2), 4))
-        else:
-            fig = ax.figure
+        fig, ax = axes(ax, "BlockSpectra.plot", (max(4, 0.6 * len(self.groups) + 2), 4))
         x = range(len(self.groups))
         ax.bar(x, self.traces.detach().cpu().double().numpy(),
                yerr=1.96 * self.stderrs.detach().cpu().double().numpy(), **kwargs)

@@ -7,9 +7,10 @@ from typing import Any, List, Optional
 import torch
 from torch.utils import _pytree as pytree
 
+from .._plotting import axes
 from .._types import MatvecFn, Tree, Which
 from ..results import EigResult
-from ..tree import random_like
+from ..tree import norm, random_like
 from .lanczos import lanczos
 
 
@@ -87,8 +88,7 @@ class EigenTracker:
         if self.vectors is None:
             return noise
         warm = pytree.tree_map(lambda stacked: stacked.sum(dim=0), self.vectors)
-        warm_norm = _norm(warm)
-        scale = self.random_share * warm_norm / _norm(noise)
+        scale = self.random_share * float(norm(warm)) / float(norm(noise))
         return pytree.tree_map(lambda w, z: w.to(z.dtype) + scale * z, warm, noise)
 
     def plot(self, ax: Any = None, **kwargs: Any) -> Any:
@@ -97,14 +97,7 @@ class EigenTracker:
         Raises:
             ImportError: matplotlib is not installed (``pip install "hvpfunc[plot]"``).
         """
-        try:
-            import matplotlib.pyplot as plt
-        except ImportError as err:
-            raise ImportError("EigenTracker.plot needs matplotlib: pip install 'hvpfunc[plot]'") from err
-        if ax is None:
-            fig, ax = plt.subplots(figsize=(6, 4))
-        else:
-            fig = ax.figure
+        fig, ax = axes(ax, "EigenTracker.plot")
         if self.eigenvalues:
             values = torch.stack([e.double().cpu() for e in self.eigenvalues]).numpy()
             for i in range(values.shape[1]):
@@ -112,7 +105,3 @@ class EigenTracker:
         ax.set_xlabel("step")
         ax.set_ylabel("top eigenvalue" if self.k == 1 else f"top {self.k} eigenvalues")
         return fig
-
-
-def _norm(tree: Tree) -> float:
-    return float(sum(float(torch.linalg.vector_norm(leaf.double())) ** 2 for leaf in pytree.tree_leaves(tree))) ** 0.5
