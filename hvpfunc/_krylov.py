@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._operator import norm
+from ._operator import norm, total
 
 
 def orthogonalize(V: Tensor, w: Tensor, allsum: Optional[Callable[[Tensor], Tensor]] = None) -> Tuple[Tensor, Tensor]:
@@ -28,18 +28,17 @@ def orthogonalize(V: Tensor, w: Tensor, allsum: Optional[Callable[[Tensor], Tens
     Reference: Giraud, Langou & Rozložník, "The loss of orthogonality in the
     Gram–Schmidt orthogonalization process", Comput. Math. Appl. 50 (2005).
     """
-    done = allsum if allsum is not None else (lambda t: t)
     if V.dim() == 2:
         # matrix-vector kernels, the second pass in place: on a 400k-vector CPU basis the
         # (1 × j) @ (j × n) products and their fresh outputs cost 8x more for j = 2
-        h = done(torch.mv(V, w))
+        h = total(torch.mv(V, w), allsum)
         w = torch.addmv(w, V.T, h, alpha=-1)
-        h2 = done(torch.mv(V, w))
+        h2 = total(torch.mv(V, w), allsum)
         w.addmv_(V.T, h2, alpha=-1)
         return w, h + h2
-    h = done((V @ w.unsqueeze(-1)).squeeze(-1))
+    h = total((V @ w.unsqueeze(-1)).squeeze(-1), allsum)
     w = w - (h.unsqueeze(-2) @ V).squeeze(-2)
-    h2 = done((V @ w.unsqueeze(-1)).squeeze(-1))
+    h2 = total((V @ w.unsqueeze(-1)).squeeze(-1), allsum)
     w = w - (h2.unsqueeze(-2) @ V).squeeze(-2)
     return w, h + h2
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from ._sharding import Sharding, is_dtensor, local
+from ._sharding import Sharding, is_dtensor, local, rank_generator
 from ._types import ChunkSize, MatvecFn, Tree
 from .tree import check_like, check_tree, leaves_with_paths
 
@@ -120,6 +120,10 @@ class Operator:
             return _AUTO_CHUNK
         return resolve_chunk(chunk_size, self.device)
 
+    def total(self, t: Tensor) -> Tensor:
+        """:func:`total` with this operator's ``allsum``."""
+        return total(t, self.allsum)
+
     def expect(self, count: int) -> None:
         """Tell the matvec (a :class:`~hvpfunc.Matvec` in ``"auto"`` mode) that ``count``
         products will follow; other callables are not told."""
@@ -134,7 +138,7 @@ class Operator:
         device = generator.device if generator is not None else torch.device("cpu")
         size = sum(self.layout.sizes)
         if self.layout.sharding is not None and count:
-            generator = self.layout.sharding.generator(generator)  # this rank's part
+            generator = rank_generator(generator)  # this rank's part
         rows = [torch.randint(0, 2, (size,), generator=generator, device=device) for _ in range(count)]
         if not rows:
             return torch.zeros(0, size, dtype=self.dtype, device=self.device)
@@ -244,13 +248,17 @@ def block_size(chunk_size: ChunkSize, count: int, device: torch.device) -> int:
 
 def check_start(x: Tensor, *, name: str, allsum: Optional[Callable[[Tensor], Tensor]] = None) -> None:
     """A start vector must be finite and nonzero (on every rank's shards together)."""
-    counts = torch.stack([(~torch.isfinite(x)).sum(), (x != 0).sum()])
-    if allsum is not None:
-        counts = allsum(counts)
+    counts = total(torch.stack([(~torch.isfinite(x)).sum(), (x != 0).sum()]), allsum)
     if int(counts[0]):
         raise ValueError(f"{name} has non-finite entries (nan or inf); pass a finite start vector")
     if not int(counts[1]):
         raise ValueError(f"{name} is the zero vector; pass a nonzero start vector")
+
+
+def total(t: Tensor, allsum: Optional[Callable[[Tensor], Tensor]]) -> Tensor:
+    """Sums over the vector dimension (this rank's part), completed over the ranks by
+    ``allsum`` for sharded vectors; t itself otherwise."""
+    return t if allsum is None else allsum(t)
 
 
 def norm(x: Tensor, allsum: Optional[Callable[[Tensor], Tensor]], dim: int = -1, keepdim: bool = False) -> Tensor:

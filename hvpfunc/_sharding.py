@@ -51,7 +51,6 @@ class Sharding:
                     "supports leaves sharded (Shard(dim)) on a 1-D mesh, as fully_shard makes them"
                 )
         self.group = self.mesh.get_group()
-        self.rank = dist.get_rank(self.group)
         self.placements = [leaf.placements for leaf in leaves]
         self.global_shapes = [tuple(leaf.shape) for leaf in leaves]
         self.strides = [leaf.stride() for leaf in leaves]
@@ -67,11 +66,6 @@ class Sharding:
         leading dimensions (a stack of vectors: eigenvectors, iterates)."""
         return [wrap(part, self.mesh, placements, shape, stride, lead)
                 for part, placements, shape, stride in zip(parts, self.placements, self.global_shapes, self.strides)]
-
-    def generator(self, generator: Optional[torch.Generator]) -> torch.Generator:
-        """:func:`rank_generator` (the rank in the mesh's group and the world agree for
-        the 1-D meshes supported)."""
-        return rank_generator(generator)
 
 
 def wrap(part: Tensor, mesh: Any, placements: tuple, shape: tuple, stride: Optional[tuple], lead: tuple = ()) -> Tensor:
@@ -110,6 +104,12 @@ def _contiguous_strides(shape: tuple) -> tuple:
         strides.append(step)
         step *= max(size, 1)
     return tuple(reversed(strides))
+
+
+def whole(t: Tensor) -> Tensor:
+    """A DTensor as its full value on every rank (for 0-dim results: norms, inner
+    products); other tensors unchanged."""
+    return t.full_tensor() if is_dtensor(t) else t
 
 
 def local(leaf: Tensor) -> Tensor:

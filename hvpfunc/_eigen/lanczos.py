@@ -14,9 +14,10 @@ import torch
 from torch import Tensor
 
 from .._krylov import check_symmetric, expand, orthogonalize, symmetry_slack
-from .._operator import Operator, check_start, norm
+from .._operator import Operator, check_start, norm, total
 from .._outcome import finish
 from .._progress import Progress
+from .._sharding import rank_generator
 from .._types import MatvecFn, ProgressArg, Tree, Which
 from ..results import EigResult, Status
 
@@ -165,7 +166,7 @@ def lanczos(
     if generator is None:
         generator = torch.Generator().manual_seed(0)
     if op.layout.sharding is not None:  # each rank draws its own shards of fresh vectors
-        generator = op.layout.sharding.generator(generator)
+        generator = rank_generator(generator)
 
     eps = torch.finfo(op.dtype).eps
     ctx = _Options(
@@ -470,9 +471,7 @@ def _expand(state: _State, op: Operator, ctx: _Options, deflate: Optional[Tensor
         # the three-term step in one pass (Paige): ⟨v_{j-1}, Hv_j⟩ (for the symmetry
         # check) and α_j from one product with the pair; the estimates watch the rest
         pair = state.V[j - 1 : j + 1]
-        h = torch.mv(pair, product)
-        if ctx.allsum is not None:
-            h = ctx.allsum(h)
+        h = total(torch.mv(pair, product), ctx.allsum)
         w = product.addmv_(pair.T, h, alpha=-1)  # the product is ours: no new vector
     else:
         w, h, _ = expand(state.V[: j + 1], product, ctx.allsum)
@@ -500,8 +499,7 @@ def _expand(state: _State, op: Operator, ctx: _Options, deflate: Optional[Tensor
             # one pass: w is already orthogonal to within the level (≤ √ε), which a
             # single classical Gram–Schmidt pass brings down to rounding
             basis = state.V[: j + 1]
-            coefficients = torch.mv(basis, w)
-            w.addmv_(basis.T, coefficients if ctx.allsum is None else ctx.allsum(coefficients), alpha=-1)
+            w.addmv_(basis.T, total(torch.mv(basis, w), ctx.allsum), alpha=-1)
             state.beta = float(norm(w, ctx.allsum).to("cpu", torch.float64))
             state.reorthogonalize = True  # Simon: the next vector too, its estimate rests on this one's
         else:
@@ -653,8 +651,7 @@ def _restart(state: _State, ritz: _Ritz, keep: int, which: str, nxt: Tensor,
     state.V[keep] = nxt
     Z = state.V[: keep + 1]
     # the small factorizations on the host through torch's LAPACK (see _eigh)
-    gram = Z @ Z.T
-    L = torch.linalg.cholesky((gram if allsum is None else allsum(gram)).to("cpu", torch.float64))
+    L = torch.linalg.cholesky(total(Z @ Z.T, allsum).to("cpu", torch.float64))
     Z.copy_(torch.linalg.solve_triangular(L.to(Z.device, Z.dtype), Z, upper=False))
     L_U, tail, lam = L[:keep, :keep], L[keep, :keep], float(L[keep, keep])
     coupling = torch.as_tensor(state.beta * ritz.Y[state.j - 1, kept])[:, None]

@@ -142,8 +142,7 @@ def _power(
         w = op(q)
         if shift:
             w = w - shift * q
-        mu = torch.dot(q, w)
-        mu = float(mu if op.allsum is None else op.allsum(mu))
+        mu = float(op.total(torch.dot(q, w)))
         residual = float(norm(w - mu * q, op.allsum))
         if not isfinite(mu, residual):
             return best._replace(status=Status.NON_FINITE, reason="a product was not finite (nan or inf)")

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from .._sharding import whole
 from .._types import Tree
 
 
@@ -56,13 +57,8 @@ def quotient(gradient: Callable[[Any], Tree], h: Any, *, richardson: bool) -> Tr
 
 def _norm(leaves: List[Tensor]) -> Tensor:
     """‖(leaves)‖₂ as a plain tensor (a sharded DTensor's norm is over all its shards)."""
-    total = sum(_plain(torch.linalg.vector_norm(leaf.detach().double())) ** 2 for leaf in leaves)
+    total = sum(whole(torch.linalg.vector_norm(leaf.detach().double())) ** 2 for leaf in leaves)
     return torch.as_tensor(total).sqrt()
-
-
-def _plain(t: Tensor) -> Tensor:
-    full = getattr(t, "full_tensor", None)
-    return full() if full is not None else t
 
 
 def functional(f: Callable[..., Tensor], params: Tree, args: tuple, kwargs: dict, *,

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from .._operator import Operator, norm
+from .._operator import Operator, norm, total
 from .._outcome import finish, finish_all, solve_result
 from .._progress import Progress
 from .._types import ChunkSize, MatvecFn, ProgressArg, Tree
@@ -244,7 +244,7 @@ class _State:
 
     def total(self, t: Tensor) -> Tensor:
         """Sums over the vector dimension, completed over the ranks for sharded vectors."""
-        return t if self.allsum is None else self.allsum(t)
+        return total(t, self.allsum)
 
 
 def _run(
@@ -303,7 +303,7 @@ def _start(B: Tensor, X0: Optional[Tensor], A, M, tol: float, limit: int,
             active.append(i)
     rz = torch.linalg.vecdot(R, Z)
     return _State(
-        B=B, X=X, R=R, P=Z.clone(), rz=rz if allsum is None else allsum(rz),
+        B=B, X=X, R=R, P=Z.clone(), rz=total(rz, allsum),
         targets=[tol * b for b in b_norms],
         r_norms=norm(R, allsum, dim=1).tolist(),
         iterations=[0] * K, products=products, status=status, messages=messages, active=active,

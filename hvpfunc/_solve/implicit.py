@@ -14,7 +14,7 @@ from torch.utils import _pytree as pytree
 
 from .._outcome import finish
 from .._products.api import hvp_fn, outside_inference_mode, usable
-from .._sharding import is_dtensor
+from .._sharding import is_dtensor, whole
 from .._types import Mode, Solver, Tree
 from ..results import ConvergenceWarning, SolveResult, Status
 from ..tree import check_tree, dot, leaves_with_paths, norm, sub
@@ -234,7 +234,7 @@ def _unused_by(inner_loss: Callable[[Tree, Tree], Tensor], params: Tree, hparams
 
 def _number(t: Tensor) -> float:
     """A 0-dim result as a float (a DTensor's over all ranks)."""
-    return float(t.full_tensor() if is_dtensor(t) else t)
+    return float(whole(t))
 
 
 def _check_finite(tree: Tree, what: str) -> None:

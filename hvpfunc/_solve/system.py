@@ -98,8 +98,7 @@ class LinearSystem:
 
     def dot(self, a: Tensor, b: Tensor) -> float:
         """⟨a, b⟩ over every rank's shards."""
-        d = torch.dot(a, b)
-        return float(d if self.op.allsum is None else self.op.allsum(d))
+        return float(self.op.total(torch.dot(a, b)))
 
     def norm(self, a: Tensor) -> float:
         """‖a‖ over every rank's shards."""

@@ -101,8 +101,7 @@ def block_spectra(
             forms = Z * op.batch(Z, chunk_size=chunk_size, bar=bar)
             per_group = torch.zeros(Z.shape[0], len(names), dtype=op.dtype, device=op.device)
             per_group.index_add_(1, owner, forms)
-            if op.allsum is not None:
-                per_group = op.allsum(per_group)
+            per_group = op.total(per_group)
             ok = torch.isfinite(per_group).all(dim=1)
             if not bool(ok.all()):
                 samples.append(per_group[: int(ok.to(torch.int8).argmin())])

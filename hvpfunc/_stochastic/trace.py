@@ -183,7 +183,7 @@ def _round(
     sketch = count // 3
     S = op.probes(sketch, generator)
     Q = _orthonormal_rows(op.batch(S, chunk_size=chunk_size, bar=bar), op.allsum)  # a basis of range(HS)
-    exact = _total(op, (Q * op.batch(Q, chunk_size=chunk_size, bar=bar)).sum())
+    exact = op.total((Q * op.batch(Q, chunk_size=chunk_size, bar=bar)).sum())
     if not bool(torch.isfinite(exact)):  # the sketch's products were not finite: nothing to build on
         return nan, nan, 0, False
     samples, finite = _quadratic_forms(op, count - 2 * sketch, generator, chunk_size, bar, deflate=Q)
@@ -238,7 +238,7 @@ def squared_frobenius_norm(
     finite = True
     for start in range(0, num_probes, step):
         Z = op.probes(min(step, num_probes - start), generator)
-        norms = _total(op, op.batch(Z, chunk_size=chunk_size).square().sum(dim=1))
+        norms = op.total(op.batch(Z, chunk_size=chunk_size).square().sum(dim=1))
         ok = torch.isfinite(norms)
         if not bool(ok.all()):
             samples.append(norms[: int(ok.to(torch.int8).argmin())])
@@ -298,7 +298,7 @@ def _xtrace(
     if sketch is None:
         return torch.zeros(0, dtype=op.dtype, device=op.device), False
     W, HW, Q, HQ, S = sketch
-    M = _total(op, Q @ HQ.T)  # QᵀHQ
+    M = op.total(Q @ HQ.T)  # QᵀHQ
     if S is None:  # the remainder (I − QQᵀ)H(I − QQᵀ) vanishes: tr(QᵀHQ) is the trace
         return torch.trace(M).expand(s), True
     projected = torch.trace(M) - torch.einsum("ai,ab,bi->i", S, M, S)  # tr(Q₋ᵢᵀHQ₋ᵢ)
@@ -306,9 +306,9 @@ def _xtrace(
     def deflated(C: Tensor) -> Tensor:  # row i of C times (I − sᵢsᵢᵀ)
         return C - (C * S.T).sum(dim=1, keepdim=True) * S.T
 
-    HPW = HW - deflated(_total(op, W @ Q.T)) @ HQ  # row i: H(I − Q₋ᵢQ₋ᵢᵀ)wᵢ
-    PHPW = HPW - deflated(_total(op, HPW @ Q.T)) @ Q  # row i: (I − Q₋ᵢQ₋ᵢᵀ)H(I − Q₋ᵢQ₋ᵢᵀ)wᵢ
-    return projected + _total(op, (W * PHPW).sum(dim=1)), True
+    HPW = HW - deflated(op.total(W @ Q.T)) @ HQ  # row i: H(I − Q₋ᵢQ₋ᵢᵀ)wᵢ
+    PHPW = HPW - deflated(op.total(HPW @ Q.T)) @ Q  # row i: (I − Q₋ᵢQ₋ᵢᵀ)H(I − Q₋ᵢQ₋ᵢᵀ)wᵢ
+    return projected + op.total((W * PHPW).sum(dim=1)), True
 
 
 def _xdiag(
@@ -326,7 +326,7 @@ def _xdiag(
     if S is None:
         return projected, torch.zeros_like(projected), True  # range(H) inside span(Q): exact
     QS, HQS = S.T @ Q, S.T @ HQ  # rows i: Qsᵢ and HQsᵢ
-    T = _total(op, HQ @ W.T)  # column i: tᵢ
+    T = op.total(HQ @ W.T)  # column i: tᵢ
     c = (S * T).sum(dim=0)  # sᵢᵀtᵢ
     samples = projected - QS * HQS + W * (HW - T.T @ Q + c[:, None] * QS)
     return samples.mean(dim=0), _stderr(samples), True
@@ -349,8 +349,8 @@ def _quadratic_forms(
     for start in range(0, count, step):
         Z = op.probes(min(step, count - start), generator)
         if deflate is not None:
-            Z = Z - _total(op, Z @ deflate.T) @ deflate
-        forms = _total(op, (Z * op.batch(Z, chunk_size=chunk_size, bar=bar)).sum(dim=1))
+            Z = Z - op.total(Z @ deflate.T) @ deflate
+        forms = op.total((Z * op.batch(Z, chunk_size=chunk_size, bar=bar)).sum(dim=1))
         finite = torch.isfinite(forms)
         if not bool(finite.all()):
             samples.append(forms[: int(finite.to(torch.int8).argmin())])
@@ -494,11 +494,6 @@ def _t975(dof: int) -> float:
         return (12.706204736, 4.302652730)[dof - 1]
     z = _Z975
     return z + (z**3 + z) / (4 * dof) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * dof**2)
-
-
-def _total(op: Operator, t: Tensor) -> Tensor:
-    """Sums over the vector dimension, completed over the ranks for sharded vectors."""
-    return t if op.allsum is None else op.allsum(t)
 
 
 def _orthonormal_rows(Y: Tensor, allsum: Optional[Callable[[Tensor], Tensor]]) -> Tensor:
