@@ -3,8 +3,10 @@ float64 networks whose dense Hessians torch.func.hessian can form."""
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Callable, Sequence, Tuple
+from datetime import timedelta
+from typing import Any, Callable, Iterator, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -87,3 +89,21 @@ def solve_ill_conditioned_float32(solver: Callable[..., Any], kappa: float, *, t
         warnings.simplefilter("ignore", hf.ConvergenceWarning)
         res = solver(lambda v: H32 @ v, b.float(), tol=tol)
     return res, float((b - H @ res.x.double()).norm() / b.norm())
+
+
+# A hung collective raises after this instead of hanging the test.
+COLLECTIVE_TIMEOUT = timedelta(seconds=60)
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, init_file: str, world_size: int = 2) -> Iterator[None]:
+    """A spawned test process's gloo process group (file store on ``init_file``, the
+    collective timeout above), destroyed on the way out, also when the body raises."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=COLLECTIVE_TIMEOUT)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -3,7 +3,6 @@ single-process full-data products and Lanczos eigenvalues."""
 
 import os
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -16,10 +15,9 @@ import hvpfunc as hf
 from hvpfunc.distributed import data_parallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from references import DT, flat, mlp
+from references import DT, flat, gloo_group, mlp
 
 SPLIT = 13  # rank 0 holds 13 examples, rank 1 holds 17
-TIMEOUT = timedelta(seconds=60)  # a hung collective raises instead of hanging the test
 
 
 def _data():
@@ -32,8 +30,7 @@ def _v(params):
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=TIMEOUT)
-    try:
+    with gloo_group(rank, init_file):
         x, y = _data()
         shard = (x[:SPLIT], y[:SPLIT]) if rank == 0 else (x[SPLIT:], y[SPLIT:])
         local, params = hf.model_hvp_fn(mlp([3, 5, 1]), nn.functional.mse_loss, shard)
@@ -45,8 +42,6 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         batched = _batched_jobs(matvec, params)
         torch.save({"product": product, "top": top.eigenvalues, "summed": summed, "local": flat(local(_v(params))),
                     **batched}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def _batched_jobs(matvec, params) -> dict:
@@ -110,19 +105,15 @@ def test_errors_without_a_process_group_and_for_bad_options():
 
 
 def test_vmap_over_a_reduced_matvec_is_a_clear_error(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init1'}", rank=0, world_size=1)
-    try:
+    with gloo_group(0, str(tmp_path / "init1"), world_size=1):
         matvec = data_parallel(lambda v: {"w": 2.0 * v["w"]})
         assert torch.equal(matvec({"w": torch.ones(3)})["w"], 2.0 * torch.ones(3))
         with pytest.raises(RuntimeError, match="chunk_size=1"):
             torch.func.vmap(matvec)({"w": torch.ones(2, 3)})
-    finally:
-        dist.destroy_process_group()
 
 
 def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=TIMEOUT)
-    try:
+    with gloo_group(rank, init_file):
         x, y = _data()
         half = slice(0, 15) if rank == 0 else slice(15, 30)  # DDP averages the ranks' gradients equally
         model = nn.parallel.DistributedDataParallel(mlp([3, 5, 1]))
@@ -133,8 +124,6 @@ def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
         torch.save({"product": flat(matvec(v)), "top": top.eigenvalues,
                     "intact": all(torch.equal(p, q) for p, q in zip(model.module.parameters(), mlp([3, 5, 1]).parameters()))},
                    os.path.join(out_dir, f"ddp{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow

@@ -4,21 +4,18 @@ reference. Every collective has a timeout, so a hang fails the test."""
 
 import os
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
 import hvpfunc as hf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from references import DT
+from references import DT, gloo_group
 
-TIMEOUT = timedelta(seconds=60)
 N_A, SHAPE_B = 7, (5, 3)  # 22 parameters; rank 0 holds 4 + 9, rank 1 holds 3 + 6
 
 
@@ -31,8 +28,7 @@ def _matrix() -> torch.Tensor:
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=TIMEOUT)
-    try:
+    with gloo_group(rank, init_file):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -88,8 +84,6 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         out["blocks"] = hf.block_spectra(matvec, like, num_probes=200, k=1, tol=1e-10, generator=gen(9))
         out["xtrace_full"] = hf.trace(matvec, like, num_probes=44, method="xtrace", generator=gen(8)).estimate
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def _gather(tree) -> torch.Tensor:
@@ -138,8 +132,7 @@ def test_solvers_on_sharded_vectors_match_the_dense_reference(tmp_path):
 
 
 def _fsdp_worker(rank: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=TIMEOUT)
-    try:
+    with gloo_group(rank, init_file):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
@@ -164,8 +157,6 @@ def _fsdp_worker(rank: int, init_file: str, out_dir: str) -> None:
         loss.backward()  # FSDP still trains: its hooks are back
         out["trains"] = all(p.grad is not None for p in model.parameters())
         torch.save(out, os.path.join(out_dir, f"fsdp{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def _fsdp_model():
@@ -223,8 +214,7 @@ def _ridge():
 
 
 def _hypergradient_worker(rank: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=TIMEOUT)
-    try:
+    with gloo_group(rank, init_file):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor import Partial, Replicate, Shard, distribute_tensor
 
@@ -246,8 +236,6 @@ def _hypergradient_worker(rank: int, init_file: str, out_dir: str) -> None:
         grad, result = hf.hypergradient(inner, outer, params, {"lam": torch.tensor(lam, dtype=DT)})
         torch.save({"grad": grad["lam"], "status": str(result.status), "x_is_sharded": result.x["w"].to_local().numel()},
                    os.path.join(out_dir, f"hyper{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
