@@ -48,9 +48,10 @@ def lanczos(
     the whole basis prevents that but costs O(basis · n) per step, which on a large model
     rivals the product itself. Instead each step orthogonalizes against its two
     predecessors and follows the loss of orthogonality with Simon's recurrence
-    (scalars only); when it passes √ε the new vector (and the next) is orthogonalized
-    against the whole basis (classical Gram–Schmidt twice). The basis stays
-    semi-orthogonal, which keeps the Ritz values accurate to rounding (Simon 1984).
+    (scalars only); when it passes √ε (or a tenth of the smallest residual asked,
+    relative to ‖H‖, if lower) the new vector and the next are orthogonalized against the
+    whole basis (one classical Gram–Schmidt pass). The basis stays semi-orthogonal,
+    which keeps the Ritz values accurate to rounding (Simon 1984).
     When the basis holds ``max_basis`` vectors it is restarted (Wu & Simon): it keeps
     the best ``k + (max_basis − k) // 2`` Ritz vectors and the residual direction, so
     memory stays at ``max_basis + 1`` parameter-sized vectors however long the run.
