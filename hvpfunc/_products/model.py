@@ -192,8 +192,8 @@ def model_hvp_fn(
                 per_batch = memory_light_mode(loss, params, batches[0], {}) if mode == "auto" else mode
                 parts = [(weigh(batch), build(loss, params, batch, {}, mode=per_batch, cache=cache))
                          for batch in batches]
-            total = sum(m for m, _ in parts) if kind == "mean" else 1.0
-            matvec = Matvec(Fixed(_summed([(m / total, mv) for m, mv in parts]), per_batch), params)
+            shares = _shares([m for m, _ in parts], kind)
+            matvec = Matvec(Fixed(_summed([(w, mv) for w, (_, mv) in zip(shares, parts)]), per_batch), params)
         else:
             matvec = _streamed(stream, loss, params, mode, weigh, kind, check_data, dropouts)
     for name, t in {**params, **frozen, **buffers}.items():
@@ -228,19 +228,16 @@ def _gradient_difference(model: nn.Module, loss_fn: Any, single: Optional[Batch]
         kind = _reduction(loss_fn, reduction)
         weigh = _weigher(kind, loss_fn, forward, params, batch_size)
         if stream is None:
-            weights = [weigh(batch) for batch in batches]
-            total = sum(weights) if kind == "mean" else 1.0
-            fixed = [(w / total, thunk(batch)) for w, batch in zip(weights, batches)]
+            fixed = [(w, thunk(batch)) for w, batch in zip(_shares([weigh(b) for b in batches], kind), batches)]
 
             def passes() -> Iterable[Tuple[float, Callable[[], Tensor]]]:
                 return fixed
         else:  # the weights from one read now; each gradient reads the stream again, a batch at a time
-            weights = [weigh(_checked(batch, i)) for i, batch in enumerate(_outside_transforms(stream))]
-            total = sum(weights) if kind == "mean" else 1.0
+            weights = _shares([weigh(_checked(batch, i)) for i, batch in enumerate(_outside_transforms(stream))], kind)
 
             def passes() -> Iterable[Tuple[float, Callable[[], Tensor]]]:
                 for w, batch in zip(weights, _outside_transforms(stream)):
-                    yield w / total, thunk(batch)
+                    yield w, thunk(batch)
 
     base = {name: value.detach().clone() for name, value in named.items()}
     fn = difference.live_module(model, list(params), base, passes, lambda: _dropout_off(dropouts))
@@ -276,9 +273,7 @@ def _sharded(model: nn.Module, loss_fn: Any, single: Optional[Batch], batches: L
                 return forward({k: sharded.gathered(t) for k, t in p.items()}, x)
 
         weigh = _weigher(kind, loss_fn, plain_forward, params, batch_size)
-        weights = [weigh(batch) for batch in batches]
-        total = sum(weights) if kind == "mean" else 1.0
-        parts = [(w / total, batch) for w, batch in zip(weights, batches)]
+        parts = list(zip(_shares([weigh(batch) for batch in batches], kind), batches))
     fn = sharded.matvec(sharded.batches_loss(model, parts, forward, loss_fn), params, mode)
     return Matvec(Fixed(fn, "reverse-over-reverse" if mode == "auto" else mode), params)
 
@@ -336,6 +331,13 @@ def _reduction(loss_fn: Any, reduction: Optional[str]) -> str:
             "batch holds if not len(targets)) or reduction='sum' (the batches' losses added)"
         )
     return reduction
+
+
+def _shares(sizes: List[float], kind: str) -> List[float]:
+    """The batches' weights in the loss over all of them: m_b / Σ m_c for "mean", the
+    sizes themselves (1 each) for "sum"."""
+    total = sum(sizes) if kind == "mean" else 1.0
+    return [m / total for m in sizes]
 
 
 def _weigher(kind: str, loss_fn: Any, forward: Callable, params: Dict[str, Tensor],
@@ -403,8 +405,7 @@ def _streamed(stream: Iterable, loss: Callable, params: Dict[str, Tensor], mode:
             prints.append(_fingerprint(batch) if check_data else None)
     if not weights:
         raise ValueError("data holds no batches")
-    total = sum(weights) if kind == "mean" else 1.0
-    weights = [w / total for w in weights]
+    weights = _shares(weights, kind)
     product = BUILDERS[per_batch]
 
     def streamed(v: Tree) -> Tree:
