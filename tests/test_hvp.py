@@ -423,3 +423,76 @@ def test_padding_embeddings_never_take_the_forward_mode_path():
     model = nn.Sequential(emb, nn.Flatten(), nn.Linear(9, 1)).to(DT)
     mv, p = hf.model_hvp_fn(model, nn.MSELoss(), [(idx, torch.ones(2, 1, dtype=DT)), (idx, torch.zeros(2, 1, dtype=DT))])
     assert mv.mode == "reverse-over-reverse-recomputed"
+
+
+# A stand-in for flash-attn's operator (flash-attn >= 2.6 registers its kernels as
+# torch.ops.flash_attn.*): it has a backward, but hvpfunc cannot reroute it to a kernel
+# with second derivatives, as it does torch's scaled_dot_product_attention.
+@torch.library.custom_op("flash_attn::_flash_attn_forward", mutates_args=())
+def _fake_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
+
+
+@_fake_flash.register_fake
+def _(q, k, v):
+    return torch.empty_like(q)
+
+
+def _fake_flash_backward(ctx, grad):
+    q, k, v = ctx.saved_tensors
+    with torch.enable_grad():
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        out = torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
+        return torch.autograd.grad(out, (q, k, v), grad)
+
+
+_fake_flash.register_autograd(_fake_flash_backward,
+                              setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
+
+
+def test_third_party_fused_attention_is_refused_with_what_to_switch():
+    x = torch.randn(4, 3, dtype=torch.float64)
+    params = {"w": torch.randn(3, 3, dtype=torch.float64)}
+
+    def f(p, x):
+        q = x @ p["w"]
+        return torch.ops.flash_attn._flash_attn_forward(q, x, x).pow(2).sum()
+
+    for call in (lambda: hf.hvp_fn(f, params, x), lambda: hf.hvp_fn(f, params, x, mode="reverse-over-reverse"),
+                 lambda: hf.hvp(f, params, params, x)):
+        with pytest.raises(ValueError, match=r"flash_attn::_flash_attn_forward.*attn_implementation='sdpa'"):
+            call()
+    # gradient differences through the module's own backward need only the kernel's backward
+
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(params["w"].clone())
+
+        def forward(self, x):
+            return torch.ops.flash_attn._flash_attn_forward(x @ self.w, x, x)
+
+    loss = lambda out, y: (out - y).pow(2).sum()  # noqa: E731
+    y = torch.zeros(4, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="flash_attn::_flash_attn_forward"):
+        hf.model_hvp_fn(Attention(), loss, (x, y))
+    mv, p = hf.model_hvp_fn(Attention(), loss, (x, y), mode="gradient-difference")
+    plain = lambda p, x: (torch.softmax((x @ p["w"]) @ x.T, dim=-1) @ x).pow(2).sum()  # noqa: E731
+    v = {"w": torch.randn(3, 3, dtype=torch.float64)}
+    assert torch.allclose(mv(v)["w"], hf.hvp(plain, params, v, x)["w"], rtol=1e-6, atol=1e-8)
+
+
+def test_models_that_declare_third_party_fused_attention_are_refused():
+    from types import SimpleNamespace
+
+    x, y = torch.randn(4, 3), torch.randn(4, 2)
+    hf_like = torch.nn.Linear(3, 2)
+    hf_like.config = SimpleNamespace(_attn_implementation="flash_attention_2")
+    with pytest.raises(ValueError, match=r"attn_implementation='flash_attention_2'.*'sdpa'"):
+        hf.model_hvp_fn(hf_like, torch.nn.MSELoss(), (x, y))
+    # flash-attn before 2.6 calls its CUDA extension directly: only its module classes show
+    MHA = type("MHA", (torch.nn.Linear,), {"__module__": "flash_attn.modules.mha"})
+    with pytest.raises(ValueError, match=r"flash_attn.modules.mha.MHA at '1'"):
+        hf.model_hvp_fn(torch.nn.Sequential(torch.nn.Tanh(), MHA(3, 2)), torch.nn.MSELoss(), (x, y))
+    hf_like.config = SimpleNamespace(_attn_implementation="sdpa")
+    hf.model_hvp_fn(hf_like, torch.nn.MSELoss(), (x, y))

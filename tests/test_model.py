@@ -276,6 +276,47 @@ def test_recurrent_layers_are_exact_under_auto_and_their_drifting_traced_map_is_
         hf.model_hvp_fn(model, nn.functional.cross_entropy, (x, y), mode="linearize")
 
 
+class _ConvLSTM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.rnn, self.out = nn.Conv1d(2, 3, 3, padding=1), nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 1)
+
+    def forward(self, x):
+        hidden, _ = self.rnn(torch.tanh(self.conv(x)).transpose(1, 2))
+        return self.out(hidden[:, -1])
+
+
+@pytest.mark.parametrize("mode", ["auto", "reverse-over-reverse", "reverse-over-reverse-recomputed",
+                                  "forward-over-reverse", "gradient-difference"])
+def test_recurrent_layers_run_off_cudnn_and_convolutions_keep_it(monkeypatch, mode):
+    # cuDNN's RNN kernels have no double backward (pytorch#5261) and their backward refuses
+    # eval mode, so on CUDA hvpfunc runs RNN/LSTM/GRU calls with cuDNN off, and only those.
+    # This CPU build has no cuDNN: pretend it has, and watch the flag every operation of
+    # the forward pass runs under (the LSTM's gates are its only sigmoids).
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+    seen = {}
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.setdefault(func._schema.name, set()).add(torch.backends.cudnn.enabled)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = _ConvLSTM().to(DT).eval()
+    x, y = torch.randn(5, 2, 6, dtype=DT), torch.randn(5, 1, dtype=DT)
+    loss = lambda out, t: ((out - t) ** 2).mean()  # noqa: E731  (F.mse_loss + forward AD + a dispatch mode segfaults)
+    with Watch():
+        mv, params = hf.model_hvp_fn(model, loss, (x, y), mode=mode)
+        hv = mv(random_tree(params, 1))
+    assert seen["aten::sigmoid_"] == {False} and seen["aten::convolution"] == {True}
+    assert torch.backends.cudnn.enabled  # restored
+    reference = dense_hessian(lambda p: loss(torch.func.functional_call(model, p, (x,)), y), params)
+    tol = 1e-5 if mode == "gradient-difference" else 1e-9
+    assert torch.allclose(flat(hv), reference @ flat(random_tree(params, 1)), rtol=tol, atol=tol)
+
+
 def test_dropout_inside_recurrent_layers_is_found_and_switched_off():
     model, x, y = _gru_problem(dropout=0.5)
     model.train()

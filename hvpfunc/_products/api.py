@@ -14,9 +14,9 @@ from .._types import MatvecFn, Mode, Tree
 from ..tree import check_like, check_tree
 from . import difference
 from .auto import AutoProduct, signature
-from .checks import check_product, inspect, record
+from .checks import check_product, inspect, record, refuse_fused_attention
 from .compiled import compiled_matvec
-from .modes import BUILDERS, differentiable_attention, is_forward_ad_gap, scalar_fn
+from .modes import BUILDERS, differentiable_kernels, is_forward_ad_gap, routing, scalar_fn
 
 MODES = get_args(Mode)
 
@@ -45,7 +45,8 @@ def hvp(f: Callable[..., Tensor], params: Tree, v: Tree, *args: Any, **kwargs: A
 
     Raises:
         ValueError, TypeError: ``v`` differs from ``params`` in structure, shape, dtype or
-            device (the message names the leaf), or ``f`` does not return a scalar.
+            device (the message names the leaf), ``f`` does not return a scalar, or ``f``
+            calls a third-party fused attention kernel.
 
     Example:
         >>> import torch, hvpfunc as hf
@@ -57,8 +58,10 @@ def hvp(f: Callable[..., Tensor], params: Tree, v: Tree, *args: Any, **kwargs: A
     check_tree(params, name="params")
     check_like(v, params, name="v")
     grad_f = torch.func.grad(scalar_fn(f))
-    with differentiable_attention():
-        if record(f, params, args, kwargs).forward_hazard is not None:
+    with differentiable_kernels():
+        inspection = record(f, params, args, kwargs)
+        refuse_fused_attention(inspection, "hvp")
+        if inspection.forward_hazard is not None:
             return torch.func.vjp(lambda p: grad_f(p, *args, **kwargs), params)[1](v)[0]
         try:
             return torch.func.jvp(lambda p: grad_f(p, *args, **kwargs), (params,), (v,))[1]
@@ -113,9 +116,7 @@ class Matvec:
         with outside_inference_mode():
             if _has_inference(v):
                 v = pytree.tree_map(_usable, v)
-            if not self._product.evaluates_f:
-                return self._product(v)
-            with differentiable_attention():
+            with self._product.routing():
                 return self._product(v)
 
     def __repr__(self) -> str:
@@ -130,10 +131,7 @@ class Fixed:
 
     def __init__(self, fn: MatvecFn, mode: str):
         self._fn, self.mode = fn, mode
-        # The stored modes replay what was built under the math attention kernel; only
-        # the modes that evaluate f again need the kernel switched on each call.
-        # (gradient differences need only first derivatives, which the fused kernels have)
-        self.evaluates_f = mode not in ("reverse-over-reverse", "linearize", "gradient-difference")
+        self.routing = routing(mode)
 
     def __call__(self, v: Tree) -> Tree:
         return self._fn(v)
@@ -216,7 +214,11 @@ def hvp_fn(
     it is used (with ``BCEWithLogitsLoss`` and recurrent layers it mutates its own
     constants and drifts). Every mode evaluates f under the math kernel of
     ``scaled_dot_product_attention`` (the fused kernels have neither forward-mode AD
-    nor a double backward). Inference tensors (made under ``torch.inference_mode()``)
+    nor a double backward), and runs RNN/LSTM/GRU layers with cuDNN off (cuDNN's
+    recurrent kernels have no double backward, pytorch#5261; convolutions keep cuDNN).
+    Third-party fused attention (``flash_attn``, xFormers operators) cannot be rerouted:
+    it is found among the operations f dispatches and refused with a ``ValueError``
+    that says what to switch. Inference tensors (made under ``torch.inference_mode()``)
     are cloned into normal tensors: autograd refuses them, and a traced map would treat
     them as constants.
 
@@ -236,7 +238,9 @@ def hvp_fn(
 
     Raises:
         ValueError: unknown ``mode``; ``f`` does not return a scalar; ``f`` is not finite
-            or not deterministic at ``params`` (two evaluations at construction).
+            or not deterministic at ``params`` (two evaluations at construction); ``f``
+            calls a third-party fused attention kernel (any mode but
+            ``"gradient-difference"``).
         TypeError: a leaf of ``params`` is not a floating tensor.
         RuntimeError: no mode can differentiate f twice (the message lists each error);
             ``mode="linearize"`` for an f it would crash on, or whose traced map does not
@@ -268,10 +272,11 @@ def build(f, params, args, kwargs, *, mode: str, cache: Optional[dict] = None,
         params, args, kwargs = usable(params), usable(args), usable(kwargs)
         f = scalar_fn(f)
         inspection = inspect(f, params, args, kwargs)
+        refuse_fused_attention(inspection, mode)
         if mode == "auto":
             return Matvec(AutoProduct(f, params, args, kwargs, inspection, key or signature(f, params, args, kwargs)),
                           params)
-        with differentiable_attention():
+        with differentiable_kernels():
             if mode == "compiled":
                 fn = compiled_matvec(f, params, args, kwargs, cache, inspection)
             elif mode == "gradient-difference":

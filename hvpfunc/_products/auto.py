@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Hashable, List, NamedTuple, Optional
+from typing import Any, Callable, ContextManager, Dict, Hashable, List, NamedTuple, Optional
 
 import torch
 from torch.utils import _pytree as pytree
 
 from .._types import MatvecFn, Tree
 from .checks import Inspection, check_product
-from .modes import BUILDERS, differentiable_attention
+from .modes import BUILDERS, differentiable_kernels, routing
 
 # Tracing torch.func.linearize cost about 50 gradients on a ResNet-style CNN (DESIGN.md);
 # before a first trace of f is timed, that multiple of building the double-backward graph
@@ -133,7 +133,7 @@ class AutoProduct:
             if mode == "forward-over-reverse" and inspection.forward_hazard is not None:
                 continue
             try:
-                with differentiable_attention():
+                with differentiable_kernels():
                     fn = BUILDERS[mode](f, params, args, kwargs)
                     if mode == "forward-over-reverse":
                         fn(pytree.tree_map(torch.ones_like, params))  # forward-mode gaps show here
@@ -158,8 +158,8 @@ class AutoProduct:
         return remaining * per_product * self._saving > _PAYBACK * cost
 
     @property
-    def evaluates_f(self) -> bool:
-        return self.mode not in ("reverse-over-reverse", "linearize")
+    def routing(self) -> Callable[[], ContextManager[None]]:
+        return routing(self.mode)
 
     def __call__(self, v: Tree) -> Tree:
         if not self._pending or _under_transform():
@@ -195,7 +195,7 @@ class AutoProduct:
 
         start = time.perf_counter()
         try:
-            with differentiable_attention():
+            with differentiable_kernels():
                 traced = BUILDERS["linearize"](self._f, self._params, self._args, self._kwargs)
                 _sync(self._params)
                 trace_seconds = time.perf_counter() - start

@@ -13,12 +13,26 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .._types import MatvecFn, Tree
 from ..tree import norm, random_like, sub
-from .modes import differentiable_attention, forward_over_reverse, is_forward_ad_gap, scalar_fn
+from .modes import differentiable_kernels, forward_over_reverse, is_forward_ad_gap, scalar_fn
 
 # Operations for which torch.func.linearize takes the process down (segmentation fault in
 # torch 2.13; every reduction of aten.mse_loss, found by tracing each torch.nn loss in a
 # subprocess): they are detected from the operations f dispatches, never by trying.
 _LINEARIZE_CRASHES = frozenset({"aten::mse_loss"})
+
+
+# Namespaces of the fused attention kernels of third-party packages (flash-attn 2 and 3,
+# xFormers), registered as torch operators: they have a backward but neither a double
+# backward nor forward-mode AD, and unlike torch's scaled_dot_product_attention there is
+# no math kernel to route them to.
+_FUSED_ATTENTION = ("flash_attn", "flash_attn_3", "xformers", "xformers_flash", "xformers_flash3")
+
+FUSED_ATTENTION_REMEDY = (
+    "Switch the model to PyTorch's attention, which hvpfunc reroutes through its math kernel "
+    "(Hugging Face: from_pretrained(..., attn_implementation='sdpa') or 'eager'; flash_attn or "
+    "xFormers modules: torch.nn.functional.scaled_dot_product_attention), or use "
+    "model_hvp_fn(..., mode='gradient-difference'), whose products need only the module's own backward."
+)
 
 
 class _OpRecorder(TorchDispatchMode):
@@ -51,6 +65,11 @@ class Inspection:
         self.forward_hazard: Optional[str] = (
             f"forward-mode products are wrong through {', '.join(sorted(forward_wrong))}" if forward_wrong else None
         )
+        fused = sorted(op for op in ops if op.split("::")[0] in _FUSED_ATTENTION)
+        self.fused_attention: Optional[str] = (
+            f"f calls {', '.join(fused)}, a third-party fused attention kernel without second derivatives"
+            if fused else None
+        )
         crashing = sorted(ops & _LINEARIZE_CRASHES)
         self.linearize_hazard: Optional[str] = (
             f"torch.func.linearize crashes the process on {', '.join(crashing)} (torch 2.13)" if crashing
@@ -61,7 +80,7 @@ class Inspection:
 def record(f: Callable[..., Any], params: Tree, args: tuple, kwargs: dict) -> Inspection:
     """One evaluation of f, without gradients, recording what it dispatches."""
     recorder = _OpRecorder()
-    with torch.no_grad(), differentiable_attention(), recorder:
+    with torch.no_grad(), differentiable_kernels(), recorder:
         f(params, *args, **kwargs)
     return Inspection(frozenset(recorder.names), frozenset(recorder.forward_wrong))
 
@@ -78,7 +97,7 @@ def memory_light_mode(f: Callable[..., Any], params: Tree, args: tuple, kwargs: 
         return "reverse-over-reverse-recomputed"
     probe = pytree.tree_map(torch.ones_like, params)
     try:
-        with differentiable_attention():
+        with differentiable_kernels():
             forward_over_reverse(scalar_fn(f), params, args, kwargs)(probe)
         return "forward-over-reverse"
     except RuntimeError as err:
@@ -96,7 +115,7 @@ def inspect(f: Callable[..., Any], params: Tree, args: tuple, kwargs: dict) -> I
     the operator, both silently).
     """
     recorder = _OpRecorder()
-    with torch.no_grad(), differentiable_attention():
+    with torch.no_grad(), differentiable_kernels():
         with recorder:
             first = f(params, *args, **kwargs)
         second = f(params, *args, **kwargs)
@@ -116,6 +135,13 @@ def inspect(f: Callable[..., Any], params: Tree, args: tuple, kwargs: dict) -> I
             "deterministic (model.eval(), fixed noise, or model_hvp_fn(..., dropout='off'))."
         )
     return Inspection(frozenset(recorder.names), frozenset(recorder.forward_wrong))
+
+
+def refuse_fused_attention(inspection: Inspection, mode: str) -> None:
+    """Raise ``ValueError`` when f runs a fused attention kernel that no mode but gradient
+    differences can differentiate twice."""
+    if inspection.fused_attention is not None and mode != "gradient-difference":
+        raise ValueError(f"{inspection.fused_attention}. {FUSED_ATTENTION_REMEDY}")
 
 
 def agreement(params: Tree) -> float:

@@ -17,8 +17,8 @@ from .._types import Mode, Tree
 from ..tree import axpy, scale
 from . import difference, sharded
 from .api import Fixed, Matvec, build, usable
-from .checks import inspect, memory_light_mode
-from .modes import BUILDERS, differentiable_attention, scalar_fn
+from .checks import FUSED_ATTENTION_REMEDY, inspect, memory_light_mode, refuse_fused_attention
+from .modes import BUILDERS, differentiable_kernels, scalar_fn
 
 Batch = Tuple[Any, Tensor]
 
@@ -112,8 +112,10 @@ def model_hvp_fn(
         ValueError: empty data, a batch that is not ``(inputs, targets)``, several batches
             with a loss whose reduction is unknown (or ``"none"``, or contradicting
             ``reduction=``), active dropout with ``dropout="error"``, no parameter to
-            differentiate, a stored mode with streamed data, or a forward pass that wrote
-            to a buffer.
+            differentiate, a stored mode with streamed data, a forward pass that wrote
+            to a buffer, or third-party fused attention (the ``flash_attn`` or
+            ``xformers`` packages, Hugging Face's ``attn_implementation=
+            "flash_attention_2"``) in any mode but ``"gradient-difference"``.
         RuntimeError: (when a product runs) streamed data that cannot be re-iterated or
             that changed between passes.
 
@@ -141,6 +143,10 @@ def model_hvp_fn(
             "solvers would not converge. Call model.eval() (BatchNorm then uses running "
             "statistics), or pass dropout='off' to switch only dropout off."
         )
+    fused = _fused_attention(model)
+    if fused is not None and mode != "gradient-difference":
+        raise ValueError(f"the model uses {fused}, a fused attention kernel without second derivatives that "
+                         f"hvpfunc cannot reroute. {FUSED_ATTENTION_REMEDY}")
     named = dict(model.named_parameters())
     if at is not None:
         named = _at(named, at)
@@ -399,6 +405,7 @@ def _streamed(stream: Iterable, loss: Callable, params: Dict[str, Tensor], mode:
             batch = usable(_checked(batch, i))
             if i == 0:
                 inspection = inspect(scalar_fn(loss), params, batch, {})
+                refuse_fused_attention(inspection, mode)
                 if mode == "auto":
                     per_batch = memory_light_mode(loss, params, batch, {}, inspection)
             weights.append(weigh(batch))
@@ -421,7 +428,7 @@ def _streamed(stream: Iterable, loss: Callable, params: Dict[str, Tensor], mode:
                     "would mix different Hessians. Use a fixed order and deterministic transforms, "
                     "or pass check_data=False if the data repeats and only its fingerprint changes."
                 )
-            with differentiable_attention():
+            with differentiable_kernels():
                 hv = product(loss, params, batch, {})(v)
             acc = scale(weights[i], hv) if acc is None else axpy(weights[i], hv, acc)
             count = i + 1
@@ -507,6 +514,19 @@ def _as_call(x: Any, unpack: bool) -> Tuple[tuple, ...]:
     if unpack and type(x) in (tuple, list):  # not namedtuples such as PackedSequence
         return (tuple(x),)
     return ((x,),)
+
+
+def _fused_attention(model: nn.Module) -> Optional[str]:
+    """The third-party fused attention a model declares, if any: a Hugging Face config that
+    asks for flash attention, or a module of the flash_attn or xformers packages (older
+    flash-attn calls its CUDA extension directly, which the operator trace cannot see)."""
+    for name, module in model.named_modules():
+        implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
+        if isinstance(implementation, str) and "flash" in implementation:
+            return f"attn_implementation={implementation!r} (the config of '{name or type(model).__name__}')"
+        if type(module).__module__.split(".")[0] in ("flash_attn", "xformers"):
+            return f"{type(module).__module__}.{type(module).__name__} at '{name}'"
+    return None
 
 
 def _read_only_buffers(model: nn.Module) -> Dict[str, Any]:

@@ -1,23 +1,32 @@
 """The ways to compute H·v, each a builder ``(f, params, args, kwargs) -> matvec``, and the
-routing around derivatives PyTorch lacks (fused attention, broken forward-mode formulas)."""
+routing around derivatives PyTorch lacks (fused attention, cuDNN's recurrent kernels,
+broken forward-mode formulas)."""
 
 from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, ContextManager, Iterator
 
 import torch
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from .._types import Tree
 
 
 @contextlib.contextmanager
-def differentiable_attention() -> Iterator[None]:
-    """Route scaled_dot_product_attention through the math kernel, which has the
-    forward-mode and double-backward derivatives the fused kernels lack."""
+def differentiable_kernels() -> Iterator[None]:
+    """Route f around the kernels whose derivatives PyTorch lacks: scaled_dot_product_attention
+    through its math kernel (the fused kernels have neither forward-mode AD nor a double
+    backward), recurrent layers off cuDNN (:func:`recurrent_without_cudnn`)."""
+    with _math_attention(), recurrent_without_cudnn():
+        yield
+
+
+@contextlib.contextmanager
+def _math_attention() -> Iterator[None]:
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
     except ImportError:  # torch < 2.3: the older per-backend switches
@@ -28,6 +37,51 @@ def differentiable_attention() -> Iterator[None]:
         return
     with sdpa_kernel([SDPBackend.MATH]):
         yield
+
+
+# The functions nn.RNN, nn.LSTM and nn.GRU call (through torch._VF); on CUDA each runs
+# cuDNN's fused kernel when cuDNN is enabled.
+_RECURRENT = frozenset({"lstm", "gru", "rnn_tanh", "rnn_relu"})
+
+
+class _RecurrentOffCudnn(TorchFunctionMode):
+    """Runs the recurrent functions with cuDNN off, every other function as it is."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", None) not in _RECURRENT:
+            return func(*args, **(kwargs or {}))
+        enabled = torch.backends.cudnn.enabled
+        torch.backends.cudnn.enabled = False
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            torch.backends.cudnn.enabled = enabled
+
+
+@contextlib.contextmanager
+def recurrent_without_cudnn() -> Iterator[None]:
+    """Run RNN/LSTM/GRU layers on PyTorch's own kernels instead of cuDNN's, whose backward
+    has no derivative ("Double backwards is not supported for CuDNN RNNs", pytorch#5261,
+    #25315, #134901) and refuses to run in eval mode ("cudnn RNN backward can only be
+    called in training mode"). Only the recurrent calls are switched: convolutions keep
+    cuDNN. A build without cuDNN has nothing to route (no mode is entered)."""
+    if not torch.backends.cudnn.is_available():
+        yield
+        return
+    with _RecurrentOffCudnn():
+        yield
+
+
+def routing(mode: str) -> Callable[[], ContextManager[None]]:
+    """The routing a product of ``mode`` needs on each call: none for the stored modes
+    (their graph was built under :func:`differentiable_kernels`), the recurrent one for
+    gradient differences (first derivatives, which fused attention has but cuDNN's RNNs
+    in eval mode refuse), all of it for the modes that evaluate f again."""
+    if mode in ("reverse-over-reverse", "linearize"):
+        return contextlib.nullcontext
+    if mode == "gradient-difference":
+        return recurrent_without_cudnn
+    return differentiable_kernels
 
 
 def scalar_fn(f: Callable[..., Tensor]) -> Callable[..., Tensor]:
