@@ -66,3 +66,47 @@ def test_bad_groups_name_the_parameter():
         hf.block_spectra(matvec, params, {"a": ["nope"]}, num_probes=4)
     with pytest.raises(ValueError, match="two groups"):
         hf.block_spectra(matvec, params, {"a": ["0.weight"], "b": ["0.weight"]}, num_probes=4)
+
+
+def _diagonal_blocks(first, second):
+    """A block-diagonal (diagonal) operator on {"a.w", "b.w"} with those spectra."""
+    d = torch.cat([first, second])
+    like = {"a.w": torch.zeros(len(first), dtype=DT), "b.w": torch.zeros(len(second), dtype=DT)}
+    calls = []
+
+    def matvec(v):
+        calls.append(v["a.w"].shape)
+        return {"a.w": d[: len(first)] * v["a.w"], "b.w": d[len(first):] * v["b.w"]}
+
+    return matvec, like, calls
+
+
+def test_lockstep_batches_the_groups_products_and_hands_slow_groups_to_thick_restarts():
+    # group "a": well separated top eigenvalues (lockstep finishes); group "b": a cluster
+    # 1e-3 apart at the top of 400 (60 lockstep steps do not resolve it at tol 1e-10)
+    gen = torch.Generator().manual_seed(0)
+    first = torch.cat([torch.tensor([10.0, 8.0], dtype=DT), torch.rand(50, generator=gen, dtype=DT)])
+    second = torch.cat([torch.tensor([5.0, 4.999, 4.998], dtype=DT), 4.9 * torch.rand(397, generator=gen, dtype=DT)])
+    matvec, like, calls = _diagonal_blocks(first, second)
+    res = hf.block_spectra(matvec, like, num_probes=4, k=2, tol=1e-10, chunk_size=None,
+                           generator=torch.Generator().manual_seed(1))
+    assert res.status == "converged" and bool(res.converged.all())
+    assert torch.allclose(res.top[0], torch.tensor([10.0, 8.0], dtype=DT), rtol=1e-10)
+    assert torch.allclose(res.top[1], torch.tensor([5.0, 4.999], dtype=DT), rtol=1e-10)
+    # one vmap call per lockstep step carried both groups' vectors while "a" ran: fewer
+    # calls of the matvec than products (one call for the 4 probes, too)
+    assert res.num_matvecs - len(calls) >= 3 + 5
+    assert res.num_matvecs > 4 + 60 + 5  # the slow group went on after its 60 lockstep steps
+    loop_matvec, _, loop_calls = _diagonal_blocks(first, second)
+    looped = hf.block_spectra(loop_matvec, like, num_probes=4, k=2, tol=1e-10, chunk_size=1,
+                              generator=torch.Generator().manual_seed(1))
+    assert looped.num_matvecs == len(loop_calls) and torch.allclose(looped.top, res.top, rtol=1e-10)
+
+
+def test_one_eigenvalue_per_group_one_product_at_a_time_uses_thick_restarts_and_agrees():
+    matvec, params, H = _model_hessian()
+    res1 = hf.block_spectra(matvec, params, num_probes=4, k=1, tol=1e-10, chunk_size=1)
+    res2 = hf.block_spectra(matvec, params, num_probes=4, k=1, tol=1e-10, chunk_size=None)
+    for i, idx in enumerate(_slices(params, lambda n: n.split(".")[0]).values()):
+        top = torch.linalg.eigvalsh(H[idx][:, idx])[-1]
+        assert torch.allclose(res1.top[i, 0], top, rtol=1e-9) and torch.allclose(res2.top[i, 0], top, rtol=1e-9)

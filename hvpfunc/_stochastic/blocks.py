@@ -7,19 +7,25 @@ import warnings
 from collections.abc import Mapping
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .._eigen.lanczos import lanczos
+from .._krylov import check_symmetric, expand, symmetry_slack
 from .._operator import Operator, block_size
 from .._outcome import finish, probes_outcome
 from .._progress import Progress
 from .._types import ChunkSize, MatvecFn, ProgressArg, Tree
 from ..results import BlockSpectra, ConvergenceWarning, Status
-from ..tree import leaves_with_paths, random_like
+from ..tree import leaves_with_paths
 from .trace import _t975
 
 Groups = Union[None, Callable[[str], str], Mapping]
+
+# Plain Lanczos steps a block may take in lockstep (full reorthogonalization, its basis
+# held) before thick-restart Lanczos takes over for it.
+_LOCKSTEP_STEPS = 60
 
 
 def block_spectra(
@@ -40,9 +46,14 @@ def block_spectra(
     split into the groups' parts z_b, E[z_bᵀ(Hz)_b] = tr H_bb, so ``num_probes`` products
     give every block's trace, with a standard error each (Student-t widened, as in
     :func:`hvpfunc.trace`), and their sum estimates tr H. Each block's top ``k``
-    eigenvalues come from :func:`hvpfunc.lanczos` on v_b ↦ (H [v_b; 0])_b, the Hessian of
-    the loss in that group's parameters alone (one Lanczos run per group, products of the
-    full H). Where a layer's curvature lives (PyHessian's and hessian-eigenthings'
+    eigenvalues are those of v_b ↦ (H [v_b; 0])_b, the Hessian of the loss in that group's
+    parameters alone (products of the full H). For k ≥ 2, or where products are batched
+    (``chunk_size`` other than 1, "auto" on a GPU), the groups' Lanczos runs advance in
+    lockstep, each step's products, one per group, in one ``vmap`` call; no restarts, so
+    fewer products (measured with k = 3: 39 against 59 on a CNN, 203 against 306 on a
+    transformer, 1.5× less time). A group still unconverged after 60 steps, and every
+    group for k = 1 with products one at a time, goes to :func:`hvpfunc.lanczos` (thick
+    restarts) on its restriction. Where a layer's curvature lives (PyHessian's and hessian-eigenthings'
     most-asked feature): ``shares`` are the blocks' traces over the whole trace.
 
     Args:
@@ -116,8 +127,8 @@ def block_spectra(
     stderrs = (values.std(dim=0) / math.sqrt(count) * _t975(count - 1) / 1.96 if count >= 2
                else torch.full((len(names),), math.nan, dtype=op.dtype, device=op.device))
     trace_products = op.num_matvecs
-    top, converged, eig_products = _block_eigenvalues(matvec, params, op.layout.paths, members, len(names), k,
-                                                      tol, generator)
+    top, converged, eig_products = _block_eigenvalues(op, owner, params, members, len(names), k, tol, generator,
+                                                      chunk_size)
     status, message = probes_outcome(finite, count, num_probes)
     if status is Status.CONVERGED and k and not bool(converged.all()):
         status = Status.MAX_ITERS
@@ -172,32 +183,118 @@ def _module_of(name: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name else name
 
 
-def _block_eigenvalues(matvec: MatvecFn, params: Tree, paths: Sequence[str], members: Dict[str, int],
-                       count: int, k: int, tol: float, generator: torch.Generator):
-    """Top-k eigenvalues of each block by Lanczos on its restriction; (values, converged,
-    products)."""
+def _block_eigenvalues(op: Operator, owner: Tensor, params: Tree, members: Dict[str, int], count: int, k: int,
+                       tol: float, generator: torch.Generator, chunk_size: ChunkSize):
+    """Top-k eigenvalues of each block: all blocks by lockstep Lanczos, then thick-restart
+    Lanczos on the restriction of any block the lockstep steps did not finish; (values,
+    converged, products)."""
     top = torch.full((count, k), math.nan, dtype=torch.float64)
     converged = torch.zeros(count, k, dtype=torch.bool)
-    products = 0
     if not k:
-        return top, converged, products
+        return top, converged, 0
+    before = op.num_matvecs
+    index = [torch.nonzero(owner == g).squeeze(1) for g in range(count)]
+    # each block's dimension, over every rank's shards of a sharded vector
+    sizes = [round(float(n)) for n in op.total(torch.tensor([float(i.numel()) for i in index], dtype=op.dtype,
+                                                            device=op.device))]
+    if k == 1 and op.resolve_chunk(chunk_size) == 1:
+        # One eigenvalue, products one at a time (a CPU): lockstep saves no products and
+        # its full reorthogonalization costs more than thick restarts' partial one
+        # (measured on the benchmark MLP: 1.25 s against 1.0 s, the same 109 products).
+        runs = [(torch.full((1,), math.nan, dtype=torch.float64), torch.zeros(1, dtype=torch.bool),
+                 op.probes(1, generator)[0][idx]) for idx in index]
+    else:
+        runs = _lockstep(op, index, sizes, k, tol, generator, chunk_size)
+    products = op.num_matvecs - before
     leaves, spec = leaves_with_paths(params)
-    for g in range(count):
-        chosen = [i for i, (path, _) in enumerate(leaves) if members[path] == g]
-        like = {str(i): leaves[i][1] for i in chosen}
+    for g, (values, ok, start) in enumerate(runs):
+        kk = min(k, sizes[g])
+        if not bool(ok.all()):  # thick restarts, from the block's best Ritz vectors if lockstep ran
+            chosen = [i for i, (path, _) in enumerate(leaves) if members[path] == g]
 
-        def block(v: Dict[str, Tensor], chosen=chosen) -> Dict[str, Tensor]:
-            full = [v[str(i)] if i in chosen else torch.zeros_like(leaf) for i, (_, leaf) in enumerate(leaves)]
-            out = torch.utils._pytree.tree_leaves(matvec(torch.utils._pytree.tree_unflatten(full, spec)))
-            return {str(i): out[i] for i in chosen}
+            def block(v: Dict[str, Tensor], chosen=chosen) -> Dict[str, Tensor]:
+                full = [v[str(i)] if i in chosen else torch.zeros_like(leaf) for i, (_, leaf) in enumerate(leaves)]
+                out = torch.utils._pytree.tree_leaves(op.matvec(torch.utils._pytree.tree_unflatten(full, spec)))
+                return {str(i): out[i] for i in chosen}
 
-        size = sum(leaves[i][1].numel() for i in chosen)
-        kk = min(k, size)
-        with warnings.catch_warnings():  # the result's status reports it
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            res = lanczos(block, random_like(like, generator=generator, kind="gaussian"), k=kk, tol=tol)
-        top[g, :kk] = res.eigenvalues.double().cpu()
-        converged[g, :kk] = res.converged.cpu()
+            whole = torch.zeros(owner.numel(), dtype=op.dtype, device=op.device)  # this rank's entries
+            whole[index[g]] = start
+            tree = op.layout.unflatten(whole)
+            v0 = {str(i): torch.utils._pytree.tree_leaves(tree)[i] for i in chosen}
+            with warnings.catch_warnings():  # the result's status reports it
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                res = lanczos(block, v0, k=kk, tol=tol, generator=generator)
+            values, ok = res.eigenvalues.double().cpu(), res.converged.cpu()
+            products += res.num_matvecs
+        top[g, :kk] = values
+        converged[g, :kk] = ok
         converged[g, kk:] = True  # a block with fewer parameters than k has all it has
-        products += res.num_matvecs
     return top, converged, products
+
+
+def _lockstep(op: Operator, index: List[Tensor], sizes: List[int], k: int, tol: float,
+              generator: torch.Generator, chunk_size: ChunkSize) -> List[tuple]:
+    """Plain Lanczos with full reorthogonalization on every block H_bb at once.
+
+    The blocks advance together: each step's products, one per unfinished block (its
+    Lanczos vector, zero outside the block), are one ``op.batch`` call, which ``vmap``s
+    them where that is faster than a loop (``chunk_size="auto"`` times both). A block
+    stops when its top ``k`` Ritz pairs have residuals at most tol·|θ| (floored at the
+    rounding level 100 ε |θ_max|, as in :func:`hvpfunc.lanczos`), when its Krylov space is
+    invariant, or after its step budget; the basis is then dropped. Returns per block
+    (top values descending, converged flags, the sum of the top Ritz vectors as a warm
+    start for a block that did not finish). ``sizes``: the blocks' dimensions (over all
+    ranks); ``index``: each block's entries of the (this rank's) flat vector.
+    """
+    eps = torch.finfo(op.dtype).eps
+    local = sum(op.layout.sizes)  # this rank's entries of a sharded vector, else all
+    limits = [min(size, max(_LOCKSTEP_STEPS, 4 * k + 20)) for size in sizes]
+    start = op.probes(1, generator)[0]
+    bases = [torch.empty(limits[g], int(index[g].numel()), dtype=op.dtype, device=op.device)
+             for g in range(len(index))]
+    alphas: List[List[float]] = [[] for _ in index]
+    betas: List[List[float]] = [[] for _ in index]
+    q = [start[idx] / op.total(start[idx] @ start[idx]).sqrt() for idx in index]
+    results: List[Optional[tuple]] = [None] * len(index)
+    active = list(range(len(index)))
+    while active:
+        Z = torch.zeros(len(active), local, dtype=op.dtype, device=op.device)
+        for row, g in enumerate(active):
+            Z[row, index[g]] = q[g]
+        W = op.batch(Z, chunk_size=chunk_size)
+        still = []
+        for row, g in enumerate(active):
+            j = len(alphas[g])
+            bases[g][j] = q[g]
+            V = bases[g][: j + 1]
+            w, h, beta = expand(V, W[row, index[g]], op.allsum)  # against the whole basis
+            h = h.double().cpu()
+            if j:
+                check_symmetric(h[-2].numpy(), np.float64(betas[g][-1]), np.abs(h[-1].numpy()) + betas[g][-1],
+                                symmetry_slack(eps))
+            alphas[g].append(float(h[-1]))
+            beta = float(beta)
+            T = torch.diag(torch.tensor(alphas[g], dtype=torch.float64))
+            if j:
+                off = torch.tensor(betas[g], dtype=torch.float64)
+                T += torch.diag(off, 1) + torch.diag(off, -1)
+            theta, S = torch.linalg.eigh(T)
+            kk = min(k, sizes[g])
+            wanted = slice(max(j + 1 - kk, 0), j + 1)
+            values = theta[wanted].flip(0)
+            floor = 100 * eps * float(theta.abs().max())
+            residuals = beta * S[-1, wanted].abs().flip(0)
+            ok = residuals <= torch.clamp(tol * values.abs(), min=floor)
+            invariant = beta <= floor
+            if values.numel() == kk and (bool(ok.all()) or invariant) or j + 1 == limits[g]:
+                done = ok | invariant if values.numel() == kk else torch.zeros(kk, dtype=torch.bool)
+                padded = torch.full((kk,), math.nan, dtype=torch.float64)
+                padded[: values.numel()] = values
+                ritz = (S[:, wanted].to(op.dtype).to(op.device).sum(dim=1)) @ V
+                results[g] = (padded, done, ritz)
+                continue
+            betas[g].append(beta)
+            q[g] = w / beta
+            still.append(g)
+        active = still
+    return results
