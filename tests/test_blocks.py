@@ -66,6 +66,20 @@ def test_bad_groups_name_the_parameter():
         hf.block_spectra(matvec, params, {"a": ["nope"]}, num_probes=4)
     with pytest.raises(ValueError, match="two groups"):
         hf.block_spectra(matvec, params, {"a": ["0.weight"], "b": ["0.weight"]}, num_probes=4)
+    with pytest.raises(ValueError, match="pattern 'x.*' matches no parameter"):
+        hf.block_spectra(matvec, params, {"a": "x.*", "b": "*"}, num_probes=4)
+    with pytest.raises(ValueError, match="'0.weight' is in two groups"):
+        hf.block_spectra(matvec, params, {"a": "0.*", "b": "*"}, num_probes=4)
+
+
+def test_groups_by_glob_pattern_equal_groups_by_name():
+    matvec, params, _ = _model_hessian()
+    by_pattern = hf.block_spectra(matvec, params, {"weights": "*.weight", "biases": ["0.bias", "2.b*"]},
+                                  num_probes=8, k=1, generator=torch.Generator().manual_seed(2))
+    by_name = hf.block_spectra(matvec, params, {"weights": ["0.weight", "2.weight"], "biases": ["0.bias", "2.bias"]},
+                               num_probes=8, k=1, generator=torch.Generator().manual_seed(2))
+    assert by_pattern.groups == ("weights", "biases")
+    assert torch.equal(by_pattern.traces, by_name.traces) and torch.equal(by_pattern.top, by_name.top)
 
 
 def _diagonal_blocks(first, second):

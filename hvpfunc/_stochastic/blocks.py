@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import warnings
 from collections.abc import Mapping
@@ -62,7 +63,8 @@ def block_spectra(
             ``model_hvp_fn`` parameter dict: ``"0.weight"``, ...).
         groups: ``None`` (default): by module, the path up to its last ``.`` (weight and
             bias of a layer together); a callable ``path -> group name``; or a mapping
-            ``group name -> list of paths``, which must cover every leaf once.
+            ``group name -> paths``, each a name or a glob pattern (``"layers.*.attn.*"``),
+            a list of them or one; together they must cover every leaf once.
         num_probes: Hutchinson probes for the traces (at least 2).
         k: top eigenvalues per block (0 skips the eigenvalues).
         tol: Lanczos's relative residual tolerance for them.
@@ -161,13 +163,22 @@ def _groups(paths: Sequence[str], groups: Groups):
     members = {}
     names = list(groups)
     for i, name in enumerate(names):
-        for member in groups[name]:
-            if member not in plain:
-                raise ValueError(f"groups[{name!r}] names {member!r}, which is not a parameter; "
+        entries = [groups[name]] if isinstance(groups[name], str) else groups[name]
+        for entry in entries:
+            if any(c in entry for c in "*?["):
+                found = fnmatch.filter(plain, entry)
+                if not found:
+                    raise ValueError(f"groups[{name!r}]'s pattern {entry!r} matches no parameter; "
+                                     f"the parameters are {list(plain)}")
+            elif entry not in plain:
+                raise ValueError(f"groups[{name!r}] names {entry!r}, which is not a parameter; "
                                  f"the parameters are {list(plain)}")
-            if plain[member] in members:
-                raise ValueError(f"{member!r} is in two groups")
-            members[plain[member]] = i
+            else:
+                found = [entry]
+            for member in found:
+                if plain[member] in members:
+                    raise ValueError(f"{member!r} is in two groups")
+                members[plain[member]] = i
     missing = [p for p in plain if plain[p] not in members]
     if missing:
         raise ValueError(f"groups leave out {missing}: every parameter must be in one group")
