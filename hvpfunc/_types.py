@@ -20,7 +20,7 @@ Mode = Literal[
     "gradient-difference",
 ]
 Which = Literal["LM", "LA", "SA"]
-TraceMethod = Literal["hutchinson", "hutch++", "xtrace"]
+TraceMethod = Literal["auto", "hutchinson", "hutch++", "xtrace"]
 DiagonalMethod = Literal["hutchinson", "xdiag"]
 Solver = Literal["cg", "minres", "neumann"]
 ChunkSize = Union[int, None, Literal["auto"]]

@@ -76,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
         usage="hvpfunc [report] [--model PATH.py:FUNCTION | --model package.module:FUNCTION] [options]",
         description=(
             "A report on a loss Hessian: extreme eigenvalues at both ends (Lanczos), the "
-            "trace with its standard error (Hutch++), per-layer traces and top eigenvalues, "
+            "trace with its standard error, per-layer traces and top eigenvalues, "
             "the Neumann-vs-CG comparison of the inverse-Hessian user story, and a spectral "
             "density (stochastic Lanczos quadrature). Small models are checked against the "
             "dense Hessian. With --model, on your model: FUNCTION() returns "
@@ -377,9 +377,9 @@ def _run(job: _Job, args: argparse.Namespace, report: _Report) -> None:
     line = f"{float(est.estimate):.6g} ± {float(est.stderr):.2g} (stderr), {est.status.value}"
     if exact is not None:
         line += f"; exact {float(exact.sum()):.6g}"
-    report.results["trace"] = {"estimate": _num(est.estimate), "stderr": _num(est.stderr), "method": "hutch++",
+    report.results["trace"] = {"estimate": _num(est.estimate), "stderr": _num(est.stderr), "method": "auto",
                                "status": str(est.status.value), "num_matvecs": est.num_matvecs}
-    report.section(f"trace (Hutch++, {args.probes} products)", [line])
+    report.section(f"trace ({args.probes} products: Hutch++ and Hutchinson, weighted by their variances)", [line])
 
     blocks = block_spectra(matvec, params, num_probes=args.probes, k=1, tol=1e-6, generator=gen)
     report.results["layers"] = {
