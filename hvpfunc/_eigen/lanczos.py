@@ -280,6 +280,11 @@ class _State:
     # Simon's estimates of v_iᵀv_k (i ≠ k) for the rows of V, and whether the next step
     # must orthogonalize against the whole basis (the step after one that did)
     omega: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    # ‖Hv_i − Σ_k T_ki v_k − (coupling)‖ beyond rounding, per row: the coefficients a
+    # partial reorthogonalization removed without entering T, and for the kept Ritz
+    # vectors of a restart what the basis' errors leave in their relation. Each is a
+    # source of loss of orthogonality in every later step (Simon's recurrence adds it).
+    relation: np.ndarray = field(default_factory=lambda: np.zeros(0))
     reorthogonalize: bool = False
     level: float = 0.0  # the loss of orthogonality allowed (set from the tolerance by _ritz)
     deficient: bool = False  # an invariant subspace was met: the start vector missed directions
@@ -321,7 +326,8 @@ def _start(x0: Tensor, m: int, cap: int, allsum: Optional[Callable[[Tensor], Ten
     V[0] = x0 / norm(x0, allsum)
     # The projected matrix and its eigenproblems are tiny: numpy float64 on the host,
     # where each small operation costs microseconds rather than a kernel launch.
-    return _State(V=V, T=np.zeros((m + 1, m + 1)), omega=np.zeros((m + 1, m + 1)), cap=max(cap, m))
+    return _State(V=V, T=np.zeros((m + 1, m + 1)), omega=np.zeros((m + 1, m + 1)), relation=np.zeros(m + 1),
+                  cap=max(cap, m))
 
 
 def _run(
@@ -500,8 +506,11 @@ def _expand(state: _State, op: Operator, ctx: _Options, deflate: Optional[Tensor
             # one pass: w is already orthogonal to within the level (≤ √ε), which a
             # single classical Gram–Schmidt pass brings down to rounding
             basis = state.V[: j + 1]
-            w.addmv_(basis.T, total(torch.mv(basis, w), ctx.allsum), alpha=-1)
-            state.beta = float(norm(w, ctx.allsum).to("cpu", torch.float64))
+            dropped = total(torch.mv(basis, w), ctx.allsum)
+            w.addmv_(basis.T, dropped, alpha=-1)
+            both = torch.stack([torch.linalg.vector_norm(dropped), norm(w, ctx.allsum)]).to("cpu", torch.float64)
+            state.relation[j] += float(both[0])  # those coefficients are not in T's column j
+            state.beta = float(both[1])
             state.reorthogonalize = True  # Simon: the next vector too, its estimate rests on this one's
         else:
             omega = estimate
@@ -521,15 +530,20 @@ def _orthogonality(state: _State, rounding: float) -> np.ndarray:
     T is complete, also for the kept Ritz vectors of a thick restart, whose column is θ
     on the diagonal and the coupling to the vector after them), with W = VᵀV:
     β v_kᵀ v_{j+1} = (T W − W T)_kj, plus the rounding of one step, ε √n ‖H‖ / 2 with the
-    sign that makes it larger (Simon 1984; Larsen's PROPACK; SLEPc)."""
+    sign that makes it larger (Simon 1984; Larsen's PROPACK; SLEPc), plus the relation
+    errors of rows k and j (``_State.relation``): after a thick restart the kept Ritz
+    vectors carry the coefficients partial reorthogonalizations left out of T, which
+    without this term were underestimated a thousandfold until the symmetry check failed."""
     j = state.j
     T = state.T[: j + 1, : j + 1]
     W = state.omega[: j + 1, : j + 1].copy()
     np.fill_diagonal(W, 1.0)
     commutator = T @ W[:, j] - W @ T[:, j]
     scale = max(state.norm_estimate, float(np.abs(T[:, j]).sum()) + state.beta)
+    # v_kᵀ(Hv_j) − (Hv_k)ᵀv_j: the relation errors of rows k and j, each at most its size
+    source = rounding * scale + state.relation[: j + 1] + state.relation[j]
     with np.errstate(divide="ignore", invalid="ignore"):
-        estimate = (commutator + np.copysign(rounding * scale, commutator)) / state.beta
+        estimate = (commutator + np.copysign(source, commutator)) / state.beta
     return np.where(np.isfinite(estimate), estimate, np.inf)
 
 
@@ -585,7 +599,9 @@ def _advance(
             T, omega = np.zeros((grown + 1, grown + 1)), np.zeros((grown + 1, grown + 1))
             T[: m + 1, : m + 1] = state.T
             omega[: m + 1, : m + 1] = state.omega
-            state.V, state.T, state.omega, m = V, T, omega, grown
+            relation = np.zeros(grown + 1)
+            relation[: m + 1] = state.relation
+            state.V, state.T, state.omega, state.relation, m = V, T, omega, relation, grown
     if invariant:
         nxt = _fresh_direction(state.V[:j], generator, allsum)
         state.omega[j, :j] = state.omega[:j, j] = 0.0
@@ -647,6 +663,8 @@ def _restart(state: _State, ritz: _Ritz, keep: int, which: str, nxt: Tensor,
     from HU = ΘU + c nxtᵀ, with U = L_U U' and nxt = U'ᵀl + λ nxt', the kept block is
     HU' = (L_U⁻¹ΘL_U + L_U⁻¹c lᵀ) U' + λ L_U⁻¹c nxt'ᵀ, whose symmetric part is kept."""
     kept = _select(ritz.theta, which, keep)
+    # each kept u = Vy inherits Σ yᵢ eᵢ from the rows' relation errors eᵢ: at most ‖E‖_F
+    inherited = float(np.sqrt(np.square(state.relation[: state.j]).sum()))
     Yk = torch.as_tensor(ritz.Y[:, kept]).to(state.V.device, state.V.dtype)
     state.V[:keep] = Yk.T @ state.V[: state.j]
     state.V[keep] = nxt
@@ -663,6 +681,8 @@ def _restart(state: _State, ritz: _Ritz, keep: int, which: str, nxt: Tensor,
     state.T[:] = 0.0
     state.T[:keep, :keep] = (block + block.T) / 2
     state.omega[:] = 0.0
+    state.relation[:] = 0.0
+    state.relation[:keep] = inherited + float(np.abs(block - block.T).max()) / 2  # the asymmetry left out
     state.coupling = lam * c
     state.j = keep
     state.krylov = False
