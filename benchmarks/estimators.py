@@ -102,7 +102,7 @@ def _trace_rows(seeds, budgets) -> List[list]:
     for name, H in matrices.items():
         true = float(torch.trace(H))
         for budget in budgets:
-            for method in ("hutchinson", "hutch++", "xtrace"):
+            for method in ("auto", "hutchinson", "hutch++", "xtrace"):
                 errors, covered = [], []
                 for seed in seeds:
                     res = hf.trace(lambda v: H @ v, torch.zeros(H.shape[0], dtype=DT), num_probes=budget,

@@ -343,3 +343,26 @@ def test_thick_restarts_keep_the_basis_semi_orthogonal_against_converged_ritz_ve
         res = hf.lanczos(lambda v: lam * v, v0, k=5, which="SA", tol=1e-10, find_copies=False, max_basis=20)
         assert res.status == "converged", seed
         assert torch.allclose(res.eigenvalues, exact, atol=1e-9), seed
+
+
+def test_a_basis_held_in_another_precision_or_place_gives_the_same_pairs():
+    # the basis lives where and as basis_device/basis_dtype say; products get the
+    # vectors' own dtype (and device) and eigenvectors come back in it
+    lam = torch.cat([torch.tensor([10.0, 9.0, 8.0], dtype=DT), torch.linspace(0.0, 5.0, 197, dtype=DT)])
+    Q, _ = torch.linalg.qr(torch.randn(200, 200, generator=torch.Generator().manual_seed(0), dtype=DT))
+    H = ((Q * lam) @ Q.T).float()
+    seen = set()
+
+    def matvec(v):
+        seen.add((v.dtype, v.device.type))
+        return H @ v
+
+    v0 = torch.randn(200, generator=torch.Generator().manual_seed(1))
+    res = hf.lanczos(matvec, v0, k=3, tol=1e-5, basis_dtype=torch.float64, basis_device="cpu")
+    assert seen == {(torch.float32, "cpu")}
+    assert res.status == "converged" and res.eigenvectors.dtype == torch.float32
+    assert torch.allclose(res.eigenvalues, torch.tensor([10.0, 9.0, 8.0]), rtol=1e-5)
+    residual = H @ res.eigenvectors.T - res.eigenvectors.T * res.eigenvalues
+    assert float(residual.norm(dim=0).max()) < 1e-4 * 10
+    with pytest.raises(ValueError, match="less precise than the vectors"):
+        hf.lanczos(matvec, v0, k=3, basis_dtype=torch.bfloat16)

@@ -7,7 +7,7 @@ import numbers
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Literal, NamedTuple, Optional, Tuple, get_args
+from typing import Callable, Literal, NamedTuple, Optional, Tuple, Union, get_args
 
 import numpy as np
 import torch
@@ -37,6 +37,8 @@ def lanczos(
     progress: ProgressArg = False,
     stop: Literal["residual", "eigenvalue"] = "residual",
     find_copies: bool = True,
+    basis_device: Optional[Union[str, torch.device]] = None,
+    basis_dtype: Optional[torch.dtype] = None,
 ) -> EigResult:
     """The k extreme eigenpairs of a symmetric operator by thick-restart Lanczos.
 
@@ -109,6 +111,16 @@ def lanczos(
             ``progress(step, largest_unconverged_residual)``.
         stop: ``"residual"`` (default) or ``"eigenvalue"``: what ``tol`` bounds (above).
         find_copies: check for further copies of the k eigenvalues found (above).
+        basis_device: where the basis is held (default: the vectors' device). ``"cpu"``
+            keeps a GPU model's basis in host memory: each step then moves one vector
+            to the GPU for the product and the product back, and orthogonalizes on the
+            host; the default basis size follows the host's free memory.
+        basis_dtype: the basis' precision (default: the vectors'), at least theirs:
+            float64 for a float32 model orthogonalizes in double precision (products
+            stay float32). A less precise basis is refused: with a bfloat16 basis the
+            Ritz values stopped 75% off their eigenvalues while their residuals met
+            every tolerance its rounding allows; to save device memory, hold the basis
+            on the host instead.
 
     Returns:
         :class:`~hvpfunc.EigResult`: eigenvalues ordered as ``which`` asks (descending,
@@ -150,10 +162,18 @@ def lanczos(
         k = int(k)  # numpy integers too
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= n:
         raise ValueError(f"k must be an integer between 1 and the dimension {n}, got {k}")
+    held_on = torch.device(basis_device) if basis_device is not None else op.device
+    held_as = basis_dtype if basis_dtype is not None else op.dtype
+    if not held_as.is_floating_point or torch.finfo(held_as).eps > torch.finfo(op.dtype).eps:
+        raise ValueError(
+            f"basis_dtype={held_as} is less precise than the vectors ({op.dtype}): every eigenvalue's accuracy "
+            "would be capped at its rounding. Use the vectors' dtype or a more precise one, and "
+            "basis_device='cpu' to keep a large basis off the GPU."
+        )
     if max_basis is not None:
         m = cap = min(max_basis, n)
     else:  # start small; grow toward what memory allows while orthogonalizing stays cheap
-        m, cap = min(max(2 * k + 1, 20), n), default_basis(n, k, op.dtype, op.device)
+        m, cap = min(max(2 * k + 1, 20), n), default_basis(n, k, held_as, held_on)
     if m < n and m < k + 2:
         raise ValueError(
             f"max_basis={max_basis} is too small for k={k}: it must be at least k + 2 = "
@@ -178,7 +198,7 @@ def lanczos(
     repeat = find_copies and k > 1
     bar = Progress(progress, total=budget, desc=f"lanczos (k={k}, {which})")
     try:
-        state, status, detail = _run(op, _start(x0, m, cap, ctx.allsum), k, n, ctx, bar)
+        state, status, detail = _run(op, _start(x0.to(held_on, held_as), m, cap, ctx.allsum), k, n, ctx, bar)
         pairs = _extract(state, k, ctx)
         checking = status is Status.CONVERGED and state.j < n and (repeat or state.deficient)
         held = state.V.shape[0]
@@ -202,7 +222,7 @@ def lanczos(
         message = "find_copies=False: further copies of these eigenvalues were not ruled out"
     result = EigResult(
         eigenvalues=torch.as_tensor(pairs.values).to(op.device, op.dtype),
-        eigenvectors=op.layout.unflatten(pairs.vectors),
+        eigenvectors=op.layout.unflatten(pairs.vectors.to(op.device, op.dtype)),
         converged=torch.as_tensor(pairs.converged).to(op.device),
         residuals=torch.as_tensor(pairs.residuals).to(op.device, op.dtype),
         errors=torch.as_tensor(pairs.errors).to(op.device, op.dtype),
@@ -431,7 +451,7 @@ def _merge(
     ``theta``). The found pair's residual in H (not in the deflated operator) costs one
     product: Hu − θu has a part along U that the deflated run cannot see."""
     value, u = float(found.values[0]), found.vectors[0]
-    r = norm(op(u) - value * u, ctx.allsum)
+    r = norm(_product(op, u) - value * u, ctx.allsum)
     residual = float(r.to("cpu", torch.float64))
     # u lies in the deflated space, so its gap is to the deflated operator's spectrum
     # (a copy's twin among the pairs is the same eigenvalue, not a neighbour)
@@ -467,7 +487,7 @@ def _expand(state: _State, op: Operator, ctx: _Options, deflate: Optional[Tensor
     a fresh direction it is orthogonalized against the whole basis."""
     j = state.j
     start = time.perf_counter()
-    product = op(state.V[j])
+    product = _product(op, state.V[j])
     if product.is_cuda and state.V.shape[0] - 1 < state.cap:
         # the timing decides whether the basis grows: only then is a synchronization worth it
         torch.cuda.synchronize(product.device)
@@ -521,6 +541,12 @@ def _expand(state: _State, op: Operator, ctx: _Options, deflate: Optional[Tensor
     state.coupling = np.zeros(j + 1)
     state.coupling[j] = state.beta
     return w
+
+
+def _product(op: Operator, x: Tensor) -> Tensor:
+    """H x for a basis vector: computed on the vectors' device and dtype, returned in the
+    basis' (a fresh tensor either way, which the step may overwrite)."""
+    return op(x.to(op.device, op.dtype)).to(x.device, x.dtype)
 
 
 def _orthogonality(state: _State, rounding: float) -> np.ndarray:
