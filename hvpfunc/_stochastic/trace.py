@@ -202,11 +202,11 @@ def _round(
         Q = _orthonormal_rows(HS, op.allsum)  # a basis of range(HS)
     else:
         forms = op.total((S * HS).sum(dim=1))  # the sketch's probes are Hutchinson samples too
-        Q, R = _qr_rows(HS, op.allsum)
-        if not _deflation_pays(op, S, HS, R, count):
+        if not _deflation_pays(op, S, HS, count):
             rest, finite = _quadratic_forms(op, count - sketch, generator, chunk_size, bar)
             samples = torch.cat([forms, rest])
             return _mean(samples), _stderr(samples), samples.shape[0], finite
+        Q = _orthonormal_rows(HS, op.allsum)
     HQ = op.batch(Q, chunk_size=chunk_size, bar=bar)
     exact = op.total((Q * HQ).sum())
     if not bool(torch.isfinite(exact)):
@@ -220,34 +220,37 @@ def _round(
     return estimate, stderr, pairs.shape[0], finite
 
 
-def _deflation_pays(op: Operator, S: Tensor, HS: Tensor, R: Optional[Tensor], count: int) -> bool:
+def _deflation_pays(op: Operator, S: Tensor, HS: Tensor, count: int) -> bool:
     """Whether Hutch++'s deflation by the sketch S is expected to beat spending its
     products on more Hutchinson probes, judged from the sketch's own products before
-    paying for HQ.
+    paying for HQ, with O(s²n) work (one Gram matrix).
 
     Hutchinson's variance per Rademacher probe is 2(‖H‖_F² − Σᵢ Hᵢᵢ²): small where the
     diagonal carries the Frobenius mass, as in many network Hessians. Both terms come
     from the sketch: E‖Hs‖² = ‖H‖_F², and for two independent probes
     E⟨s_a ⊙ Hs_a, s_b ⊙ Hs_b⟩ = Σᵢ Hᵢᵢ² (sums over n entries, far steadier than the
-    sample variance of a few sᵀHs). The remainder's variance, about
-    2‖(I − QQᵀ)H(I − QQᵀ)‖_F², is estimated by the sketch's leave-one-out residuals: the
-    distance of Hsᵢ from the span of the other Hsⱼ, 1/‖row i of R⁻¹‖ (HS = RᵀQ), has
-    mean square ‖(I − Q₋ᵢQ₋ᵢᵀ)H‖_F². Deflation pays when 2·mean(dist²)/(m − 2s) is below
-    2(‖H‖_F² − Σ Hᵢᵢ²)/m. A rank-deficient sketch (range(H) captured) or one as large as
-    the dimension always pays.
+    sample variance of a few sᵀHs; consecutive pairs, cyclically). The remainder's
+    variance, about 2‖(I − QQᵀ)H(I − QQᵀ)‖_F², is estimated by the sketch's leave-one-out
+    residuals: the distance of Hsᵢ from the span of the other Hsⱼ, whose square has mean
+    ‖(I − Q₋ᵢQ₋ᵢᵀ)H‖_F², is 1/‖column i of L⁻¹‖ for the Gram matrix (HS)(HS)ᵀ = LLᵀ.
+    Deflation pays when 2·mean(dist²)/(m − 2s) is below 2(‖H‖_F² − Σ Hᵢᵢ²)/m. A
+    rank-deficient sketch (range(H) captured) or one as large as the dimension always
+    pays.
     """
     sketch = S.shape[0]
-    if R is None or sketch < 2 or sketch >= op.n:  # a sketch spanning the space makes the trace exact
+    if sketch < 2 or sketch >= op.n:  # a sketch spanning the space makes the trace exact
         return True
-    diagonal = torch.diagonal(R).abs()
-    if bool(diagonal.min() <= math.sqrt(torch.finfo(R.dtype).eps) * diagonal.max()):
+    gram = op.total(HS @ HS.T).to(torch.float64)
+    L, info = torch.linalg.cholesky_ex(gram)
+    diagonal = torch.diagonal(L)
+    if int(info) or bool(diagonal.min() <= math.sqrt(torch.finfo(HS.dtype).eps) * diagonal.max()):
         return True
-    distances = 1 / torch.linalg.inv(R).square().sum(dim=1)  # squared leave-one-out residuals
+    L_inverse = torch.linalg.solve_triangular(L, torch.eye(sketch, dtype=L.dtype, device=L.device), upper=False)
+    distances = 1 / L_inverse.square().sum(dim=0)  # squared leave-one-out residuals
     remainder = 2 * distances.mean() / max(count - 2 * sketch, 1)
     U = S * HS
-    gram = op.total(U @ U.T)
-    diagonal_mass = (gram.sum() - torch.diagonal(gram).sum()) / (sketch * (sketch - 1))  # Σ Hᵢᵢ²
-    frobenius = op.total(HS.square().sum()) / sketch  # ‖H‖_F²
+    diagonal_mass = op.total((U * U.roll(1, dims=0)).sum()) / sketch  # Σ Hᵢᵢ²
+    frobenius = torch.trace(gram) / sketch  # ‖H‖_F²
     return bool(remainder < 2 * (frobenius - diagonal_mass).clamp(min=0) / count)
 
 
