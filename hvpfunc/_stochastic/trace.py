@@ -528,7 +528,9 @@ def diagonal(
     of six outliers over a small bulk), but worse where they do not: on a small tanh
     MLP's Hessian at initialization it was 1.3–1.4× less accurate than Hutchinson
     (``python -m benchmarks --only estimators``). Its standard errors come from the s
-    correlated estimates and are optimistic, as XTrace's.
+    correlated estimates and are optimistic: nominal 95% intervals held an entry 83–95%
+    of the time at 40 products (Hutchinson's: 95%); XTrace's jackknife is not yet
+    carried over to the diagonal.
 
     Args:
         matvec: ``v -> H v`` on trees shaped like ``like``.
