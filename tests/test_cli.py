@@ -179,3 +179,33 @@ def test_missing_file_and_demo_options_with_a_model(capsys, tmp_path):
     job.write_text(USER_JOB)
     assert main(["--model", f"{job}:make", "--depth", "3"] + FAST) == 2
     assert "--depth is an option of the built-in demo" in capsys.readouterr().err
+
+
+STREAMED_FLOAT32_JOB = '''
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def make():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    return model, nn.CrossEntropyLoss(), DataLoader(TensorDataset(x, y), batch_size=16)
+'''
+
+
+def test_a_float32_model_with_a_data_loader_converges_at_float32_tolerances(capsys, tmp_path):
+    # the report's tolerances follow the parameters' precision: CG's 4 eps was below what
+    # float32 products allow, and it ended "max_iters" at a 1e-6 residual
+    import json
+
+    job = tmp_path / "loader_job.py"
+    job.write_text(STREAMED_FLOAT32_JOB)
+    assert main(["--model", f"{job}:make", "--no-plot", "--json", str(tmp_path / "r.json")] + FAST) == 0
+    assert "streamed batches" in capsys.readouterr().out
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["dtype"] == "torch.float32" and results["eigenvalues"]["top"]["tol"] == 1e-4
+    assert results["eigenvalues"]["top"]["status"] == "converged"
+    assert results["inverse"]["runs"][-1]["status"] == "converged"
+    assert results["dense_check"]["max_relative_error"] < 1e-5
