@@ -288,3 +288,41 @@ def test_auto_is_within_10_percent_of_the_better_of_hutchinson_and_hutchplusplus
             for method in ("hutchinson", "hutch++", "auto")
         }
         assert error["auto"] <= 1.1 * min(error["hutchinson"], error["hutch++"]), (probes, error)
+
+
+def test_xdiag_jackknife_is_xdiag_recomputed_without_each_probe():
+    from hvpfunc._operator import Operator
+    from hvpfunc._stochastic.trace import _Z975, _diagonal_jackknife, _exchangeable_sketch, _t975
+
+    matvec, like, H = spectrum_operator(_spectra()["decaying"][:40], seed=4)
+    op, s = Operator(matvec, like), 7
+    W, HW, Q, HQ, S = _exchangeable_sketch(op, s, torch.Generator().manual_seed(0), None, None)
+    stderr = _diagonal_jackknife(W, HW, Q, HQ, S, HQ @ W.T, (Q * HQ).sum(dim=0))
+    theta = []
+    for i in range(s):
+        samples = []
+        for j in range(s):
+            if j == i:
+                continue
+            basis, _ = torch.linalg.qr(H @ W[[k for k in range(s) if k not in (i, j)]].T)
+            P = basis @ basis.T
+            samples.append(torch.diagonal(P @ H) + W[j] * ((torch.eye(40, dtype=DT) - P) @ H @ W[j]))
+        theta.append(torch.stack(samples).mean(dim=0))
+    theta = torch.stack(theta)
+    reference = ((s - 1) / s * (theta - theta.mean(dim=0)).square().sum(dim=0)).sqrt() * _t975(s - 1) / _Z975
+    assert torch.allclose(stderr, reference, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "xdiag"])
+@pytest.mark.parametrize("spectrum", ["flat-bulk", "decaying", "diagonal-heavy"])
+def test_diagonal_intervals_cover_at_least_90_percent_of_the_entries(method, spectrum):
+    # the spread of XDiag's correlated samples over sqrt(s) held 83% (diagonal-heavy, 40 products)
+    matvec, like, H = _operator(spectrum)
+    d = torch.diagonal(H)
+    covered = []
+    for s in range(40):
+        res = hf.diagonal(matvec, like, num_probes=40, method=method, generator=torch.Generator().manual_seed(s))
+        estimate = torch.cat([t.reshape(-1) for t in torch.utils._pytree.tree_leaves(res.estimate)])
+        stderr = torch.cat([t.reshape(-1) for t in torch.utils._pytree.tree_leaves(res.stderr)])
+        covered.append(((estimate - d).abs() <= 1.96 * stderr).double().mean())
+    assert float(torch.stack(covered).mean()) >= 0.9
