@@ -198,15 +198,13 @@ def _round(
     HS = op.batch(S, chunk_size=chunk_size, bar=bar)
     if not bool(torch.isfinite(HS).all()):  # the sketch's products were not finite: nothing to build on
         return nan, nan, 0, False
-    if method == "hutch++":
-        Q = _orthonormal_rows(HS, op.allsum)  # a basis of range(HS)
-    else:
+    if method == "auto":
         forms = op.total((S * HS).sum(dim=1))  # the sketch's probes are Hutchinson samples too
         if not _deflation_pays(op, S, HS, count):
             rest, finite = _quadratic_forms(op, count - sketch, generator, chunk_size, bar)
             samples = torch.cat([forms, rest])
             return _mean(samples), _stderr(samples), samples.shape[0], finite
-        Q = _orthonormal_rows(HS, op.allsum)
+    Q = _orthonormal_rows(HS, op.allsum)  # a basis of range(HS)
     HQ = op.batch(Q, chunk_size=chunk_size, bar=bar)
     exact = op.total((Q * HQ).sum())
     if not bool(torch.isfinite(exact)):
