@@ -201,8 +201,13 @@ def _load(spec: str) -> Callable[[], Any]:
     return fn
 
 
+def _is_batch(data: Any) -> bool:
+    """One ``(inputs, targets)`` pair, as model_hvp_fn tells a batch from many."""
+    return isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], Tensor)
+
+
 def _first_batch(data: Any) -> Tuple[Any, Tensor]:
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], Tensor):
+    if _is_batch(data):
         return data[0], data[1]
     try:
         batch = next(iter(data))
@@ -211,19 +216,21 @@ def _first_batch(data: Any) -> Tuple[Any, Tensor]:
     except TypeError:
         raise UserError(f"data must be an (inputs, targets) batch or an iterable of them, got a "
                         f"{type(data).__name__}") from None
-    if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], Tensor)):
+    if not _is_batch(batch):
         raise UserError(f"the first batch of data is a {type(batch).__name__}, not an (inputs, targets) pair "
                         "with a tensor of targets")
     return batch[0], batch[1]
 
 
-def _call(model: nn.Module, x: Any) -> Any:
-    """model(x) the way model_hvp_fn calls it: tuples unpacked, mappings as keywords."""
+def _call(model: nn.Module, x: Any, params: Optional[Dict[str, Tensor]] = None) -> Any:
+    """model(x) the way model_hvp_fn calls it (tuples unpacked, mappings as keywords), at
+    ``params`` (default: the module's own)."""
+    params = {} if params is None else params
     if isinstance(x, Mapping):
-        return model(**x)
+        return torch.func.functional_call(model, params, (), dict(x))
     if type(x) in (tuple, list):
-        return model(*x)
-    return model(x)
+        return torch.func.functional_call(model, params, tuple(x))
+    return torch.func.functional_call(model, params, (x,))
 
 
 def _user(spec: str) -> _Job:
@@ -255,23 +262,15 @@ def _user(spec: str) -> _Job:
                         "reduce it (reduction='mean' or 'sum')")
     if not math.isfinite(float(loss)):
         raise UserError(f"the loss on the first batch is {float(loss)}: no Hessian to report on")
-    batches = "one batch" if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], Tensor) \
-        else (f"{len(data)} batches" if isinstance(data, (tuple, list)) else "streamed batches")
+    batches = ("one batch" if _is_batch(data)
+               else f"{len(data)} batches" if isinstance(data, (tuple, list)) else "streamed batches")
     description = (f"{spec}: {type(model).__name__} ({'training' if model.training else 'eval'} mode), {batches}; "
                    f"loss on the first batch {float(loss):.6g}")
 
     def rhs(params: Dict[str, Tensor]) -> Dict[str, Tensor]:
-        return torch.func.grad(lambda p: loss_fn(_call_at(model, p, x), y))(params)
+        return torch.func.grad(lambda p: loss_fn(_call(model, x, p), y))(params)
 
     return _Job(model, loss_fn, data, description, rhs, "∇(loss on the first batch), the Newton step")
-
-
-def _call_at(model: nn.Module, params: Dict[str, Tensor], x: Any) -> Any:
-    if isinstance(x, Mapping):
-        return torch.func.functional_call(model, params, (), dict(x))
-    if type(x) in (tuple, list):
-        return torch.func.functional_call(model, params, tuple(x))
-    return torch.func.functional_call(model, params, (x,))
 
 
 # --- the report ----------------------------------------------------------------------
