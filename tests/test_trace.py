@@ -247,31 +247,41 @@ def test_xdiag_is_exact_on_low_rank_unbiased_and_beats_hutchinson_on_network_lik
     assert errors["xdiag"] < 0.2 * errors["hutchinson"]
 
 
-def test_xtrace_jackknife_is_xtrace_recomputed_without_each_probe():
-    # brute force: for each i, XTrace on the other s - 1 probes, each of its estimates j
-    # from an orthonormal basis of H W without columns i and j; jackknife variance of those
+def _sketch_and_brute_force_jackknife(sample):
+    """XTrace's/XDiag's sketch of a 40-dimensional decaying spectrum (s = 7), and the
+    delete-one jackknife standard error of ``sample(H, basis, w)``, recomputed by brute
+    force: for each i, the mean over j ≠ i of the sample whose basis is an orthonormal
+    basis of H W without columns i and j."""
     from hvpfunc._operator import Operator
-    from hvpfunc._stochastic.trace import _Z975, _exchangeable_sketch, _jackknife_stderr, _t975
+    from hvpfunc._stochastic.trace import _Z975, _exchangeable_sketch, _t975
 
     matvec, like, H = spectrum_operator(_spectra()["decaying"][:40], seed=4)
     op, s = Operator(matvec, like), 7
-    W, HW, Q, HQ, S = _exchangeable_sketch(op, s, torch.Generator().manual_seed(0), None, None)
-    stderr = _jackknife_stderr(op, W, HW, Q, HQ, Q @ HQ.T, S)
+    sketch = _exchangeable_sketch(op, s, torch.Generator().manual_seed(0), None, None)
+    W = sketch.W
     theta = []
     for i in range(s):
-        estimates = []
+        samples = []
         for j in range(s):
-            if j == i:
-                continue
-            others = [k for k in range(s) if k not in (i, j)]
-            basis, _ = torch.linalg.qr(H @ W[others].T)
-            P = torch.eye(40, dtype=DT) - basis @ basis.T
-            w = W[j]
-            estimates.append(torch.trace(basis.T @ H @ basis) + w @ P @ H @ P @ w)
-        theta.append(torch.stack(estimates).mean())
+            if j != i:
+                basis, _ = torch.linalg.qr(H @ W[[k for k in range(s) if k not in (i, j)]].T)
+                samples.append(sample(H, basis, W[j]))
+        theta.append(torch.stack(samples).mean(dim=0))
     theta = torch.stack(theta)
-    variance = (s - 1) / s * (theta - theta.mean()).square().sum()
-    assert float(stderr) == pytest.approx(float(variance.sqrt()) * _t975(s - 1) / _Z975, rel=1e-8)
+    reference = ((s - 1) / s * (theta - theta.mean(dim=0)).square().sum(dim=0)).sqrt() * _t975(s - 1) / _Z975
+    return op, sketch, reference
+
+
+def test_xtrace_jackknife_is_xtrace_recomputed_without_each_probe():
+    from hvpfunc._stochastic.trace import _jackknife_stderr
+
+    def xtrace_sample(H, basis, w):
+        P = torch.eye(40, dtype=DT) - basis @ basis.T
+        return torch.trace(basis.T @ H @ basis) + w @ P @ H @ P @ w
+
+    op, (W, HW, Q, HQ, S), reference = _sketch_and_brute_force_jackknife(xtrace_sample)
+    stderr = _jackknife_stderr(op, W, HW, Q, HQ, Q @ HQ.T, S)
+    assert float(stderr) == pytest.approx(float(reference), rel=1e-8)
 
 
 @pytest.mark.parametrize("spectrum", ["flat-bulk", "decaying", "diagonal-heavy"])
@@ -291,25 +301,14 @@ def test_auto_is_within_10_percent_of_the_better_of_hutchinson_and_hutchplusplus
 
 
 def test_xdiag_jackknife_is_xdiag_recomputed_without_each_probe():
-    from hvpfunc._operator import Operator
-    from hvpfunc._stochastic.trace import _Z975, _diagonal_jackknife, _exchangeable_sketch, _t975
+    from hvpfunc._stochastic.trace import _diagonal_jackknife
 
-    matvec, like, H = spectrum_operator(_spectra()["decaying"][:40], seed=4)
-    op, s = Operator(matvec, like), 7
-    W, HW, Q, HQ, S = _exchangeable_sketch(op, s, torch.Generator().manual_seed(0), None, None)
+    def xdiag_sample(H, basis, w):
+        P = basis @ basis.T
+        return torch.diagonal(P @ H) + w * ((torch.eye(40, dtype=DT) - P) @ H @ w)
+
+    _, (W, HW, Q, HQ, S), reference = _sketch_and_brute_force_jackknife(xdiag_sample)
     stderr = _diagonal_jackknife(W, HW, Q, HQ, S, HQ @ W.T, (Q * HQ).sum(dim=0))
-    theta = []
-    for i in range(s):
-        samples = []
-        for j in range(s):
-            if j == i:
-                continue
-            basis, _ = torch.linalg.qr(H @ W[[k for k in range(s) if k not in (i, j)]].T)
-            P = basis @ basis.T
-            samples.append(torch.diagonal(P @ H) + W[j] * ((torch.eye(40, dtype=DT) - P) @ H @ W[j]))
-        theta.append(torch.stack(samples).mean(dim=0))
-    theta = torch.stack(theta)
-    reference = ((s - 1) / s * (theta - theta.mean(dim=0)).square().sum(dim=0)).sqrt() * _t975(s - 1) / _Z975
     assert torch.allclose(stderr, reference, rtol=1e-8, atol=1e-12)
 
 
