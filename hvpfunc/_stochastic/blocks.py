@@ -212,8 +212,9 @@ def _block_eigenvalues(op: Operator, owner: Tensor, params: Tree, members: Dict[
         # One eigenvalue, products one at a time (a CPU): lockstep saves no products and
         # its full reorthogonalization costs more than thick restarts' partial one
         # (measured on the benchmark MLP: 1.25 s against 1.0 s, the same 109 products).
-        runs = [(torch.full((1,), math.nan, dtype=torch.float64), torch.zeros(1, dtype=torch.bool),
-                 op.probes(1, generator)[0][idx]) for idx in index]
+        start = op.probes(1, generator)[0]  # one draw gives every block its start
+        runs = [(torch.full((1,), math.nan, dtype=torch.float64), torch.zeros(1, dtype=torch.bool), start[idx])
+                for idx in index]
     else:
         runs = _lockstep(op, index, sizes, k, tol, generator, chunk_size)
     products = op.num_matvecs - before
@@ -230,8 +231,8 @@ def _block_eigenvalues(op: Operator, owner: Tensor, params: Tree, members: Dict[
 
             whole = torch.zeros(owner.numel(), dtype=op.dtype, device=op.device)  # this rank's entries
             whole[index[g]] = start
-            tree = op.layout.unflatten(whole)
-            v0 = {str(i): torch.utils._pytree.tree_leaves(tree)[i] for i in chosen}
+            start_leaves = torch.utils._pytree.tree_leaves(op.layout.unflatten(whole))
+            v0 = {str(i): start_leaves[i] for i in chosen}
             with warnings.catch_warnings():  # the result's status reports it
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 res = lanczos(block, v0, k=kk, tol=tol, generator=generator)
