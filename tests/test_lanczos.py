@@ -345,6 +345,33 @@ def test_thick_restarts_keep_the_basis_semi_orthogonal_against_converged_ritz_ve
         assert torch.allclose(res.eigenvalues, exact, atol=1e-9), seed
 
 
+@pytest.mark.parametrize("which", ["SA", "LA"])
+def test_a_restart_keeps_the_outliers_at_the_far_end(which):
+    # Ritz values after a cycle on ARPACK's clustered spectrum: keeping the five far
+    # outliers narrows the interval the next cycle's polynomial must cover from 11 to 4
+    import numpy as np
+
+    from hvpfunc._eigen.lanczos import _kept
+
+    theta = np.sort(np.concatenate([[-9.5, -8.7], np.linspace(-2.0, 2.0, 30), [6.5, 7.0, 8.0, 8.5, 9.0]]))
+    theta = theta if which == "SA" else np.sort(-theta)
+    kept = set(_kept(theta, 5, which).tolist())
+    wanted = set(range(5)) if which == "SA" else set(range(37 - 5, 37))
+    far = set(range(37 - 5, 37)) if which == "SA" else set(range(5))
+    assert wanted <= kept and far <= kept and len(kept) <= 37 - 7  # room for at least m / 5 new steps
+
+
+def test_restarts_that_keep_both_ends_take_fewer_products():
+    # the same spectrum, a 41-vector basis: 154-175 products when restarts kept only
+    # the wanted end, 133-148 now (a basis that never restarts takes 134)
+    lam = _clustered()
+    for seed in range(3):
+        v0 = torch.randn(300, generator=torch.Generator().manual_seed(seed), dtype=DT)
+        res = hf.lanczos(lambda v: lam * v, v0, k=5, which="SA", tol=1e-10, find_copies=False, max_basis=41)
+        assert res.status == "converged" and res.num_matvecs <= 150, (seed, res.num_matvecs)
+        torch.testing.assert_close(res.eigenvalues, lam.sort().values[:5], rtol=1e-9, atol=1e-9)
+
+
 def test_a_basis_held_in_another_precision_or_place_gives_the_same_pairs():
     # the basis lives where and as basis_device/basis_dtype say; products get the
     # vectors' own dtype (and device) and eigenvectors come back in it
