@@ -372,6 +372,50 @@ def test_restarts_that_keep_both_ends_take_fewer_products():
         torch.testing.assert_close(res.eigenvalues, lam.sort().values[:5], rtol=1e-9, atol=1e-9)
 
 
+def test_the_copy_check_deflates_the_space_explored_and_is_shorter(monkeypatch):
+    # The check looks for eigenvectors the first run's Krylov space cannot reach; they
+    # are orthogonal to that space, so deflating all of it (the default basis) keeps
+    # them and removes the partly resolved neighbours of the k-th eigenvalue, which
+    # deflating the five pairs (an explicit max_basis) leaves in: 121-128 products for
+    # the check against 165-176 here (the basis kept at 20 vectors to make counts exact).
+    from hvpfunc._eigen import lanczos as module
+
+    monkeypatch.setattr(module, "_grown", lambda state: state.V.shape[0] - 1)
+    lam = _clustered()
+    for seed in range(2):
+        v0 = torch.randn(300, generator=torch.Generator().manual_seed(seed), dtype=DT)
+        explored = hf.lanczos(lambda v: lam * v, v0, k=5, which="SA", tol=1e-10)
+        pairs = hf.lanczos(lambda v: lam * v, v0, k=5, which="SA", tol=1e-10, max_basis=20)
+        assert explored.num_matvecs < pairs.num_matvecs - 25, (explored.num_matvecs, pairs.num_matvecs)
+        for res in (explored, pairs):
+            torch.testing.assert_close(res.eigenvalues, lam.sort().values[:5], rtol=1e-9, atol=1e-9)
+
+
+def test_the_copy_check_finds_an_eigenvector_orthogonal_to_the_start_vector():
+    d = torch.cat([torch.tensor([10.0, 5.0, 4.0], dtype=DT), torch.linspace(0.0, 3.0, 197, dtype=DT)])
+    v0 = torch.randn(200, generator=torch.Generator().manual_seed(0), dtype=DT)
+    v0[0] = 0.0  # the Krylov space of v0 never sees the top eigenvector
+    unchecked = hf.lanczos(lambda v: d * v, v0, k=2, tol=1e-10, find_copies=False)
+    assert torch.allclose(unchecked.eigenvalues, torch.tensor([5.0, 4.0], dtype=DT))
+    res = hf.lanczos(lambda v: d * v, v0, k=2, tol=1e-10)
+    assert res.status == "converged"
+    torch.testing.assert_close(res.eigenvalues, torch.tensor([10.0, 5.0], dtype=DT), rtol=1e-10, atol=1e-10)
+
+
+def test_the_copy_check_stays_within_the_memory_budget(monkeypatch):
+    from hvpfunc._eigen import lanczos as module
+
+    # the basis grows to what memory allows, whatever the timings say
+    monkeypatch.setattr(module, "_grown", lambda state: min(2 * (state.V.shape[0] - 1), state.cap))
+    lam = _clustered()
+    v0 = torch.randn(300, generator=torch.Generator().manual_seed(0), dtype=DT)
+    for vectors in (45, 120):  # too few to hold the space explored beside the check's basis, and enough
+        monkeypatch.setattr(module, "_free_memory", lambda device, v=vectors: v * 300 * 8 / module._MEMORY_SHARE)
+        res = hf.lanczos(lambda v: lam * v, v0, k=5, which="SA", tol=1e-10)
+        assert res.basis_size <= vectors
+        torch.testing.assert_close(res.eigenvalues, lam.sort().values[:5], rtol=1e-9, atol=1e-9)
+
+
 def test_a_basis_held_in_another_precision_or_place_gives_the_same_pairs():
     # the basis lives where and as basis_device/basis_dtype say; products get the
     # vectors' own dtype (and device) and eigenvectors come back in it

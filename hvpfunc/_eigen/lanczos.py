@@ -83,18 +83,23 @@ def lanczos(
     A Krylov space holds one vector per distinct eigenvalue, so a single Lanczos
     sequence cannot see that an eigenvalue is repeated (the Hessian of every softmax
     classifier has a null space of dimension at least the classes; symmetric networks
-    have repeated outliers). With ``find_copies=True`` (default, for k ≥ 2) the pairs
-    found are deflated (as ARPACK locks converged pairs) and Lanczos runs on
-    (I − UUᵀ) H (I − UUᵀ) from a fresh random vector drawn from ``generator``, until its
-    best pair converges or a probabilistic bound (Hochstenbach 2013, from the Lanczos
-    polynomial) shows that, with probability at least 1 − 10⁻³ over the fresh vector,
-    nothing beyond the k-th eigenvalue was missed. A better pair found (a copy) takes
-    the place of the k-th, its residual measured in H with one product, and the check
-    runs again. It costs about one k = 1 run on the deflated operator, little when the
-    k-th eigenvalue is well separated and as much as the first run inside a cluster.
-    The same check runs for any k when the start vector lay in an invariant subspace
-    (an eigenvector, say). With ``find_copies=False`` a run with k ≥ 2 stops at the
-    first convergence and its ``message`` says that copies were not ruled out.
+    have repeated outliers). With ``find_copies=True`` (default, for k ≥ 2) Lanczos runs
+    again on (I − UUᵀ) H (I − UUᵀ) from a fresh random vector drawn from ``generator``,
+    U's rows spanning the Krylov space the first run explored (with the default
+    ``max_basis``, where memory's share holds it beside the check's basis; else the
+    pairs found, as ARPACK locks converged pairs), until its best pair converges or a
+    probabilistic bound (Hochstenbach 2013, from the Lanczos polynomial) shows that,
+    with probability at least 1 − 10⁻³ over the fresh vector, that operator has nothing
+    beyond the k-th eigenvalue. Every eigenvector the first run could not reach (a
+    copy's, or one orthogonal to v0) is orthogonal to its Krylov space, so it would be
+    found; deflating the whole space also removes the eigenvalues next to the k-th
+    that the first run resolved, which makes the check short (on ARPACK's clustered
+    spectrum, k = 5 smallest: about 20 products where deflating the 5 pairs took 116).
+    A better pair found (a copy) takes the place of the k-th, its residual measured in
+    H with one product, and the check runs again. The same check runs for any k when
+    the start vector lay in an invariant subspace (an eigenvector, say); the pairs
+    found are then what is deflated. With ``find_copies=False`` a run with k ≥ 2 stops
+    at the first convergence and its ``message`` says that copies were not ruled out.
 
     Args:
         matvec: ``v -> H v`` on trees shaped like ``v0``; H must be symmetric.
@@ -224,11 +229,26 @@ def lanczos(
         checking = status is Status.CONVERGED and state.j < n and (repeat or state.deficient)
         held = state.V.shape[0]
         if checking:
-            carried = _Carried(state.norm_estimate, state.V.shape[0] - 1, state.cap, state.product_seconds,
+            m = state.V.shape[0] - 1
+            # the check's basis and the k pairs it deflates stay within the main run's limit
+            carried = _Carried(state.norm_estimate, m, max(state.cap - k, 2), state.product_seconds,
                                state.fixed_seconds, state.step_seconds)
-            del state  # the pairs hold all that is kept: the copy check needs the basis' memory
-            pairs, status, detail, check_held = _check_copies(op, pairs, carried, n, ctx, bar, repeat=repeat)
-            held = max(held, check_held + k)
+            explored = None
+            if not state.deficient and max_basis is None:
+                # the whole Krylov space explored holds no part of a copy, so the check
+                # may deflate it, where memory's share holds it beside the check's basis
+                room = _fitting(n, held_as, held_on) - state.j - 1
+                fits = room >= max(m, _CHECK_BASIS)
+                if ctx.allsum is not None:  # free memory differs between ranks: all must agree
+                    votes = ctx.allsum(torch.tensor([float(fits), 1.0], dtype=torch.float64, device=op.device))
+                    fits = float(votes[0]) == float(votes[1])
+                if fits:
+                    explored = _orthonormal_rows(state.V[: state.j], ctx.allsum)
+                    carried = carried._replace(cap=min(state.cap, room))
+            del state  # the pairs (and the explored space) hold all that is kept
+            pairs, status, detail, check_held = _check_copies(op, pairs, carried, n, ctx, bar, repeat=repeat,
+                                                              explored=explored)
+            held = max(held, check_held)
     finally:
         bar.close()
 
@@ -313,8 +333,13 @@ def default_basis(n: int, k: int, dtype: torch.dtype, device: torch.device) -> i
     memory of ``device``, at least max(2k + 1, 20) (ARPACK's ``ncv`` in scipy), at most
     max(``_BASIS_CAP``, 2k + 1) and the dimension n."""
     floor = max(2 * k + 1, 20)
-    fit = int(_MEMORY_SHARE * _free_memory(device) / (n * torch.finfo(dtype).bits / 8)) - 1
-    return min(n, max(floor, min(fit, max(_BASIS_CAP, 2 * k + 1))))
+    return min(n, max(floor, min(_fitting(n, dtype, device) - 1, max(_BASIS_CAP, 2 * k + 1))))
+
+
+def _fitting(n: int, dtype: torch.dtype, device: torch.device) -> int:
+    """How many vectors of n numbers of ``dtype`` fit in ``_MEMORY_SHARE`` of the free
+    memory of ``device``."""
+    return int(_MEMORY_SHARE * _free_memory(device) / (n * torch.finfo(dtype).bits / 8))
 
 
 def _free_memory(device: torch.device) -> float:
@@ -450,7 +475,7 @@ class _Carried(NamedTuple):
 
     norm_estimate: float  # a lower bound of ‖H‖: the rounding floor of tolerances
     m: int  # the basis size reached
-    cap: int
+    cap: int  # the most vectors the check's own basis may grow to
     product_seconds: float
     fixed_seconds: float
     step_seconds: float
@@ -458,21 +483,36 @@ class _Carried(NamedTuple):
 
 def _check_copies(
     op: Operator, pairs: _Pairs, main: _Carried, n: int, ctx: _Options, bar: Progress, *, repeat: bool,
+    explored: Optional[Tensor] = None,
 ) -> Tuple[_Pairs, Status, str, int]:
     """Look for eigenvalues better than the k-th found, which a single Krylov sequence
     misses when it is a copy of one found (or when the start vector lay in an invariant
-    subspace): Lanczos on the deflated operator PHP, P = I − UUᵀ projecting off the
-    pairs' vectors U, from a fresh random vector. It stops when its best pair converges
-    or when :func:`_nothing_beyond` rules out anything better; a better pair found
-    joins the k (replacing the worst) and, with ``repeat``, the check runs again. ``main``
-    carries the main run's basis size, limits, timings and ‖H‖'s estimate; the most
-    vectors held is returned last."""
-    k = len(pairs.values)
+    subspace): Lanczos on the deflated operator PHP, P = I − UUᵀ, from a fresh random
+    vector. U's rows are the pairs' vectors, or with ``explored`` (orthonormal rows
+    spanning the main run's Krylov space K) those rows until a copy is found.
+
+    Deflating K is what makes the check cheap: an eigenvector the Krylov space of the
+    start vector v0 cannot reach (a copy's, whose eigenspace meets K only along the
+    found vector, or one orthogonal to v0) is orthogonal to K, so it is an eigenvector
+    of PHP too, while the eigenvalues next to the k-th that the main run resolved
+    partly are gone from PHP, which moves its extreme away from the k-th (ARPACK's
+    clustered spectrum, k = 5 smallest: the check took about 20 products instead of
+    116). Eigenvalues K does reach are the main run's to converge to, as in ARPACK.
+
+    It stops when its best pair converges or when :func:`_nothing_beyond` rules out
+    anything better. A better pair seen with K deflated sends the check back to
+    deflating the pairs alone, where a copy's vector converges in H (see the comment
+    there); a better pair found that way joins the k (replacing the worst) and, with
+    ``repeat``, the check runs again. ``main`` carries the main run's basis size,
+    limits, timings and ‖H‖'s estimate; the most vectors held (U's rows included) is
+    returned last."""
     norm_estimate = main.norm_estimate
     held = 0
     while True:
-        U = pairs.vectors
-        dim = n - k
+        U = pairs.vectors if explored is None else explored
+        dim = n - U.shape[0]
+        if dim == 0:  # the copies found and the space explored are the whole space
+            return pairs, Status.CONVERGED, "", held
         kth = float(pairs.values[-1])
         floor = float(_threshold(np.array([kth]), ctx.tol, ctx.eps, norm_estimate)[0])
 
@@ -480,13 +520,13 @@ def _check_copies(
             # an invariant Krylov space of a random vector holds every distinct eigenvalue
             return invariant or _nothing_beyond(state, kth + (floor if ctx.which == "SA" else -floor), ctx.which, dim)
 
-        state = _start(_fresh_direction(U, ctx.generator, ctx.allsum), min(main.m, dim), min(main.cap, dim),
-                       ctx.allsum)
+        size = min(max(main.m, _CHECK_BASIS), main.cap, dim)
+        state = _start(_fresh_direction(U, ctx.generator, ctx.allsum), size, min(main.cap, dim), ctx.allsum)
         state.norm_estimate = norm_estimate
         state.product_seconds, state.fixed_seconds, state.step_seconds = (
             main.product_seconds, main.fixed_seconds, main.step_seconds)
         state, status, detail = _run(op, state, 1, dim, ctx, bar, done, deflate=U)
-        held = max(held, state.V.shape[0])
+        held = max(held, state.V.shape[0] + U.shape[0])
         if status is not Status.CONVERGED:
             return pairs, status, detail, held
         theta = eigvalsh(state.T[: state.j, : state.j])
@@ -495,9 +535,33 @@ def _check_copies(
         if not _better(value, kth, floor, ctx.which):
             return pairs, Status.CONVERGED, "", held
         norm_estimate = max(norm_estimate, state.norm_estimate)
+        if explored is not None:
+            # A copy exists. Its vector here leaks into K through the main run's last
+            # coupling (β times its error along the residual direction), which keeps its
+            # residual in H above a tolerance at rounding level (a double zero): find and
+            # converge it, and any further copies, against the pairs themselves.
+            explored = None
+            continue
         pairs = _merge(pairs, _extract(state, 1, ctx), theta, op, norm_estimate, ctx)
         if not repeat:
             return pairs, Status.CONVERGED, "", held
+
+
+# The copy check's basis: at least this many vectors (its probabilistic stop needs an
+# unrestarted Krylov sequence; with 10 or 20 vectors on ARPACK's clustered spectrum it
+# restarted and took 1.5-2x the products of a 41-vector one).
+_CHECK_BASIS = 20
+
+
+def _orthonormal_rows(V: Tensor, allsum: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+    """An orthonormal copy of the rows of V (nearly orthonormal already, as a
+    semi-orthogonal Lanczos basis is): Cholesky QR twice, whose second pass brings a
+    Gram matrix within √ε of I down to rounding."""
+    Z = V
+    for _ in range(2):
+        L = torch.linalg.cholesky(total(Z @ Z.T, allsum).to("cpu", torch.float64))
+        Z = torch.linalg.solve_triangular(L.to(Z.device, Z.dtype), Z, upper=False)
+    return Z
 
 
 def _better(value: float, kth: float, floor: float, which: str) -> bool:
