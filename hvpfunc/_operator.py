@@ -61,13 +61,14 @@ class Layout:
         # rounding level of the products themselves: that of the least precise leaf
         self.product_eps = max(torch.finfo(dt).eps for dt in self.dtypes)
 
-    def flatten(self, tree: Tree, batch_dims: int = 0) -> Tensor:
-        """Copy a tree (with ``batch_dims`` leading dims per leaf) into ``(*batch, n)``,
-        detached: solvers do not differentiate through their vectors (a start vector
-        that requires grad must not make the basis a graph)."""
+    def flatten(self, tree: Tree, batch_dims: int = 0, out: Optional[Tensor] = None) -> Tensor:
+        """Copy a tree (with ``batch_dims`` leading dims per leaf) into ``(*batch, n)``
+        (into ``out`` if given), detached: solvers do not differentiate through their
+        vectors (a start vector that requires grad must not make the basis a graph)."""
         leaves = pytree.tree_leaves(tree)
         lead = tuple(leaves[0].shape[:batch_dims])
-        return torch.cat([local(leaf).detach().reshape(*lead, -1).to(self.dtype) for leaf in leaves], dim=-1)
+        parts = [local(leaf).detach().reshape(*lead, -1).to(self.dtype) for leaf in leaves]
+        return torch.cat(parts, dim=-1) if out is None else torch.cat(parts, dim=-1, out=out)
 
     def unflatten(self, vec: Tensor) -> Tree:
         """Views of ``vec`` (shape ``(*batch, n)``) as a tree with leading dims ``batch``."""
@@ -134,15 +135,25 @@ class Operator:
     def probes(self, count: int, generator: Optional[torch.Generator]) -> Tensor:
         """``count`` Rademacher rows (entries ±1), drawn one row at a time on the
         generator's device, so that the numbers depend on the generator alone, not on
-        how the rows are chunked or on the operator's device."""
+        how the rows are chunked or on the operator's device.
+
+        Each row draws one random byte per 8 entries and looks up its 8 signs (a
+        256 × 8 table): a draw per entry (``randint(0, 2)``) took 2.5 ms for a
+        400k-parameter row on a CPU, a third of the product it feeds; this takes 0.5 ms.
+        """
         device = generator.device if generator is not None else torch.device("cpu")
         size = sum(self.layout.sizes)
         if self.layout.sharding is not None and count:
             generator = rank_generator(generator)  # this rank's part
-        rows = [torch.randint(0, 2, (size,), generator=generator, device=device) for _ in range(count)]
-        if not rows:
-            return torch.zeros(0, size, dtype=self.dtype, device=self.device)
-        return torch.stack(rows).to(self.device, self.dtype).mul_(2).sub_(1)
+        out = torch.empty(count, size, dtype=self.dtype, device=device)
+        if count:
+            bits = (torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device)) & 1
+            signs = bits.to(self.dtype).mul_(2).sub_(1)  # row b: the signs of byte b's bits
+            words = (size + 7) // 8
+            for row in out:
+                draw = torch.randint(0, 256, (words,), generator=generator, device=device)
+                row.copy_(torch.index_select(signs, 0, draw).view(-1)[:size])
+        return out.to(self.device)
 
     def flatten_input(self, tree: Tree, *, name: str) -> Tensor:
         """Check a user vector against ``like`` and return it flat (a copy)."""
@@ -154,11 +165,12 @@ class Operator:
             check_like(out, self.like, name="matvec(v)", like_name="v", batch_dims=batch_dims)
             self._checked = True
 
-    def __call__(self, x: Tensor) -> Tensor:
-        out = self.matvec(self.layout.unflatten(x))
-        self._check_output(out, 0)
+    def __call__(self, x: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        """H x, flat (written into ``out`` if given)."""
+        product = self.matvec(self.layout.unflatten(x))
+        self._check_output(product, 0)
         self.num_matvecs += 1
-        return self.layout.flatten(out)
+        return self.layout.flatten(product, out=out)
 
     def batch(self, X: Tensor, *, chunk_size: ChunkSize, bar: Any = None) -> Tensor:
         """Apply the matvec to every row of ``X`` (``(b, n)``) through ``torch.func.vmap``.
@@ -216,7 +228,10 @@ class Operator:
         """The products of ``rows``: one matvec call per row for ``step == 1``, else
         ``vmap`` calls of ``step`` rows."""
         if step == 1 or self.layout.sharding is not None:  # sharded vectors do not stack under vmap
-            return torch.stack([self(row) for row in rows])
+            out = torch.empty(rows.shape, dtype=self.dtype, device=self.device)
+            for row, into in zip(rows, out):
+                self(row, out=into)
+            return out
         outs = []
         for start in range(0, rows.shape[0], step):
             batched = self._batched or torch.func.vmap(self.matvec)

@@ -177,15 +177,18 @@ def test_nominal_95_percent_intervals_cover_at_least_90_percent(method, spectrum
     # Over many seeds, estimate ± 1.96·stderr must hold the trace; with few probes the
     # plain standard error's band covered 86% (Hutch++, 20 products: 8 samples), and
     # XTrace's spread of its s estimates over √s covered 77% (decaying, 60 products).
+    # Over 1000 seeds every case here covers 91.8-100%; the test fails when 200 seeds
+    # put coverage significantly below 90% (under 170: 1.7% likely at exactly 90%,
+    # 0.02% at the lowest measured), not on one draw's luck.
     matvec, like, H = _operator(spectrum)
     true = float(torch.trace(H))
     for probes in (20, 60):
         covered = [
             abs(float(r.estimate) - true) <= 1.96 * float(r.stderr)
             for r in (hf.trace(matvec, like, num_probes=probes, method=method, chunk_size=None,
-                               generator=torch.Generator().manual_seed(s)) for s in range(100))
+                               generator=torch.Generator().manual_seed(s)) for s in range(200))
         ]
-        assert sum(covered) >= 90, (probes, sum(covered))
+        assert sum(covered) >= 170, (probes, sum(covered))
 
 
 def test_xtrace_is_unbiased_exact_on_low_rank_and_beats_hutchplusplus_on_network_like_spectra():
