@@ -199,8 +199,9 @@ def _round(
     if not bool(torch.isfinite(HS).all()):  # the sketch's products were not finite: nothing to build on
         return nan, nan, 0, False
     if method == "auto":
-        forms = op.total((S * HS).sum(dim=1))  # the sketch's probes are Hutchinson samples too
-        if not _deflation_pays(op, S, HS, count):
+        U = S * HS
+        forms = op.total(U.sum(dim=1))  # the sketch's probes are Hutchinson samples too
+        if not _deflation_pays(op, U, HS, count):
             rest, finite = _quadratic_forms(op, count - sketch, generator, chunk_size, bar)
             samples = torch.cat([forms, rest])
             return _mean(samples), _stderr(samples), samples.shape[0], finite
@@ -218,7 +219,7 @@ def _round(
     return estimate, stderr, pairs.shape[0], finite
 
 
-def _deflation_pays(op: Operator, S: Tensor, HS: Tensor, count: int) -> bool:
+def _deflation_pays(op: Operator, U: Tensor, HS: Tensor, count: int) -> bool:
     """Whether Hutch++'s deflation by the sketch S is expected to beat spending its
     products on more Hutchinson probes, judged from the sketch's own products before
     paying for HQ, with O(s²n) work (one Gram matrix).
@@ -233,9 +234,9 @@ def _deflation_pays(op: Operator, S: Tensor, HS: Tensor, count: int) -> bool:
     ‖(I − Q₋ᵢQ₋ᵢᵀ)H‖_F², is 1/‖column i of L⁻¹‖ for the Gram matrix (HS)(HS)ᵀ = LLᵀ.
     Deflation pays when 2·mean(dist²)/(m − 2s) is below 2(‖H‖_F² − Σ Hᵢᵢ²)/m. A
     rank-deficient sketch (range(H) captured) or one as large as the dimension always
-    pays.
+    pays. ``U`` is S ⊙ HS.
     """
-    sketch = S.shape[0]
+    sketch = U.shape[0]
     if sketch < 2 or sketch >= op.n:  # a sketch spanning the space makes the trace exact
         return True
     gram = op.total(HS @ HS.T).to(torch.float64)
@@ -246,8 +247,9 @@ def _deflation_pays(op: Operator, S: Tensor, HS: Tensor, count: int) -> bool:
     L_inverse = torch.linalg.solve_triangular(L, torch.eye(sketch, dtype=L.dtype, device=L.device), upper=False)
     distances = 1 / L_inverse.square().sum(dim=0)  # squared leave-one-out residuals
     remainder = 2 * distances.mean() / max(count - 2 * sketch, 1)
-    U = S * HS
-    diagonal_mass = op.total((U * U.roll(1, dims=0)).sum()) / sketch  # Σ Hᵢᵢ²
+    # consecutive rows' products, cyclically, without a rolled copy of U
+    consecutive = torch.linalg.vecdot(U[1:], U[:-1]).sum() + torch.dot(U[0], U[-1])
+    diagonal_mass = op.total(consecutive) / sketch  # Σ Hᵢᵢ²
     frobenius = torch.trace(gram) / sketch  # ‖H‖_F²
     return bool(remainder < 2 * (frobenius - diagonal_mass).clamp(min=0) / count)
 
