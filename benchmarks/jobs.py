@@ -9,7 +9,9 @@ the tracing, graph building and checks a library does before its first product c
 from __future__ import annotations
 
 import copy
+import statistics
 import sys
+import time
 import warnings
 from typing import Callable, Dict, List
 
@@ -20,9 +22,13 @@ from torch import nn
 import hvpfunc as hf
 
 from . import peers
-from .harness import table, timed_runs
+from .harness import sync, table, timed_runs
 
 _RUNS = 3  # one warm-up, then the median of two
+# hvpfunc against PyHessian, called alternately (one warm-up round): on this shared
+# machine, whose speed drifts by ±20% between minutes, the median of the rounds' ratios
+# compares like with like; more rounds where a round takes under two seconds
+_ROUNDS_SHORT, _ROUNDS_LONG = 8, 3
 
 
 class _Block(nn.Module):
@@ -91,6 +97,49 @@ def start(params) -> dict:
     return hf.tree.random_like(params, generator=seeded())
 
 
+def _versus(rows: list, job: str, ours: Callable, how: str, describe_ours: Callable, theirs: Callable,
+            their_how: str, describe_theirs: Callable, device: torch.device) -> None:
+    """hvpfunc's row and PyHessian's (``theirs`` returns (result, products)) for one
+    job, timed alternately: each round runs both; the seconds are medians over the
+    rounds after the first, and hvpfunc's row carries the median of the rounds' ratios
+    (its time over PyHessian's)."""
+    ours_times: List[float] = []
+    their_times: List[float] = []
+    failure = None
+    rounds = _ROUNDS_LONG
+    round_ = 0
+    while round_ <= rounds:
+        sync(device)
+        began = time.perf_counter()
+        mine = ours()
+        sync(device)
+        mid = time.perf_counter()
+        if failure is None:
+            try:
+                result, count = theirs()
+                sync(device)
+            except Exception as err:
+                failure = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:70]}"
+        end = time.perf_counter()
+        if round_ == 0 and end - began < 2.0:
+            rounds = _ROUNDS_SHORT
+        elif round_:
+            ours_times.append(mid - began)
+            their_times.append(end - mid)
+        round_ += 1
+    seconds = statistics.median(ours_times)
+    if failure is not None:
+        rows.append([job, how, f"{seconds:.3f}", mine.num_matvecs, describe_ours(mine), ""])
+        rows.append([job, their_how, "fails", "", failure, ""])
+        return
+    ratio = statistics.median(a / b for a, b in zip(ours_times, their_times))
+    paired = f"{ratio:.2f}"
+    if count and count != mine.num_matvecs:
+        paired += f" ({ratio * count / mine.num_matvecs:.2f} per product)"
+    rows.append([job, how, f"{seconds:.3f}", mine.num_matvecs, describe_ours(mine), paired])
+    rows.append([job, their_how, f"{statistics.median(their_times):.3f}", count, describe_theirs(result), "1.00"])
+
+
 def _attempt(rows: list, job: str, how: str, device: torch.device, fn: Callable, describe: Callable) -> None:
     """A peer's row: time ``fn`` (returning (result, products)); a peer that fails on the
     model (PyHessian on default attention kernels, or its density's removed torch.eig)
@@ -98,9 +147,9 @@ def _attempt(rows: list, job: str, how: str, device: torch.device, fn: Callable,
     try:
         (result, count), seconds = _timed(fn, device)
     except Exception as err:
-        rows.append([job, how, "fails", "", f"{type(err).__name__}: {str(err).strip().splitlines()[0][:70]}"])
+        rows.append([job, how, "fails", "", f"{type(err).__name__}: {str(err).strip().splitlines()[0][:70]}", ""])
         return
-    rows.append([job, how, f"{seconds:.3f}", count, describe(result)])
+    rows.append([job, how, f"{seconds:.3f}", count, describe(result), ""])
 
 
 def run(device: torch.device, *, tiny: bool = False) -> str:
@@ -128,33 +177,38 @@ def run(device: torch.device, *, tiny: bool = False) -> str:
 
             return job
 
-        res, seconds = _timed(from_model(lambda mv, params: hf.lanczos(mv, start(params), k=1, tol=1e-3, stop="eigenvalue")), device)
-        rows.append(["top eigenvalue", "hvpfunc lanczos(k=1, tol=1e-3, stop='eigenvalue')", f"{seconds:.3f}",
-                     res.num_matvecs, rel(float(res.eigenvalues[0]))])
-        if found["PyHessian"]:
-            _attempt(rows, "top eigenvalue", "PyHessian eigenvalues(top_n=1), defaults (tol 1e-3)", device,
-                     _pyhessian_counted(lambda: peers.pyhessian(model, (x, y)).eigenvalues(top_n=1)[0]),
-                     lambda values: rel(float(values[0])))
+        def against_pyhessian(job: str, ours: Callable, how: str, describe_ours: Callable, theirs: Callable,
+                              their_how: str, describe_theirs: Callable) -> None:
+            if found["PyHessian"]:
+                _versus(rows, job, ours, how, describe_ours, _pyhessian_counted(theirs), their_how, describe_theirs,
+                        device)
+            else:
+                res, seconds = _timed(ours, device)
+                rows.append([job, how, f"{seconds:.3f}", res.num_matvecs, describe_ours(res), ""])
 
-        res, seconds = _timed(from_model(lambda mv, params: hf.trace(mv, params, num_probes=100, generator=seeded())), device)
-        rows.append(["trace", "hvpfunc trace(100 probes), defaults", f"{seconds:.3f}", res.num_matvecs,
-                     f"±{float(res.stderr) / abs(float(res.estimate)):.1e} (stderr)"])
-        if found["PyHessian"]:
-            def pyhessian_trace():
-                # its probes come from the global generator and it stops on their running
-                # mean: seeded per run, every run draws the same probes and stops at the
-                # same count, so the products column belongs to the time beside it
-                torch.manual_seed(0)
-                return peers.pyhessian(model, (x, y)).trace(maxIter=100, tol=1e-3)
+        against_pyhessian(
+            "top eigenvalue", from_model(lambda mv, params: hf.lanczos(mv, start(params), k=1, tol=1e-3, stop="eigenvalue")),
+            "hvpfunc lanczos(k=1, tol=1e-3, stop='eigenvalue')", lambda res: rel(float(res.eigenvalues[0])),
+            lambda: peers.pyhessian(model, (x, y)).eigenvalues(top_n=1)[0],
+            "PyHessian eigenvalues(top_n=1), defaults (tol 1e-3)", lambda values: rel(float(values[0])))
 
-            _attempt(rows, "trace", "PyHessian trace(maxIter=100), defaults (tol 1e-3)", device,
-                     _pyhessian_counted(pyhessian_trace),
-                     lambda samples: f"±{np.std(samples, ddof=1) / np.sqrt(len(samples)) / abs(np.mean(samples)):.1e}"
-                                     " (stderr)")
+        def pyhessian_trace():
+            # its probes come from the global generator and it stops on their running
+            # mean: seeded per run, every run draws the same probes and stops at the
+            # same count, so the products column belongs to the time beside it
+            torch.manual_seed(0)
+            return peers.pyhessian(model, (x, y)).trace(maxIter=100, tol=1e-3)
+
+        against_pyhessian(
+            "trace", from_model(lambda mv, params: hf.trace(mv, params, num_probes=100, generator=seeded())),
+            "hvpfunc trace(100 probes), defaults",
+            lambda res: f"±{float(res.stderr) / abs(float(res.estimate)):.1e} (stderr)",
+            pyhessian_trace, "PyHessian trace(maxIter=100), defaults (tol 1e-3)",
+            lambda samples: f"±{np.std(samples, ddof=1) / np.sqrt(len(samples)) / abs(np.mean(samples)):.1e} (stderr)")
 
         res, seconds = _timed(from_model(lambda mv, params: hf.lanczos(mv, start(params), k=5, tol=1e-3, stop="eigenvalue")), device)
         rows.append(["top-5", "hvpfunc lanczos(k=5, tol=1e-3, stop='eigenvalue')", f"{seconds:.3f}", res.num_matvecs,
-                     f"{rel(float(res.eigenvalues[0]))} (top)"])
+                     f"{rel(float(res.eigenvalues[0]))} (top)", ""])
         if found["hessian-eigenthings"]:
             from hessian_eigenthings import lanczos as he_lanczos
 
@@ -180,14 +234,14 @@ def run(device: torch.device, *, tiny: bool = False) -> str:
 
         res, seconds = _timed(from_model(lambda mv, params: hf.spectral_density(mv, params, num_probes=1, num_iters=90, generator=seeded())), device)
         rows.append(["SLQ density", "hvpfunc spectral_density(1 probe, 90 steps)", f"{seconds:.3f}", res.num_matvecs,
-                     f"{rel(float(res.nodes.max()))} (top node)"])
+                     f"{rel(float(res.nodes.max()))} (top node)", ""])
         if found["PyHessian"]:
             torch.manual_seed(0)
             _attempt(rows, "SLQ density", "PyHessian density(iter=90, n_v=1)", device,
                      _pyhessian_counted(lambda: peers.pyhessian(model, (x, y)).density(iter=90, n_v=1)),
                      lambda out: f"{rel(float(np.max(out[0][0])))} (top node)")
         out += [f"### {name} ({n:,} parameters, batch {x.shape[0]}; top eigenvalue {top:.6g})\n",
-                table(["job", "how", "seconds", "products", "error"], rows), ""]
+                table(["job", "how", "seconds", "products", "error", "× PyHessian (paired)"], rows), ""]
     out += _hypergradient_job(device, tiny)
     return "\n".join(out)
 
