@@ -266,6 +266,35 @@ def test_error_bounds_hold_and_eigenvalue_stopping_costs_fewer_products():
         hf.lanczos(matvec, v0, stop="change")
 
 
+def test_eigenvalue_stopping_in_float32_holds_its_tolerance_with_fewer_reorthogonalizations(monkeypatch):
+    # stop="eigenvalue" needs residuals of about sqrt(tol·|θ|·gap), not tol·|θ|, so the
+    # loss of orthogonality allowed follows that: fewer full reorthogonalizations, and
+    # the eigenvalues still within tol (float32 products, a bulk that takes many steps)
+    from hvpfunc._eigen import lanczos as module
+
+    lam = torch.cat([torch.tensor([3.0, 2.9]), torch.linspace(-0.2, 2.0, 1998)]).to(DT)
+    Q, _ = torch.linalg.qr(torch.randn(2000, 2000, generator=torch.Generator().manual_seed(4), dtype=DT))
+    H = ((Q * lam) @ Q.T).float()
+    full = {"n": 0}
+    expand = module.expand
+
+    def counted(*args, **kwargs):
+        full["n"] += 1
+        return expand(*args, **kwargs)
+
+    monkeypatch.setattr(module, "expand", counted)
+    v0 = torch.randn(2000, generator=torch.Generator().manual_seed(5))
+    counts = {}
+    for stop in ("residual", "eigenvalue"):
+        full["n"] = 0
+        res = hf.lanczos(lambda v: H @ v, v0, k=1, tol=1e-4, stop=stop)
+        counts[stop] = full["n"]
+        assert res.status == "converged"
+        assert abs(float(res.eigenvalues[0]) - 3.0) <= 1e-4 * 3.0
+    assert counts["eigenvalue"] == 1, counts  # the first step's only (4 with a residual-sized level)
+    assert counts["residual"] > 1, counts
+
+
 def test_power_iteration_reports_its_residual_as_the_error_bound():
     matvec, like, H = spectrum_operator([4.0, 1.0, -2.0, 0.5])
     res = hf.power_iteration(matvec, random_tree(like, 0), tol=1e-4)
