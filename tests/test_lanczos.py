@@ -328,8 +328,10 @@ def test_the_basis_grows_when_products_cost_more_than_orthogonalizing():
     v0 = torch.randn(300, generator=torch.Generator().manual_seed(0), dtype=DT)
     grown = hf.lanczos(slow, v0, k=5, which="SA", tol=1e-10, find_copies=False)
     fixed = hf.lanczos(lambda v: d * v, v0, k=5, which="SA", tol=1e-10, find_copies=False, max_basis=20)
-    assert fixed.basis_size == 21 and grown.basis_size > 41
-    assert grown.num_matvecs < 0.7 * fixed.num_matvecs
+    # grown at least once (twice when the machine is quiet: timings decide), which
+    # takes about 137 products against 210 for the fixed basis
+    assert fixed.basis_size == 21 and grown.basis_size >= 41
+    assert grown.num_matvecs < 0.75 * fixed.num_matvecs
     torch.testing.assert_close(grown.eigenvalues, d.sort().values[:5], rtol=1e-9, atol=1e-9)
 
 
@@ -401,12 +403,11 @@ def test_restarts_that_keep_both_ends_take_fewer_products():
         torch.testing.assert_close(res.eigenvalues, lam.sort().values[:5], rtol=1e-9, atol=1e-9)
 
 
-def test_the_copy_check_deflates_the_space_explored_and_is_shorter(monkeypatch):
-    # The check looks for eigenvectors the first run's Krylov space cannot reach; they
-    # are orthogonal to that space, so deflating all of it (the default basis) keeps
-    # them and removes the partly resolved neighbours of the k-th eigenvalue, which
-    # deflating the five pairs (an explicit max_basis) leaves in: 121-128 products for
-    # the check against 165-176 here (the basis kept at 20 vectors to make counts exact).
+def test_the_copy_check_deflates_resolved_ritz_vectors_and_is_shorter(monkeypatch):
+    # With the default basis the check also deflates the first run's Ritz vectors that
+    # are resolved eigenvectors, the neighbours of the k-th eigenvalue that deflating
+    # the five pairs alone (an explicit max_basis) leaves in: 354 and 387 products in
+    # all against 386 and 419 (the basis kept at 20 vectors to make counts exact).
     from hvpfunc._eigen import lanczos as module
 
     monkeypatch.setattr(module, "_grown", lambda state: state.V.shape[0] - 1)
@@ -415,7 +416,7 @@ def test_the_copy_check_deflates_the_space_explored_and_is_shorter(monkeypatch):
         v0 = torch.randn(300, generator=torch.Generator().manual_seed(seed), dtype=DT)
         explored = hf.lanczos(lambda v: lam * v, v0, k=5, which="SA", tol=1e-10)
         pairs = hf.lanczos(lambda v: lam * v, v0, k=5, which="SA", tol=1e-10, max_basis=20)
-        assert explored.num_matvecs < pairs.num_matvecs - 25, (explored.num_matvecs, pairs.num_matvecs)
+        assert explored.num_matvecs < pairs.num_matvecs - 20, (explored.num_matvecs, pairs.num_matvecs)
         for res in (explored, pairs):
             torch.testing.assert_close(res.eigenvalues, lam.sort().values[:5], rtol=1e-9, atol=1e-9)
 
@@ -429,6 +430,23 @@ def test_the_copy_check_finds_an_eigenvector_orthogonal_to_the_start_vector():
     res = hf.lanczos(lambda v: d * v, v0, k=2, tol=1e-10)
     assert res.status == "converged"
     torch.testing.assert_close(res.eigenvalues, torch.tensor([10.0, 5.0], dtype=DT), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("seed", [1, 3])
+def test_the_copy_check_finds_an_eigenvalue_hidden_in_a_cluster_at_a_loose_tolerance(seed):
+    # Top five inside a cluster (0.658 and 0.6574 apart by 6e-4): at tol 1e-3 the first
+    # run merges the two into one Ritz value and returns 0.65 as the fifth. The check's
+    # run once stopped on its own eigenvalue bound, whose gap from a few Ritz values was
+    # overstated, and deflating the whole Krylov space hid the missed vector: both
+    # returned 0.65 for 0.6543 (relative error 7e-3) as converged.
+    g = torch.Generator().manual_seed(seed)
+    lam = torch.cat([torch.tensor([0.677, 0.661, 0.658, 0.6574, 0.6543, 0.65, 0.645, 0.64]),
+                     0.3 * torch.rand(1992, generator=g) - 0.05]).to(DT)
+    Q, _ = torch.linalg.qr(torch.randn(2000, 2000, generator=g, dtype=DT))
+    H = (Q * lam) @ Q.T
+    res = hf.lanczos(lambda v: H @ v, torch.randn(2000, generator=g, dtype=DT), k=5, tol=1e-3, stop="eigenvalue")
+    assert res.status == "converged"
+    assert float(((res.eigenvalues - lam[:5]).abs() / lam[:5]).max()) <= 1e-3
 
 
 def test_the_copy_check_stays_within_the_memory_budget(monkeypatch):

@@ -6,7 +6,7 @@ import math
 import numbers
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Literal, NamedTuple, Optional, Tuple, Union, get_args
 
 import numpy as np
@@ -87,21 +87,21 @@ def lanczos(
     classifier has a null space of dimension at least the classes; symmetric networks
     have repeated outliers). With ``find_copies=True`` (default, for k ≥ 2) Lanczos runs
     again on (I − UUᵀ) H (I − UUᵀ) from a fresh random vector drawn from ``generator``,
-    U's rows spanning the Krylov space the first run explored (with the default
-    ``max_basis``, where memory's share holds it beside the check's basis; else the
-    pairs found, as ARPACK locks converged pairs), until its best pair converges or a
-    probabilistic bound (Hochstenbach 2013, from the Lanczos polynomial) shows that,
-    with probability at least 1 − 10⁻³ over the fresh vector, that operator has nothing
-    beyond the k-th eigenvalue. Every eigenvector the first run could not reach (a
-    copy's, or one orthogonal to v0) is orthogonal to its Krylov space, so it would be
-    found; deflating the whole space also removes the eigenvalues next to the k-th
-    that the first run resolved, which makes the check short (on ARPACK's clustered
-    spectrum, k = 5 smallest: about 20 products where deflating the 5 pairs took 116).
-    A better pair found (a copy) takes the place of the k-th, its residual measured in
-    H with one product, and the check runs again. The same check runs for any k when
-    the start vector lay in an invariant subspace (an eigenvector, say); the pairs
-    found are then what is deflated. With ``find_copies=False`` a run with k ≥ 2 stops
-    at the first convergence and its ``message`` says that copies were not ruled out.
+    U's rows spanning the pairs found (as ARPACK locks converged pairs) and, with the
+    default ``max_basis`` where memory's share holds them, the first run's other Ritz
+    vectors that are resolved enough to hide no missed eigenvalue, until its best pair
+    meets the residual tolerance or a probabilistic bound (Hochstenbach 2013, from the
+    Lanczos polynomial) shows that, with probability at least 1 − 10⁻³ over the fresh
+    vector, that operator has nothing beyond the k-th eigenvalue. Deflating the
+    resolved neighbours of the k-th eigenvalue makes the check short (on ARPACK's
+    clustered spectrum, k = 5 smallest: 37 products where deflating the 5 pairs alone
+    took 95). The check also finds eigenvalues the first run reached but had not
+    resolved (inside a cluster, at a loose ``tol``). A better pair found takes the place
+    of the k-th, its residual measured in H with one product, and the check runs
+    again. The same check runs for any k when the start vector lay in an invariant
+    subspace (an eigenvector, say); the pairs found are then what is deflated. With
+    ``find_copies=False`` a run with k ≥ 2 stops at the first convergence and its
+    ``message`` says that copies were not ruled out.
 
     Args:
         matvec: ``v -> H v`` on trees shaped like ``v0``; H must be symmetric.
@@ -237,17 +237,17 @@ def lanczos(
                                state.fixed_seconds, state.step_seconds)
             explored = None
             if not state.deficient and max_basis is None:
-                # the whole Krylov space explored holds no part of a copy, so the check
-                # may deflate it, where memory's share holds it beside the check's basis
+                # the check may also deflate the main basis' resolved Ritz vectors (see
+                # _resolved), where memory's share holds them beside the check's basis
                 room = _fitting(n, held_as, held_on) - state.j - 1
                 fits = room >= max(m, _CHECK_BASIS)
                 if ctx.allsum is not None:  # free memory differs between ranks: all must agree
                     votes = ctx.allsum(torch.tensor([float(fits), 1.0], dtype=torch.float64, device=op.device))
                     fits = float(votes[0]) == float(votes[1])
                 if fits:
-                    explored = _orthonormal_rows(state.V[: state.j], ctx.allsum)
+                    explored = _resolved(state, pairs, ctx)
                     carried = carried._replace(cap=min(state.cap, room))
-            del state  # the pairs (and the explored space) hold all that is kept
+            del state  # the pairs (and the resolved vectors) hold all that is kept
             pairs, status, detail, check_held = _check_copies(op, pairs, carried, n, ctx, bar, repeat=repeat,
                                                               explored=explored)
             held = max(held, check_held)
@@ -488,30 +488,26 @@ def _check_copies(
     explored: Optional[Tensor] = None,
 ) -> Tuple[_Pairs, Status, str, int]:
     """Look for eigenvalues better than the k-th found, which a single Krylov sequence
-    misses when it is a copy of one found (or when the start vector lay in an invariant
-    subspace): Lanczos on the deflated operator PHP, P = I − UUᵀ, from a fresh random
-    vector. U's rows are the pairs' vectors, or with ``explored`` (orthonormal rows
-    spanning the main run's Krylov space K) those rows until a copy is found.
-
-    Deflating K is what makes the check cheap: an eigenvector the Krylov space of the
-    start vector v0 cannot reach (a copy's, whose eigenspace meets K only along the
-    found vector, or one orthogonal to v0) is orthogonal to K, so it is an eigenvector
-    of PHP too, while the eigenvalues next to the k-th that the main run resolved
-    partly are gone from PHP, which moves its extreme away from the k-th (ARPACK's
-    clustered spectrum, k = 5 smallest: the check took about 20 products instead of
-    116). Eigenvalues K does reach are the main run's to converge to, as in ARPACK.
+    misses when it is a copy of one found, when its eigenvector is orthogonal to the
+    start vector, or inside a cluster it has not resolved: Lanczos on the deflated
+    operator PHP, P = I − UUᵀ, from a fresh random vector, its best pair held to the
+    residual tolerance (an eigenvalue bound's gap from a short run's Ritz values can be
+    overstated a hundredfold). U's rows are the pairs' vectors, or ``explored``: those
+    and the main basis' resolved Ritz vectors (:func:`_resolved`), then the vectors
+    found since.
 
     It stops when its best pair converges or when :func:`_nothing_beyond` rules out
-    anything better. A better pair seen with K deflated sends the check back to
-    deflating the pairs alone, where a copy's vector converges in H (see the comment
-    there); a better pair found that way joins the k (replacing the worst) and, with
-    ``repeat``, the check runs again. ``main`` carries the main run's basis size,
-    limits, timings and ‖H‖'s estimate; the most vectors held (U's rows included) is
-    returned last."""
+    anything better. A better pair found joins the k (replacing the worst), and its
+    vector joins U; with ``repeat`` the check runs again. One found with ``explored``
+    deflated whose residual in H misses the tolerance is first converged by a run
+    deflating the pairs alone, started from its vector (see the comment there).
+    ``main`` carries the main run's basis size, limits, timings and ‖H‖'s estimate;
+    the most vectors held (U's rows included) is returned last."""
     norm_estimate = main.norm_estimate
     held = 0
+    polish: Optional[Tensor] = None  # a vector found with K deflated, to converge against the pairs
     while True:
-        U = pairs.vectors if explored is None else explored
+        U = pairs.vectors if explored is None or polish is not None else explored
         dim = n - U.shape[0]
         if dim == 0:  # the copies found and the space explored are the whole space
             return pairs, Status.CONVERGED, "", held
@@ -522,29 +518,48 @@ def _check_copies(
             # an invariant Krylov space of a random vector holds every distinct eigenvalue
             return invariant or _nothing_beyond(state, kth + (floor if ctx.which == "SA" else -floor), ctx.which, dim)
 
+        # The check's best pair must meet the tolerance by its residual: the eigenvalue
+        # bound's gap, from the few Ritz values of a short run whose start has not yet
+        # resolved a cluster (or, when polishing, starts next to an eigenvector), can be
+        # overstated a hundredfold, and a check that stopped on it missed an eigenvalue
+        # inside a cluster of the top five (relative error 7e-3 at tol 1e-3).
+        run_ctx = replace(ctx, stop="residual")
+        if polish is None:
+            start = _fresh_direction(U, ctx.generator, ctx.allsum)
+        else:  # not random: only convergence may stop this run
+            start, _ = orthogonalize(U, polish.clone(), ctx.allsum)
+            start = start / norm(start, ctx.allsum)
         size = min(max(main.m, _CHECK_BASIS), main.cap, dim)
-        state = _start(_fresh_direction(U, ctx.generator, ctx.allsum), size, min(main.cap, dim), ctx.allsum)
+        state = _start(start, size, min(main.cap, dim), ctx.allsum)
         state.norm_estimate = norm_estimate
         state.product_seconds, state.fixed_seconds, state.step_seconds = (
             main.product_seconds, main.fixed_seconds, main.step_seconds)
-        state, status, detail = _run(op, state, 1, dim, ctx, bar, done, deflate=U)
-        held = max(held, state.V.shape[0] + U.shape[0])
+        state, status, detail = _run(op, state, 1, dim, run_ctx, bar, done if polish is None else None, deflate=U)
+        held = max(held, state.V.shape[0] + U.shape[0] + (0 if explored is None or polish is None else len(explored)))
         if status is not Status.CONVERGED:
             return pairs, status, detail, held
         theta = eigvalsh(state.T[: state.j, : state.j])
         best = select(theta, ctx.which, 1)
         value = float(theta[best[0]])
         if not _better(value, kth, floor, ctx.which):
-            return pairs, Status.CONVERGED, "", held
-        norm_estimate = max(norm_estimate, state.norm_estimate)
-        if explored is not None:
-            # A copy exists. Its vector here leaks into K through the main run's last
-            # coupling (β times its error along the residual direction), which keeps its
-            # residual in H above a tolerance at rounding level (a double zero): find and
-            # converge it, and any further copies, against the pairs themselves.
-            explored = None
+            if polish is None:
+                return pairs, Status.CONVERGED, "", held
+            explored = polish = None  # what K's deflation showed was not there: check as before
             continue
-        pairs = _merge(pairs, _extract(state, 1, ctx), theta, op, norm_estimate, ctx)
+        norm_estimate = max(norm_estimate, state.norm_estimate)
+        found = _extract(state, 1, run_ctx)
+        merged, accepted = _merge(pairs, found, theta, op, norm_estimate, run_ctx)
+        if explored is not None and polish is None and not accepted:
+            # The vector found leaks into K through the main run's last coupling (β times
+            # its error along the residual direction), which can keep its residual in H
+            # above the tolerance although it converged in the deflated operator: converge
+            # it against the pairs alone, from where it is.
+            polish = found.vectors[0]
+            continue
+        polish = None
+        if explored is not None:
+            explored = torch.cat([explored, _orthonormal_rows(found.vectors, ctx.allsum, against=explored)])
+        pairs = merged
         if not repeat:
             return pairs, Status.CONVERGED, "", held
 
@@ -555,15 +570,59 @@ def _check_copies(
 _CHECK_BASIS = 20
 
 
-def _orthonormal_rows(V: Tensor, allsum: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+def _orthonormal_rows(V: Tensor, allsum: Optional[Callable[[Tensor], Tensor]] = None,
+                      against: Optional[Tensor] = None) -> Tensor:
     """An orthonormal copy of the rows of V (nearly orthonormal already, as a
-    semi-orthogonal Lanczos basis is): Cholesky QR twice, whose second pass brings a
-    Gram matrix within √ε of I down to rounding."""
-    Z = V
+    semi-orthogonal Lanczos basis is), projected off the orthonormal rows ``against``
+    first: Cholesky QR twice, whose second pass brings a Gram matrix within √ε of I
+    down to rounding."""
+    Z = V if against is None else torch.stack([orthogonalize(against, row, allsum)[0] for row in V])
     for _ in range(2):
         L = torch.linalg.cholesky(total(Z @ Z.T, allsum).to("cpu", torch.float64))
         Z = torch.linalg.solve_triangular(L.to(Z.device, Z.dtype), Z, upper=False)
     return Z
+
+
+# The share of the k-th eigenvalue's tolerance that deflating resolved Ritz vectors may
+# cost the copy check's view of a missed eigenvalue (see _resolved).
+_RESOLVED_SHARE = 0.1
+
+
+def _resolved(state: _State, pairs: _Pairs, ctx: _Options) -> Tensor:
+    """Orthonormal rows spanning the pairs found and the main basis' other Ritz vectors
+    that are resolved eigenvectors, for the copy check to deflate.
+
+    Deflating a Ritz vector g (value θ_g, residual r_g) hides little of an eigenvector w
+    the main run missed (value λ beyond the k-th found, θ_k): |gᵀw| ≤ r_g/|λ − θ_g|, and
+    the deflated operator keeps an eigenvalue beyond λ − Σ_g r_g²/|λ − θ_g| (to first
+    order). So the vectors on the far side of θ_k are taken, smallest r_g²/|θ_k − θ_g|
+    first, while those terms sum to at most ``_RESOLVED_SHARE`` of θ_k's tolerance: a
+    missed eigenvalue stays visible to the check, and the resolved neighbours of θ_k
+    leave the deflated operator, which shortens the check (ARPACK's clustered spectrum,
+    k = 5 smallest: 37 products instead of 95). Deflating the whole basis instead
+    (which holds no part of a copy) was shorter still but hid eigenvalues the main run
+    had reached without resolving: inside a cluster of the top five at tol 1e-3 it
+    returned 0.65 for 0.6543 as converged.
+    """
+    g = state.j
+    theta, Y = eigh(state.T[:g, :g])
+    residuals = np.abs(state.coupling @ Y)
+    kth = float(pairs.values[-1])
+    floor = float(_threshold(np.array([kth]), ctx.tol, ctx.eps, state.norm_estimate)[0])
+    wanted = set(select(theta, ctx.which, len(pairs.values)).tolist())
+    if ctx.which == "LA":
+        distance = kth - theta
+    elif ctx.which == "SA":
+        distance = theta - kth
+    else:
+        distance = abs(kth) - np.abs(theta)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cost = np.where(distance > 0, residuals**2 / distance, np.inf)
+    order = [i for i in np.argsort(cost) if i not in wanted and np.isfinite(cost[i])]
+    spent = np.cumsum(cost[order]) if order else np.zeros(0)
+    chosen = [i for i, c in zip(order, spent) if c <= _RESOLVED_SHARE * floor]
+    G = torch.as_tensor(Y[:, chosen].T.copy()).to(state.V.device, state.V.dtype) @ state.V[:g]
+    return _orthonormal_rows(torch.cat([pairs.vectors, G]), ctx.allsum)
 
 
 def _better(value: float, kth: float, floor: float, which: str) -> bool:
@@ -577,10 +636,11 @@ def _better(value: float, kth: float, floor: float, which: str) -> bool:
 
 def _merge(
     pairs: _Pairs, found: _Pairs, theta: np.ndarray, op: Operator, norm_estimate: float, ctx: _Options
-) -> _Pairs:
+) -> Tuple[_Pairs, bool]:
     """The k best of ``pairs`` and the pair ``found`` by the deflated run (its Ritz values
-    ``theta``). The found pair's residual in H (not in the deflated operator) costs one
-    product: Hu − θu has a part along U that the deflated run cannot see."""
+    ``theta``), and whether the found pair meets the tolerance. Its residual in H (not in
+    the deflated operator) costs one product: Hu − θu has a part along U that the
+    deflated run cannot see."""
     value, u = float(found.values[0]), found.vectors[0]
     r = norm(_product(op, u) - value * u, ctx.allsum)
     residual = float(r.to("cpu", torch.float64))
@@ -605,7 +665,7 @@ def _merge(
         converged=np.append(pairs.converged, ok)[order],
         residuals=np.append(pairs.residuals, residual)[order],
         errors=np.append(pairs.errors, error)[order],
-    )
+    ), ok
 
 
 def _expand(state: _State, op: Operator, ctx: _Options, deflate: Optional[Tensor] = None) -> Optional[Tensor]:
