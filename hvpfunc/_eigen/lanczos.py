@@ -235,7 +235,7 @@ def lanczos(
             # the check's basis and the k pairs it deflates stay within the main run's limit
             carried = _Carried(state.norm_estimate, m, max(state.cap - k, 2), state.product_seconds,
                                state.fixed_seconds, state.step_seconds)
-            explored = None
+            resolved = None
             if not state.deficient and max_basis is None:
                 # the check may also deflate the main basis' resolved Ritz vectors (see
                 # _resolved), where memory's share holds them beside the check's basis
@@ -245,11 +245,11 @@ def lanczos(
                     votes = ctx.allsum(torch.tensor([float(fits), 1.0], dtype=torch.float64, device=op.device))
                     fits = float(votes[0]) == float(votes[1])
                 if fits:
-                    explored = _resolved(state, pairs, ctx)
+                    resolved = _resolved(state, pairs, ctx)
                     carried = carried._replace(cap=min(state.cap, room))
             del state  # the pairs (and the resolved vectors) hold all that is kept
             pairs, status, detail, check_held = _check_copies(op, pairs, carried, n, ctx, bar, repeat=repeat,
-                                                              explored=explored)
+                                                              resolved=resolved)
             held = max(held, check_held)
     finally:
         bar.close()
@@ -485,20 +485,20 @@ class _Carried(NamedTuple):
 
 def _check_copies(
     op: Operator, pairs: _Pairs, main: _Carried, n: int, ctx: _Options, bar: Progress, *, repeat: bool,
-    explored: Optional[Tensor] = None,
+    resolved: Optional[Tensor] = None,
 ) -> Tuple[_Pairs, Status, str, int]:
     """Look for eigenvalues better than the k-th found, which a single Krylov sequence
     misses when it is a copy of one found, when its eigenvector is orthogonal to the
     start vector, or inside a cluster it has not resolved: Lanczos on the deflated
     operator PHP, P = I − UUᵀ, from a fresh random vector, its best pair held to the
     residual tolerance (an eigenvalue bound's gap from a short run's Ritz values can be
-    overstated a hundredfold). U's rows are the pairs' vectors, or ``explored``: those
+    overstated a hundredfold). U's rows are the pairs' vectors, or ``resolved``: those
     and the main basis' resolved Ritz vectors (:func:`_resolved`), then the vectors
     found since.
 
     It stops when its best pair converges or when :func:`_nothing_beyond` rules out
     anything better. A better pair found joins the k (replacing the worst), and its
-    vector joins U; with ``repeat`` the check runs again. One found with ``explored``
+    vector joins U; with ``repeat`` the check runs again. One found with ``resolved``
     deflated whose residual in H misses the tolerance is first converged by a run
     deflating the pairs alone, started from its vector (see the comment there).
     ``main`` carries the main run's basis size, limits, timings and ‖H‖'s estimate;
@@ -507,9 +507,9 @@ def _check_copies(
     held = 0
     polish: Optional[Tensor] = None  # a vector found with K deflated, to converge against the pairs
     while True:
-        U = pairs.vectors if explored is None or polish is not None else explored
+        U = pairs.vectors if resolved is None or polish is not None else resolved
         dim = n - U.shape[0]
-        if dim == 0:  # the copies found and the space explored are the whole space
+        if dim == 0:  # the pairs, the resolved vectors and the copies found span the whole space
             return pairs, Status.CONVERGED, "", held
         kth = float(pairs.values[-1])
         floor = float(_threshold(np.array([kth]), ctx.tol, ctx.eps, norm_estimate)[0])
@@ -535,7 +535,7 @@ def _check_copies(
         state.product_seconds, state.fixed_seconds, state.step_seconds = (
             main.product_seconds, main.fixed_seconds, main.step_seconds)
         state, status, detail = _run(op, state, 1, dim, run_ctx, bar, done if polish is None else None, deflate=U)
-        held = max(held, state.V.shape[0] + U.shape[0] + (0 if explored is None or polish is None else len(explored)))
+        held = max(held, state.V.shape[0] + U.shape[0] + (0 if resolved is None or polish is None else len(resolved)))
         if status is not Status.CONVERGED:
             return pairs, status, detail, held
         theta = eigvalsh(state.T[: state.j, : state.j])
@@ -544,21 +544,21 @@ def _check_copies(
         if not _better(value, kth, floor, ctx.which):
             if polish is None:
                 return pairs, Status.CONVERGED, "", held
-            explored = polish = None  # what K's deflation showed was not there: check as before
+            resolved = polish = None  # what that deflation showed was not there: deflate the pairs alone
             continue
         norm_estimate = max(norm_estimate, state.norm_estimate)
         found = _extract(state, 1, run_ctx)
         merged, accepted = _merge(pairs, found, theta, op, norm_estimate, run_ctx)
-        if explored is not None and polish is None and not accepted:
-            # The vector found leaks into K through the main run's last coupling (β times
-            # its error along the residual direction), which can keep its residual in H
-            # above the tolerance although it converged in the deflated operator: converge
-            # it against the pairs alone, from where it is.
+        if resolved is not None and polish is None and not accepted:
+            # H couples the vector found to the deflated Ritz vectors through their own
+            # residuals, which can keep its residual in H above a tolerance at rounding
+            # level although it converged in the deflated operator: converge it against
+            # the pairs alone, from where it is.
             polish = found.vectors[0]
             continue
         polish = None
-        if explored is not None:
-            explored = torch.cat([explored, _orthonormal_rows(found.vectors, ctx.allsum, against=explored)])
+        if resolved is not None:
+            resolved = torch.cat([resolved, _orthonormal_rows(found.vectors, ctx.allsum, against=resolved)])
         pairs = merged
         if not repeat:
             return pairs, Status.CONVERGED, "", held
