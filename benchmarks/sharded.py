@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import resource
 import tempfile
+import time
 from datetime import timedelta
 from typing import Dict, List
 
@@ -69,6 +70,11 @@ def _worker(rank: int, init_file: str, what: str, out_dir: str, size: str) -> No
         local = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
         with open(os.path.join(out_dir, f"{what}{rank}"), "w") as f:
             f.write(f"{_peak_kib() - base} {local}")
+        # torch 2.13's gloo threads release the collectives' tensors after the caller
+        # moves on; at interpreter exit that aborts the process: every rank waits, then
+        # the GIL is free for a moment so that they let go first
+        dist.barrier()
+        time.sleep(0.1)
     finally:
         dist.destroy_process_group()
 

@@ -11,6 +11,7 @@ On GPUs (NCCL), the same script picks a CUDA device per rank.
 """
 
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -55,6 +56,11 @@ def main() -> None:
         print(f"top-5 eigenvalues (exact products):        {top.eigenvalues.tolist()} [{top.status}]")
         print(f"top-5 eigenvalues (gradient differences):  {top_fd.eigenvalues.tolist()} [{top_fd.status}]")
         print(f"trace (Hutch++, 60 products): {float(trace.estimate):.5g} ± {float(trace.stderr):.2g}")
+    # torch 2.13's gloo threads may still hold the last collectives' buffers: released
+    # after the interpreter has begun to exit, they abort the process. The barrier ends
+    # every rank's collectives; the pause lets the threads take the GIL to release them.
+    dist.barrier()
+    time.sleep(0.1)
     dist.destroy_process_group()
 
 

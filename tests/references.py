@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from datetime import timedelta
 from typing import Any, Callable, Iterator, Sequence, Tuple
 
@@ -98,12 +99,21 @@ COLLECTIVE_TIMEOUT = timedelta(seconds=60)
 @contextlib.contextmanager
 def gloo_group(rank: int, init_file: str, world_size: int = 2) -> Iterator[None]:
     """A spawned test process's gloo process group (file store on ``init_file``, the
-    collective timeout above), destroyed on the way out, also when the body raises."""
+    collective timeout above), destroyed on the way out, also when the body raises.
+
+    torch 2.13's gloo worker threads drop their reference to a finished collective's
+    tensors after the caller has moved on; where that comes after the interpreter began
+    to exit, taking the GIL ends the thread inside a destructor and the process aborts
+    ("terminate called without an active exception", a third to a half of these tests'
+    runs). A body that returns waits for every rank (barrier) and releases the GIL for a
+    moment so that the threads let go first."""
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                             timeout=COLLECTIVE_TIMEOUT)
     try:
         yield
+        dist.barrier()
+        time.sleep(0.1)
     finally:
         dist.destroy_process_group()
