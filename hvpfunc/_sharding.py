@@ -10,6 +10,7 @@ not one per leaf). Nothing is gathered whole, so a basis takes 1/world of its me
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable, List, Optional, Sequence
 
 import torch
@@ -18,11 +19,10 @@ from torch import Tensor
 
 
 def _dtensor_type() -> Optional[type]:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a build without distributed support
-        return None
-    return DTensor
+    # No DTensor exists before its module is imported; importing it only to ask (0.4 s,
+    # with torch.fx's symbolic shapes) would slow down every process's first matvec
+    api = sys.modules.get("torch.distributed.tensor._api")
+    return None if api is None else api.DTensor
 
 
 def is_dtensor(x: Any) -> bool:

@@ -641,3 +641,27 @@ def test_packed_sequences_over_several_batches_in_the_default_mode(cls):
                       chunk_size=1)
     assert float(tr.estimate) == pytest.approx(float(looped.estimate), rel=1e-12)
     assert abs(float(tr.estimate) - float(torch.trace(H))) <= 4 * float(tr.stderr)
+
+
+def test_building_a_matvec_imports_neither_dynamo_nor_dtensor():
+    """A process's first matvec once paid 1 s of imports (7x the build of a small CNN's
+    double-backward graph): torch._dynamo, which torch imports on the first call of a
+    TorchDispatchMode's __torch_dispatch__ (the operation recorder opts out), and
+    torch.distributed.tensor, imported only to ask whether parameters are DTensors (none
+    can be before it is imported). Fresh interpreter: the modules must stay out."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch\n"
+        "from torch import nn\n"
+        "import hvpfunc as hf\n"
+        "m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(144, 3)).eval()\n"
+        "x, y = torch.randn(5, 3, 8, 8), torch.randint(0, 3, (5,))\n"
+        "mv, p = hf.model_hvp_fn(m, nn.CrossEntropyLoss(), (x, y))\n"
+        "mv(p)\n"
+        "print(sorted(k for k in ('torch._dynamo', 'torch.distributed.tensor') if k in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"

@@ -39,6 +39,13 @@ class _OpRecorder(TorchDispatchMode):
     """Records the names of the ATen operations dispatched while it is active, and the
     uses that make forward-mode products wrong."""
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # torch wraps a dispatch mode's __torch_dispatch__ in torch._disable_dynamo, whose
+        # first call imports torch._dynamo: 0.55 s of every process's first matvec, for
+        # a mode that never runs under torch.compile (it records f's eager operations)
+        return False
+
     def __init__(self) -> None:
         super().__init__()
         self.names: set = set()
