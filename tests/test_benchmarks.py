@@ -36,6 +36,11 @@ def test_job_tables_on_tiny_models():
     for how in ("hvpfunc lanczos(k=1", "hvpfunc trace(100 probes)", "hvpfunc lanczos(k=5", "hvpfunc spectral_density",
                 "hvpfunc hypergradient(solver='cg'), defaults (converged)"):
         assert how in text
+    # the first-answer table: a fresh process per job, its top eigenvalue against the reference
+    first = text.split("### First answer", 1)[1].split("###", 1)[0]
+    rows = [line.split("|")[1:-1] for line in first.splitlines() if line.startswith("| ") and "model" not in line]
+    assert [r[0].strip() for r in rows] == ["MLP", "ResNet-style CNN (BatchNorm, eval)", "transformer"]
+    assert all(float(r[3]) < 1e-2 for r in rows)
 
 
 @pytest.mark.slow
