@@ -330,6 +330,26 @@ def test_random_functions_are_refused_before_they_give_random_products():
                 hf.hvp_fn(f, params, mode=mode)
 
 
+def test_auto_builds_with_two_evaluations_of_f():
+    """auto's determinism check compares the recorded evaluation with the forward pass that
+    builds its graph: two evaluations of f in all (an explicit stored mode takes three),
+    and the product is still the dense Hessian's."""
+    calls = []
+    params = {"w": torch.linspace(0.5, 1.5, 6, dtype=DT)}
+
+    def f(p):
+        calls.append(1)
+        return (p["w"].sin() * p["w"] ** 2).sum()
+
+    mv = hf.hvp_fn(f, params)
+    assert len(calls) == 2 and mv.mode == "reverse-over-reverse"
+    v = {"w": torch.arange(6, dtype=DT)}
+    assert torch.allclose(mv(v)["w"], dense_hessian(f, params) @ v["w"], rtol=1e-12, atol=1e-12)
+    calls.clear()
+    hf.hvp_fn(f, params, mode="reverse-over-reverse")
+    assert len(calls) == 3
+
+
 # mode="compiled" is kept out of MODES above: every construction runs torch.compile
 # (seconds), too slow for the hypothesis tests.
 

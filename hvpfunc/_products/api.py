@@ -207,7 +207,8 @@ def hvp_fn(
       eagerly (compiled functions cannot be called inside them, pytorch#128711).
 
     A mode is trusted only after it is checked. At construction f is evaluated twice
-    (finite and deterministic, or ``ValueError``), recording the operations it
+    (finite and deterministic, or ``ValueError``; for ``"auto"`` the second evaluation
+    is the forward pass that builds its graph), recording the operations it
     dispatches: ``torch.func.linearize`` crashes the process on some (``F.mse_loss`` in
     torch 2.13), so ``"linearize"`` is refused for them before any tracing. A traced
     map must replay bit for bit and agree with an independent mode on two vectors before
@@ -271,7 +272,7 @@ def build(f, params, args, kwargs, *, mode: str, cache: Optional[dict] = None,
     with outside_inference_mode():
         params, args, kwargs = usable(params), usable(args), usable(kwargs)
         f = scalar_fn(f)
-        inspection = inspect(f, params, args, kwargs)
+        inspection = inspect(f, params, args, kwargs, again=mode != "auto")
         refuse_fused_attention(inspection, mode)
         if mode == "auto":
             return Matvec(AutoProduct(f, params, args, kwargs, inspection, key or signature(f, params, args, kwargs)),

@@ -11,7 +11,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .._types import MatvecFn, Tree
-from .checks import Inspection, check_product
+from .checks import Inspection, check_deterministic, check_product
 from .modes import BUILDERS, differentiable_kernels, routing
 
 # Tracing torch.func.linearize cost about 50 gradients on a ResNet-style CNN (DESIGN.md);
@@ -108,6 +108,7 @@ class AutoProduct:
         memory = _OUTCOMES.get(key)
         start = time.perf_counter()
         self.mode, self._fn = self._first_mode(errors, inspection)
+        self._second_look(inspection)
         _sync(params)
         self.build_seconds = time.perf_counter() - start
         self._pending = False  # whether the linearize experiment may still run
@@ -142,6 +143,16 @@ class AutoProduct:
                 errors[mode] = err
         detail = "; ".join(f"{m}: {type(e).__name__}: {e}" for m, e in errors.items())
         raise RuntimeError(f"hvp_fn(mode='auto'): no mode could compute a product ({detail})")
+
+    def _second_look(self, inspection: Inspection) -> None:
+        """f evaluated again for :func:`check_deterministic`: the forward pass that built
+        the stored graph where the first mode has one (no extra evaluation), else once
+        more without gradients."""
+        value = getattr(self._fn, "value", None)
+        if value is None:
+            with torch.no_grad(), differentiable_kernels():
+                value = self._f(self._params, *self._args, **self._kwargs)
+        check_deterministic(inspection.value, float(value))
 
     def expect_products(self, count: int) -> None:
         """A caller's hint that ``count`` more products will follow (a trace's probes): the

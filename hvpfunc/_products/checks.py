@@ -67,8 +67,9 @@ class _OpRecorder(TorchDispatchMode):
 class Inspection:
     """What one look at f told: the operations it dispatches and the modes they rule out."""
 
-    def __init__(self, ops: FrozenSet[str], forward_wrong: FrozenSet[str] = frozenset()):
+    def __init__(self, ops: FrozenSet[str], forward_wrong: FrozenSet[str] = frozenset(), value: float = math.nan):
         self.ops = ops
+        self.value = value  # f at the point, from the recorded evaluation
         self.forward_hazard: Optional[str] = (
             f"forward-mode products are wrong through {', '.join(sorted(forward_wrong))}" if forward_wrong else None
         )
@@ -113,26 +114,35 @@ def memory_light_mode(f: Callable[..., Any], params: Tree, args: tuple, kwargs: 
         raise
 
 
-def inspect(f: Callable[..., Any], params: Tree, args: tuple, kwargs: dict) -> Inspection:
-    """Evaluate f twice at the point (the first time recording its operations).
+def inspect(f: Callable[..., Any], params: Tree, args: tuple, kwargs: dict, *, again: bool = True) -> Inspection:
+    """Evaluate f at the point, recording its operations, and (``again``) a second time.
 
     Raises ``ValueError`` when f is not finite there (every product would be nan, yet
     nan passes every comparison a solver makes) or not deterministic (randomness inside f
     would make every product random, and a stored mode would freeze one random draw into
-    the operator, both silently).
+    the operator, both silently). ``again=False`` leaves the second evaluation to the
+    caller (:func:`check_deterministic`): ``mode="auto"`` compares with the forward pass
+    that builds its graph instead of paying for one more.
     """
     recorder = _OpRecorder()
     with torch.no_grad(), differentiable_kernels():
         with recorder:
             first = f(params, *args, **kwargs)
-        second = f(params, *args, **kwargs)
-    a, b = float(first), float(second)
+        second = f(params, *args, **kwargs) if again else None
+    a = float(first)
     if not math.isfinite(a):
         raise ValueError(
             f"f is not finite at params (f = {a!r}): every Hessian-vector product would be nan "
             "or inf. Check the loss at these parameters and data (a log or sqrt of a negative "
             "number, a division by zero, an overflow)."
         )
+    if second is not None:
+        check_deterministic(a, float(second))
+    return Inspection(frozenset(recorder.names), frozenset(recorder.forward_wrong), a)
+
+
+def check_deterministic(a: float, b: float) -> None:
+    """Raise ``ValueError`` unless two evaluations of f at the same point agree."""
     # GPU reductions may differ in the last bits between runs; randomness does not hide there
     if abs(a - b) > 1e-6 * max(abs(a), abs(b)) + 1e-30:
         raise ValueError(
@@ -141,7 +151,6 @@ def inspect(f: Callable[..., Any], params: Tree, args: tuple, kwargs: dict) -> I
             "every Hessian-vector product random and solvers would not converge: make f "
             "deterministic (model.eval(), fixed noise, or model_hvp_fn(..., dropout='off'))."
         )
-    return Inspection(frozenset(recorder.names), frozenset(recorder.forward_wrong))
 
 
 def refuse_fused_attention(inspection: Inspection, mode: str) -> None:
