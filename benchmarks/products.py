@@ -100,6 +100,8 @@ def run(models: Dict[str, tuple], device: torch.device, *, vectors: int = 16) ->
             rows.append([label, ratio, mem, note])
 
         add(f"hvpfunc auto (chose {auto.mode})", lambda: hf.hvp_fn(f, tree), v_tree)
+        # what a job pays before its first product: checks, recorded operations, the graph
+        add("construction: hvpfunc hvp_fn(f, params), auto", lambda: lambda _: hf.hvp_fn(f, tree), None)
         for mode in MODES:
             add(f"hvpfunc {mode}", lambda mode=mode: hf.hvp_fn(f, tree, mode=mode), v_tree)
         add("double backward, recomputed (inline)", lambda: _recomputed_double_backward(model, x, y, params), v_list)

@@ -19,6 +19,8 @@ def test_product_tables_on_tiny_models():
     for name in ("MLP", "CNN", "transformer"):
         assert f"### {name}" in text
     assert "hvpfunc auto (chose" in text and "4 vectors: hvpfunc vmap(auto)" in text
+    rows = [line.split("|") for line in text.splitlines() if line.startswith("| construction: hvpfunc")]
+    assert len(rows) == 3 and all(float(r[2].strip().rstrip("×")) > 0 for r in rows)
 
 
 @pytest.mark.slow
