@@ -103,7 +103,8 @@ class AutoProduct:
         self.timings: Dict[str, float] = {}
         self.switches: List[Switch] = []
         self.calls = 0
-        self._spent = 0.0
+        self._spent = 0.0  # seconds in the timed products (all but the first)
+        self._timed = 0
         errors: Dict[str, BaseException] = {}
         memory = _OUTCOMES.get(key)
         start = time.perf_counter()
@@ -164,7 +165,7 @@ class AutoProduct:
         if self._expected is None:  # ski rental: the products spent reach trace / saving
             return self._spent >= self._trace_seconds / self._saving
         remaining = self._expected - self.calls
-        per_product = self._spent / max(self.calls, 1)
+        per_product = self._spent / max(self._timed, 1)
         cost = self._trace_seconds + _CHECK_PRODUCTS * per_product
         return remaining * per_product * self._saving > _PAYBACK * cost
 
@@ -173,7 +174,10 @@ class AutoProduct:
         return routing(self.mode)
 
     def __call__(self, v: Tree) -> Tree:
-        if not self._pending or _under_transform():
+        if not self._pending or _under_transform() or self.calls == 0:
+            # The first product is not timed: it pays one-off costs, such as torch's import
+            # of sympy on a process's first autograd.grad with grad_outputs (0.25 s, the
+            # price of a hundred small products), which made auto trace at once.
             self.calls += 1
             return self._fn(v)
         _sync(self._params)
@@ -181,6 +185,7 @@ class AutoProduct:
         out = self._fn(v)
         _sync(self._params)
         self._spent += time.perf_counter() - start
+        self._timed += 1
         self.calls += 1
         if self._pays_to_trace():
             self._try_linearize()
