@@ -90,13 +90,24 @@ def _pyhessian_counted(fn: Callable) -> Callable:
     return run
 
 
-def seeded() -> torch.Generator:
-    return torch.Generator().manual_seed(0)
+def seeded(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
 
 
-def start(params) -> dict:
-    """The same start vector for every run of a job."""
-    return hf.tree.random_like(params, generator=seeded())
+def start(params, seed: int = 0) -> dict:
+    """The same start vector for every run of a job (of a round, with its seed)."""
+    return hf.tree.random_like(params, generator=seeded(seed))
+
+
+def top_eigenvalue(mv, params, seed: int = 0):
+    """hvpfunc's top-eigenvalue job, from its matvec: Lanczos, k = 1, tol 1e-3 on the
+    eigenvalue's error bound."""
+    return hf.lanczos(mv, start(params, seed), k=1, tol=1e-3, stop="eigenvalue")
+
+
+def pyhessian_top(model: nn.Module, x, y):
+    """PyHessian's top-eigenvalue job with its defaults: the eigenvalues' list."""
+    return peers.pyhessian(model, (x, y)).eigenvalues(top_n=1)[0]
 
 
 def _versus(rows: list, job: str, ours: Callable, how: str, describe_ours: Callable, theirs: Callable,
@@ -161,7 +172,7 @@ _FIRST_ANSWER = """
 import sys, time
 import torch
 from torch import nn
-from benchmarks import jobs, peers
+from benchmarks import jobs
 from benchmarks.harness import sync
 import hvpfunc as hf
 name, lib, tiny, device, seed = sys.argv[1], sys.argv[2], sys.argv[3] == "1", torch.device(sys.argv[4]), int(sys.argv[5])
@@ -172,13 +183,11 @@ if lib == "PyHessian":
 sync(device)
 began = time.perf_counter()
 if lib == "hvpfunc":
-    mv, params = hf.model_hvp_fn(model, nn.CrossEntropyLoss(), (x, y))
-    v0 = hf.tree.random_like(params, generator=torch.Generator().manual_seed(seed))
-    res = hf.lanczos(mv, v0, k=1, tol=1e-3, stop="eigenvalue")
+    res = jobs.top_eigenvalue(*hf.model_hvp_fn(model, nn.CrossEntropyLoss(), (x, y)), seed)
     value, count = float(res.eigenvalues[0]), res.num_matvecs
 else:
-    values, count = jobs._pyhessian_counted(lambda: peers.pyhessian(model, (x, y)).eigenvalues(top_n=1))()
-    value = float(values[0][0])
+    values, count = jobs._pyhessian_counted(lambda: jobs.pyhessian_top(model, x, y))()
+    value = float(values[0])
 sync(device)
 print(time.perf_counter() - began, value, count)
 """
@@ -266,9 +275,9 @@ def run(device: torch.device, *, tiny: bool = False) -> str:
                 rows.append([job, how, f"{seconds:.3f}", res.num_matvecs, describe_ours(res), ""])
 
         against_pyhessian(
-            "top eigenvalue", from_model(lambda mv, params: hf.lanczos(mv, start(params), k=1, tol=1e-3, stop="eigenvalue")),
+            "top eigenvalue", from_model(top_eigenvalue),
             "hvpfunc lanczos(k=1, tol=1e-3, stop='eigenvalue')", lambda res: rel(float(res.eigenvalues[0])),
-            lambda: peers.pyhessian(model, (x, y)).eigenvalues(top_n=1)[0],
+            lambda: pyhessian_top(model, x, y),
             "PyHessian eigenvalues(top_n=1), defaults (tol 1e-3)", lambda values: rel(float(values[0])))
 
         def pyhessian_trace():
