@@ -96,6 +96,7 @@ def _trace_rows(seeds, budgets) -> List[list]:
         "flat bulk (4 outliers, 296 N(0, 0.5²))": _rotated(torch.cat([torch.tensor([50.0, 30.0, 20.0, -10.0], dtype=DT),
                                                                        0.5 * torch.randn(296, generator=gen, dtype=DT)])),
         "decaying (100·0.9^i, 300)": _rotated(100.0 * 0.9 ** torch.arange(300, dtype=DT)),
+        "slowly decaying (i^-0.6, 300)": _rotated(torch.arange(1, 301, dtype=DT) ** -0.6),
         "MLP Hessian (658 parameters)": _network_hessian(),
     }
     found = peers.installed()
