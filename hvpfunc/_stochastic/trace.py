@@ -231,7 +231,7 @@ def _deflation_pays(op: Operator, U: Tensor, HS: Tensor, count: int) -> bool:
     variance, about 2‖(I − QQᵀ)H(I − QQᵀ)‖_F², is estimated by the sketch's leave-one-out
     residuals: the distance of Hsᵢ from the span of the other Hsⱼ, whose square has mean
     ‖(I − Q₋ᵢQ₋ᵢᵀ)H‖_F², is 1/‖column i of L⁻¹‖ for the Gram matrix (HS)(HS)ᵀ = LLᵀ.
-    That norm is one-sided, 1.2–3.6× the two-sided one on the spectra measured, which
+    That norm is one-sided, 1.1–3.6× the two-sided one on the spectra measured, which
     favours Hutchinson on slowly decaying spectra; the two-sided norm needs H times
     projected vectors, the HQ products this decision is made to avoid.
     Deflation pays when 2·mean(dist²)/(m − 2s) is below 2(‖H‖_F² − Σ Hᵢᵢ²)/m. A
