@@ -11,7 +11,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .._types import MatvecFn, Tree
-from .checks import Inspection, check_deterministic, check_product
+from .checks import Inspection, check_deterministic, check_product, evaluate
 from .modes import BUILDERS, differentiable_kernels, routing
 
 # Tracing torch.func.linearize cost about 50 gradients on a ResNet-style CNN (DESIGN.md);
@@ -151,8 +151,7 @@ class AutoProduct:
         more without gradients."""
         value = getattr(self._fn, "value", None)
         if value is None:
-            with torch.no_grad(), differentiable_kernels():
-                value = self._f(self._params, *self._args, **self._kwargs)
+            value = evaluate(self._f, self._params, self._args, self._kwargs)
         check_deterministic(inspection.value, float(value))
 
     def expect_products(self, count: int) -> None:

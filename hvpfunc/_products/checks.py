@@ -125,20 +125,25 @@ def inspect(f: Callable[..., Any], params: Tree, args: tuple, kwargs: dict, *, a
     that builds its graph instead of paying for one more.
     """
     recorder = _OpRecorder()
-    with torch.no_grad(), differentiable_kernels():
-        with recorder:
-            first = f(params, *args, **kwargs)
-        second = f(params, *args, **kwargs) if again else None
-    a = float(first)
+    with torch.no_grad(), differentiable_kernels(), recorder:
+        value = f(params, *args, **kwargs)
+    a = float(value)
     if not math.isfinite(a):
         raise ValueError(
             f"f is not finite at params (f = {a!r}): every Hessian-vector product would be nan "
             "or inf. Check the loss at these parameters and data (a log or sqrt of a negative "
             "number, a division by zero, an overflow)."
         )
-    if second is not None:
-        check_deterministic(a, float(second))
+    if again:
+        check_deterministic(a, evaluate(f, params, args, kwargs))
     return Inspection(frozenset(recorder.names), frozenset(recorder.forward_wrong), a)
+
+
+def evaluate(f: Callable[..., Any], params: Tree, args: tuple, kwargs: dict) -> float:
+    """f at the point as the checks see it: without gradients, through the kernels the
+    products differentiate."""
+    with torch.no_grad(), differentiable_kernels():
+        return float(f(params, *args, **kwargs))
 
 
 def check_deterministic(a: float, b: float) -> None:
