@@ -163,18 +163,28 @@ def reverse_over_reverse(f, params, args, kwargs):
         v_leaves = pytree.tree_leaves(v)
         if not live:
             return pytree.tree_map(torch.zeros_like, v)
-        out = torch.autograd.grad(
-            [grads[i] for i in live],
-            inputs,
-            [v_leaves[i] for i in live],
-            retain_graph=True,
-            allow_unused=True,
-            materialize_grads=True,
-        )
+        out = _retained_vjp([grads[i] for i in live], inputs, [v_leaves[i] for i in live])
         return pytree.tree_unflatten(list(out), spec)
 
     matvec.value = out.detach()  # f at the point: auto's second look at f (determinism)
     return matvec
+
+
+def _retained_vjp(outputs: list, inputs: list, cotangents: list) -> list:
+    """Σᵢ cotangentsᵢ · ∂outputsᵢ/∂inputs, keeping the graph: ``torch.autograd.grad(outputs,
+    inputs, cotangents, retain_graph=True, allow_unused=True, materialize_grads=True)``
+    without its Python-side check of the cotangents' shapes, whose first call imports
+    torch's symbolic-shapes module and with it sympy: 0.25-0.3 s, more than the whole
+    first answer of a small job (torch 2.13). The Matvec checked the shapes, dtypes and
+    devices against the parameters already. Tensors with ``__torch_function__`` (and a
+    torch without the engine entry point) take the public path."""
+    run = getattr(torch.autograd.graph, "_engine_run_backward", None)
+    if run is None or torch.overrides.has_torch_function((*outputs, *inputs, *cotangents)):
+        return list(torch.autograd.grad(
+            outputs, inputs, cotangents, retain_graph=True, allow_unused=True, materialize_grads=True
+        ))
+    out = run(tuple(outputs), tuple(cotangents), True, False, tuple(inputs), True, accumulate_grad=False)
+    return [g if g is not None else torch.zeros_like(x) for g, x in zip(out, inputs)]
 
 
 def linearize(f, params, args, kwargs):
