@@ -376,6 +376,28 @@ def test_thick_restarts_keep_the_basis_semi_orthogonal_against_converged_ritz_ve
         assert torch.allclose(res.eigenvalues, exact, atol=1e-9), seed
 
 
+def test_a_restart_in_column_blocks_is_the_restart_in_one(monkeypatch):
+    # a CPU restart works through column blocks of _RESTART_BLOCK_BYTES (small
+    # temporaries the allocator recycles); blocks of 3 to 20 columns, many restarts
+    # (max_basis=20) and uneven last blocks must give the one-block run's pairs
+    from hvpfunc._eigen import lanczos as module
+
+    lam = torch.cat([torch.tensor([9.0, 8.5, 8.0, 7.0, 6.5, -9.5, -8.7], dtype=DT),
+                     torch.linspace(-2.0, 2.0, 293, dtype=DT)])
+    v0 = torch.randn(300, generator=torch.Generator().manual_seed(3), dtype=DT)
+    runs = {}
+    for block in (1 << 30, 8 * 21 * 3, 8 * 21 * 20):
+        monkeypatch.setattr(module, "_RESTART_BLOCK_BYTES", block)
+        runs[block] = hf.lanczos(lambda v: lam * v, v0, k=5, which="SA", tol=1e-10, find_copies=False, max_basis=20)
+    whole = runs.pop(1 << 30)
+    assert whole.status == "converged"
+    assert torch.allclose(whole.eigenvalues, torch.sort(lam).values[:5], atol=1e-9)
+    for res in runs.values():
+        assert res.num_matvecs == whole.num_matvecs
+        assert torch.allclose(res.eigenvalues, whole.eigenvalues, rtol=0, atol=1e-12)
+        assert torch.allclose((res.eigenvectors * whole.eigenvectors).sum(1).abs(), torch.ones(5, dtype=DT))
+
+
 @pytest.mark.parametrize("which", ["SA", "LA"])
 def test_a_restart_keeps_the_outliers_at_the_far_end(which):
     # Ritz values after a cycle on ARPACK's clustered spectrum: keeping the five far
