@@ -25,6 +25,7 @@ def test_every_mode_is_right_or_refuses(name, monkeypatch):
     from hvpfunc._products import auto
 
     monkeypatch.setattr(auto, "_TRACE_COST_IN_BUILDS", 0.0)  # auto tries its traced mode at once
+    monkeypatch.setattr(auto, "_FIRST_TRACE_IMPORT_SECONDS", 0.0)
     model, loss, (x, y) = CASES[name]
     params = {k: p.detach() for k, p in model.named_parameters()}
     with sdpa_kernel([SDPBackend.MATH]):  # the fused CPU kernel has no double backward

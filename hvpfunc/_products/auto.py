@@ -3,6 +3,7 @@ one only once the products already spent show that it will pay (ski rental)."""
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import OrderedDict
 from typing import Any, Callable, ContextManager, Dict, Hashable, List, NamedTuple, Optional
@@ -21,6 +22,12 @@ from .modes import BUILDERS, differentiable_kernels, routing
 # tracing pays only after trace cost / saving of product time: that is the threshold
 # (ski rental with a partial refund), so jobs of a few dozen products never trace.
 _TRACE_COST_IN_BUILDS = 50.0
+# A process's first trace also imports torch._dynamo, which no multiple of the build
+# predicts: 0.8 s on the benchmarks' 2-core CPU (a first trace of a 15-parameter f took
+# 0.84 s, the second 0.03 s; the 400k-parameter MLP's 1.2 s against 0.18 s). Unpriced,
+# it made auto trace after 137 products of that MLP's top-5 job and lose 1.16 s on a
+# 1.5 s job; added to the estimate while torch._dynamo is not imported yet.
+_FIRST_TRACE_IMPORT_SECONDS = 0.8
 _EXPECTED_SAVING = 0.25
 _MEMORY_SIZE = 256
 # Told how many products follow, auto traces only if their expected saving is this many
@@ -71,6 +78,12 @@ def signature(f: Callable[..., Any], params: Tree, args: tuple, kwargs: dict) ->
     return (code, str(spec), shapes)
 
 
+def _trace_estimate(build_seconds: float) -> float:
+    """The expected seconds of tracing linearize, before any trace of f was timed."""
+    imports = 0.0 if "torch._dynamo" in sys.modules else _FIRST_TRACE_IMPORT_SECONDS
+    return _TRACE_COST_IN_BUILDS * build_seconds + imports
+
+
 def _sync(params: Tree) -> None:
     for leaf in pytree.tree_leaves(params):
         if leaf.is_cuda:
@@ -119,7 +132,7 @@ class AutoProduct:
             if memory is not None and memory.trace_seconds is not None and memory.saving:
                 self._trace_seconds, self._saving = memory.trace_seconds, memory.saving
             else:
-                self._trace_seconds, self._saving = _TRACE_COST_IN_BUILDS * self.build_seconds, _EXPECTED_SAVING
+                self._trace_seconds, self._saving = _trace_estimate(self.build_seconds), _EXPECTED_SAVING
         reason = "cheapest to build"
         if errors:
             reason += "; " + "; ".join(f"{m} failed: {type(e).__name__}: {e}" for m, e in errors.items())
@@ -174,9 +187,10 @@ class AutoProduct:
 
     def __call__(self, v: Tree) -> Tree:
         if not self._pending or _under_transform() or self.calls == 0:
-            # The first product is not timed: it pays one-off costs, such as torch's import
-            # of sympy on a process's first autograd.grad with grad_outputs (0.25 s, the
-            # price of a hundred small products), which made auto trace at once.
+            # The first product is not timed: it pays one-off costs (first kernels, the
+            # allocator's first pages; before products went to autograd's engine directly,
+            # torch's import of sympy: 0.25 s, a hundred small products), which made auto
+            # trace at once.
             self.calls += 1
             return self._fn(v)
         _sync(self._params)
