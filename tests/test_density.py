@@ -69,3 +69,19 @@ def test_plot_returns_a_figure():
     sd = hf.spectral_density(matvec, like, num_probes=2, num_iters=5, generator=torch.Generator().manual_seed(0))
     fig = sd.plot()
     assert fig.axes[0].get_xlabel() == "eigenvalue"
+
+
+def test_float32_runs_longer_than_convergence_keep_one_node_per_outlier():
+    # Lanczos without reorthogonalization produces ghost copies of converged outliers
+    # (float32, 150 steps: the outliers converge in a few dozen); the full
+    # reorthogonalization each step (three-term step, then one Gram–Schmidt pass) keeps
+    # one node per eigenvalue, and the quadrature's weights where the probe put them
+    d = torch.cat([torch.tensor([10.0, 9.0, 8.0]), torch.linspace(0.0, 1.0, 397)])
+    sd = hf.spectral_density(lambda v: d * v, torch.zeros(400), num_probes=2, num_iters=150,
+                             generator=torch.Generator().manual_seed(0))
+    for nodes, weights in zip(sd.nodes, sd.weights):
+        for outlier in (10.0, 9.0, 8.0):
+            near = (nodes - outlier).abs() < 1e-3
+            assert int(near.sum()) == 1, (outlier, nodes[near])
+            # a Rademacher probe puts 1/400 of its mass on each coordinate
+            assert float(weights[near].sum()) == pytest.approx(1 / 400, rel=1e-3)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._krylov import check_symmetric, expand, orthogonalize, symmetry_slack
+from .._krylov import check_symmetric, expand, lanczos_step, orthogonalize, symmetry_slack
 from .._operator import Operator, check_start, norm, total
 from .._outcome import finish
 from .._progress import Progress
@@ -691,7 +691,9 @@ def _expand(state: _State, op: Operator, ctx: _Options, deflate: Optional[Tensor
         pair = state.V[j - 1 : j + 1]
         h = total(torch.mv(pair, product), ctx.allsum)
         w = product.addmv_(pair.T, h, alpha=-1)  # the product is ours: no new vector
-    else:
+    elif state.plain:  # Simon asked for this step to be orthogonalized against the whole basis
+        w, h, _ = lanczos_step(state.V[: j + 1], product, ctx.allsum)
+    else:  # after a restart or a fresh direction H v_j couples to every kept vector
         w, h, _ = expand(state.V[: j + 1], product, ctx.allsum)
     if deflate is not None:  # projected after the step: the basis' parts along U would grow
         w, _ = orthogonalize(deflate, w, ctx.allsum)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .._eigen.lanczos import lanczos
-from .._krylov import check_symmetric, expand, symmetry_slack
+from .._krylov import check_symmetric, lanczos_step, symmetry_slack
 from .._operator import Operator, block_size
 from .._outcome import finish, probes_outcome
 from .._progress import Progress
@@ -279,7 +279,7 @@ def _lockstep(op: Operator, index: List[Tensor], sizes: List[int], k: int, tol: 
             j = len(alphas[g])
             bases[g][j] = q[g]
             V = bases[g][: j + 1]
-            w, h, beta = expand(V, W[row, index[g]], op.allsum)  # against the whole basis
+            w, h, beta = lanczos_step(V, W[row, index[g]], op.allsum)  # against the whole basis
             h = h.double().cpu()
             if j:
                 check_symmetric(h[-2].numpy(), np.float64(betas[g][-1]), np.abs(h[-1].numpy()) + betas[g][-1],

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._krylov import check_symmetric, expand, symmetry_slack
+from .._krylov import check_symmetric, lanczos_step, symmetry_slack
 from .._operator import Operator, norm
 from .._outcome import finish, probes_outcome
 from .._progress import Progress
@@ -161,7 +161,7 @@ def _tridiagonalize(
     for j in range(steps):
         Q[:, j] = q
         w = op.batch(q, chunk_size=b if chunk_size is None else chunk_size)
-        w, h, norms = expand(Q[:, : j + 1], w, op.allsum)
+        w, h, norms = lanczos_step(Q[:, : j + 1], w, op.allsum)
         finite = torch.isfinite(h).all(dim=1) & torch.isfinite(norms)
         if not bool(finite.all()):
             alpha[:, j] = torch.where(finite, h[:, j], math.nan).to("cpu", torch.float64)
