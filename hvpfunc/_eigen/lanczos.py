@@ -678,7 +678,9 @@ def _expand(state: _State, op: Operator, ctx: _Options, deflate: Optional[Tensor
     a fresh direction it is orthogonalized against the whole basis."""
     j = state.j
     start = time.perf_counter()
-    product = _product(op, state.V[j])
+    # the product goes straight into the next row (free: the basis holds m + 1 rows and
+    # j < m here), where the step orthogonalizes and _advance normalizes it in place
+    product = _product(op, state.V[j], out=state.V[j + 1])
     if product.is_cuda and state.V.shape[0] - 1 < state.cap:
         # the timing decides whether the basis grows: only then is a synchronization worth it
         torch.cuda.synchronize(product.device)
@@ -736,9 +738,12 @@ def _expand(state: _State, op: Operator, ctx: _Options, deflate: Optional[Tensor
     return w
 
 
-def _product(op: Operator, x: Tensor) -> Tensor:
+def _product(op: Operator, x: Tensor, out: Optional[Tensor] = None) -> Tensor:
     """H x for a basis vector: computed on the vectors' device and dtype, returned in the
-    basis' (a fresh tensor either way, which the step may overwrite)."""
+    basis' (written into ``out`` where the basis has the vectors' device and dtype, else
+    a fresh tensor; the step may overwrite either)."""
+    if out is not None and x.device == op.device and x.dtype == op.dtype:
+        return op(x, out=out)
     return op(x.to(op.device, op.dtype)).to(x.device, x.dtype)
 
 
