@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._krylov import check_symmetric, expand, lanczos_step, orthogonalize, symmetry_slack
+from .._krylov import STEP_ROUNDING, check_symmetric, expand, lanczos_step, orthogonalize, symmetry_slack
 from .._operator import Operator, check_start, norm, total
 from .._outcome import finish
 from .._progress import Progress
@@ -221,7 +221,7 @@ def lanczos(
     ctx = _Options(
         which=which, tol=tol, stop=stop, eps=eps, budget=budget, generator=generator,
         slack=symmetry_slack(op.layout.product_eps),
-        rounding=_ROUNDING * max(eps, op.layout.product_eps), allsum=op.allsum,
+        rounding=STEP_ROUNDING * max(eps, op.layout.product_eps), allsum=op.allsum,
     )
     repeat = find_copies and k > 1
     bar = Progress(progress, total=budget, desc=f"lanczos (k={k}, {which})")
@@ -355,12 +355,6 @@ def _free_memory(device: torch.device) -> float:
         return float(2**30)
 
 
-# One step's rounding, in units of ε‖H‖/β, seeding Simon's estimates. PROPACK and SLEPc
-# take the worst case of an n-term inner product, √n ε / 2, which in float32 on a
-# 400k-parameter network (1e-4 ε) left nearly no room below √ε and reorthogonalized every
-# step, while the measured loss after a local step was 1–5 ε: blocked summation makes
-# rounding grow like log n, not √n. 10 keeps a margin over what was measured.
-_ROUNDING = 10.0
 
 
 @dataclass(frozen=True)
