@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from torch import Tensor
@@ -132,7 +132,7 @@ class Operator:
         if callable(hint):
             hint(count)
 
-    def probes(self, count: int, generator: Optional[torch.Generator]) -> Tensor:
+    def probes(self, count: int, generator: Optional[torch.Generator], out: Optional[Tensor] = None) -> Tensor:
         """``count`` Rademacher rows (entries ±1), drawn one row at a time on the
         generator's device, so that the numbers depend on the generator alone, not on
         how the rows are chunked or on the operator's device.
@@ -140,20 +140,27 @@ class Operator:
         Each row draws one random byte per 8 entries and looks up its 8 signs (a
         256 × 8 table): a draw per entry (``randint(0, 2)``) took 2.5 ms for a
         400k-parameter row on a CPU, a third of the product it feeds; this takes 0.5 ms.
+        The rows are written into ``out`` (``(count, n)``, on the operator's device) if
+        given.
         """
         device = generator.device if generator is not None else torch.device("cpu")
         size = sum(self.layout.sizes)
         if self.layout.sharding is not None and count:
             generator = rank_generator(generator)  # this rank's part
-        out = torch.empty(count, size, dtype=self.dtype, device=device)
+        rows = torch.empty(count, size, dtype=self.dtype, device=device) if out is None or out.device != device else out
         if count:
             bits = (torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device)) & 1
             signs = bits.to(self.dtype).mul_(2).sub_(1)  # row b: the signs of byte b's bits
-            words = (size + 7) // 8
-            for row in out:
-                draw = torch.randint(0, 256, (words,), generator=generator, device=device)
-                row.copy_(torch.index_select(signs, 0, draw).view(-1)[:size])
-        return out.to(self.device)
+            whole = size // 8
+            for row in rows:
+                draw = torch.randint(0, 256, ((size + 7) // 8,), generator=generator, device=device)
+                # the whole bytes' signs go straight into the row, without a temporary
+                torch.index_select(signs, 0, draw[:whole], out=row[: 8 * whole].view(whole, 8))
+                if size > 8 * whole:
+                    row[8 * whole :] = signs[draw[whole], : size - 8 * whole]
+        if out is not None and rows is not out:
+            return out.copy_(rows)
+        return rows.to(self.device)
 
     def flatten_input(self, tree: Tree, *, name: str) -> Tensor:
         """Check a user vector against ``like`` and return it flat (a copy)."""
@@ -172,7 +179,7 @@ class Operator:
         self.num_matvecs += 1
         return self.layout.flatten(product, out=out)
 
-    def batch(self, X: Tensor, *, chunk_size: ChunkSize, bar: Any = None) -> Tensor:
+    def batch(self, X: Tensor, *, chunk_size: ChunkSize, bar: Any = None, out: Optional[Tensor] = None) -> Tensor:
         """Apply the matvec to every row of ``X`` (``(b, n)``) through ``torch.func.vmap``.
 
         ``chunk_size`` rows go through one ``vmap`` call (memory grows with it);
@@ -180,38 +187,43 @@ class Operator:
         do not support it; ``None`` puts all rows through one call; ``"auto"`` is 16 on
         a GPU and, on a CPU, whichever of a loop and chunks of 16 its trial found faster
         (see ``_VMAP_TRIAL_SECONDS``). ``bar`` (a ``Progress``) advances by the rows
-        done after each chunk.
+        done after each chunk. The products are written into ``out`` (shaped like X) if
+        given, which a loop over blocks of probes reuses.
         """
         b = X.shape[0]
         auto = chunk_size == "auto"
         fixed = None if auto else resolve_chunk(chunk_size, self.device)
-        outs: List[Tensor] = []
+        # every product is written into its row of one result: per-chunk outputs joined by
+        # torch.cat copied each product once more (53 MB for a 33-probe sketch of a
+        # 400k-parameter model, in memory the allocator maps afresh)
+        result = torch.empty(b, X.shape[-1], dtype=self.dtype, device=self.device) if out is None else out
         start = 0
         while start < b:
             step = self._auto_chunk() if auto else max(b if fixed is None else fixed, 1)
             rows = X[start : start + (_AUTO_CHUNK if auto else step)]
             trial = auto and self._batched is None and self.device.type != "cuda" and step not in self._seconds_per_row
             if trial and step == 1 and self.num_matvecs == 0 and rows.shape[0] > 1:
-                outs.append(self._rows(rows[:1], 1))  # the first product pays one-off costs
+                self._rows(rows[:1], 1, result[start : start + 1])  # the first product pays one-off costs
                 done, rows = 1, rows[1:]
             else:
                 done = 0
+            into = result[start + done : start + done + rows.shape[0]]
             began = time.perf_counter()
             try:
-                outs.append(self._rows(rows, step))
+                self._rows(rows, step, into)
             except Exception as err:
                 if not auto or step == 1:
                     raise
                 # A matvec that cannot run under vmap (NumPy inside, .item(), collectives):
                 # "auto" loops from now on; a real error in the matvec raises in the loop.
                 self._vmap_error = err
-                outs.append(self._rows(rows, 1))
+                self._rows(rows, 1, into)
             if trial:
                 self._seconds_per_row[step] = (time.perf_counter() - began) / rows.shape[0]
             start += done + rows.shape[0]
             if bar is not None:
                 bar.update(steps=done + rows.shape[0])
-        return torch.cat(outs) if outs else X.clone()
+        return result
 
     def _auto_chunk(self) -> int:
         if self._vmap_error is not None or self.layout.sharding is not None:
@@ -224,22 +236,19 @@ class Operator:
         batched = self._seconds_per_row.get(_AUTO_CHUNK)
         return _AUTO_CHUNK if batched is None or batched < loop else 1
 
-    def _rows(self, rows: Tensor, step: int) -> Tensor:
-        """The products of ``rows``: one matvec call per row for ``step == 1``, else
-        ``vmap`` calls of ``step`` rows."""
+    def _rows(self, rows: Tensor, step: int, out: Tensor) -> None:
+        """The products of ``rows`` into ``out``: one matvec call per row for
+        ``step == 1``, else ``vmap`` calls of ``step`` rows."""
         if step == 1 or self.layout.sharding is not None:  # sharded vectors do not stack under vmap
-            out = torch.empty(rows.shape, dtype=self.dtype, device=self.device)
             for row, into in zip(rows, out):
                 self(row, out=into)
-            return out
-        outs = []
+            return
         for start in range(0, rows.shape[0], step):
             batched = self._batched or torch.func.vmap(self.matvec)
-            out = batched(self.layout.unflatten(rows[start : start + step]))
-            self._check_output(out, 1)
+            product = batched(self.layout.unflatten(rows[start : start + step]))
+            self._check_output(product, 1)
             self.num_matvecs += min(step, rows.shape[0] - start)
-            outs.append(self.layout.flatten(out, batch_dims=1))
-        return torch.cat(outs)
+            self.layout.flatten(product, batch_dims=1, out=out[start : start + step])
 
 
 def resolve_chunk(chunk_size: ChunkSize, device: torch.device) -> int | None:

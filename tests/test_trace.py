@@ -340,3 +340,18 @@ def test_diagonal_intervals_cover_at_least_90_percent_of_the_entries(method, spe
         stderr = torch.cat([t.reshape(-1) for t in torch.utils._pytree.tree_leaves(res.stderr)])
         covered.append(((estimate - d).abs() <= 1.96 * stderr).double().mean())
     assert float(torch.stack(covered).mean()) >= 0.9
+
+
+@pytest.mark.parametrize("n", [5, 8, 13, 400])
+def test_probes_written_into_a_reused_block_are_the_same_rademacher_rows(n):
+    # the estimators reuse one block of probes; its rows must be the ones drawn fresh:
+    # ±1 entries, all 8 bit positions of the bytes used (n not a multiple of 8 included)
+    from hvpfunc._operator import Operator
+
+    op = Operator(lambda v: v, torch.zeros(n, dtype=DT), name="like")
+    fresh = op.probes(64, torch.Generator().manual_seed(2))
+    block = torch.full((64, n), 7.0, dtype=DT)
+    again = op.probes(64, torch.Generator().manual_seed(2), out=block)
+    assert again is block and torch.equal(again, fresh)
+    assert bool((fresh.abs() == 1).all())
+    assert float(fresh.mean(dim=0).abs().max()) < 0.5  # every position takes both signs

@@ -203,9 +203,8 @@ def _round(
     if not bool(torch.isfinite(HS).all()):  # the sketch's products were not finite: nothing to build on
         return nan, nan, 0, False
     if method == "auto":
-        U = S * HS
-        if not _deflation_pays(op, U, HS, count):
-            forms = op.total(U.sum(dim=1))  # the sketch's probes are Hutchinson samples too
+        if not _deflation_pays(op, S, HS, count):
+            forms = op.total(_rowdot(S, HS))  # the sketch's probes are Hutchinson samples too
             rest, finite = _quadratic_forms(op, count - sketch, generator, chunk_size, bar)
             samples = torch.cat([forms, rest])
             return _mean(samples), _stderr(samples), samples.shape[0], finite
@@ -218,7 +217,7 @@ def _round(
     return exact + _mean(samples), _stderr(samples), samples.shape[0], finite
 
 
-def _deflation_pays(op: Operator, U: Tensor, HS: Tensor, count: int) -> bool:
+def _deflation_pays(op: Operator, S: Tensor, HS: Tensor, count: int) -> bool:
     """Whether Hutch++'s deflation by the sketch S is expected to beat spending its
     products on more Hutchinson probes, judged from the sketch's own products before
     paying for HQ, with O(s²n) work (one Gram matrix).
@@ -236,9 +235,9 @@ def _deflation_pays(op: Operator, U: Tensor, HS: Tensor, count: int) -> bool:
     projected vectors, the HQ products this decision is made to avoid.
     Deflation pays when 2·mean(dist²)/(m − 2s) is below 2(‖H‖_F² − Σ Hᵢᵢ²)/m. A
     rank-deficient sketch (range(H) captured) or one as large as the dimension always
-    pays. ``U`` is S ⊙ HS.
+    pays.
     """
-    sketch = U.shape[0]
+    sketch = S.shape[0]
     if sketch < 2 or sketch >= op.n:  # a sketch spanning the space makes the trace exact
         return True
     gram = op.total(HS @ HS.T).to(torch.float64)
@@ -249,8 +248,15 @@ def _deflation_pays(op: Operator, U: Tensor, HS: Tensor, count: int) -> bool:
     L_inverse = torch.linalg.solve_triangular(L, torch.eye(sketch, dtype=L.dtype, device=L.device), upper=False)
     distances = 1 / L_inverse.square().sum(dim=0)  # squared leave-one-out residuals
     remainder = 2 * distances.mean() / max(count - 2 * sketch, 1)
-    # consecutive rows' products, cyclically, without a rolled copy of U
-    consecutive = torch.linalg.vecdot(U[1:], U[:-1]).sum() + torch.dot(U[0], U[-1])
+    # consecutive rows of S ⊙ HS, cyclically, one row at a time: the whole S ⊙ HS (53 MB
+    # for the 33-probe sketch of a 400k-parameter model) was memory the allocator mapped afresh
+    first = previous = S[0] * HS[0]
+    consecutive = torch.zeros((), dtype=HS.dtype, device=HS.device)
+    for a in range(1, sketch):
+        current = S[a] * HS[a]
+        consecutive += torch.dot(current, previous)
+        previous = current
+    consecutive += torch.dot(first, previous)
     diagonal_mass = op.total(consecutive) / sketch  # Σ Hᵢᵢ²
     frobenius = torch.trace(gram) / sketch  # ‖H‖_F²
     return bool(remainder < 2 * (frobenius - diagonal_mass).clamp(min=0) / count)
@@ -493,19 +499,32 @@ def _quadratic_forms(
     was not, and no more products)."""
     step = block_size(chunk_size, count, op.device)
     samples = []
+    # one block of probes and one of products, reused: fresh blocks (and their product
+    # Z ⊙ HZ) were memory the allocator mapped afresh for every block
+    width = sum(op.layout.sizes)
+    probes = torch.empty(min(step, count), width, dtype=op.dtype, device=op.device)
+    products = torch.empty_like(probes)
     for start in range(0, count, step):
-        Z = op.probes(min(step, count - start), generator)
+        size = min(step, count - start)
+        Z = op.probes(size, generator, out=probes[:size])
         if deflate is not None:
-            P = Z - op.total(Z @ deflate.T) @ deflate
-            forms = op.total((P * op.batch(P, chunk_size=chunk_size, bar=bar)).sum(dim=1))
-        else:
-            forms = op.total((Z * op.batch(Z, chunk_size=chunk_size, bar=bar)).sum(dim=1))
+            Z = Z - op.total(Z @ deflate.T) @ deflate
+        forms = op.total(_rowdot(Z, op.batch(Z, chunk_size=chunk_size, bar=bar, out=products[:size])))
         finite = torch.isfinite(forms)
         if not bool(finite.all()):
             samples.append(forms[: int(finite.to(torch.int8).argmin())])
             return torch.cat(samples), False
         samples.append(forms)
     return torch.cat(samples), True
+
+
+def _rowdot(A: Tensor, B: Tensor) -> Tensor:
+    """⟨A_i, B_i⟩ for every row. On a CPU one dot product per row: (A * B).sum(1)
+    builds a temporary as large as the block, which the allocator maps afresh, and
+    batched matrix products were 12x slower."""
+    if A.device.type != "cpu" or A.shape[0] == 0:
+        return (A * B).sum(dim=1)
+    return torch.stack([torch.dot(a, b) for a, b in zip(A, B)])
 
 
 def diagonal(
@@ -581,9 +600,12 @@ def diagonal(
     # so memory holds one chunk of probes and the variance does not cancel.
     count, mean, m2 = 0, torch.zeros(sum(op.layout.sizes), dtype=op.dtype, device=op.device), None
     all_finite = True
+    # one block of probes and one of samples, reused (as in _quadratic_forms)
+    probes = torch.empty(min(step, num_probes), sum(op.layout.sizes), dtype=op.dtype, device=op.device)
+    products = torch.empty_like(probes)
     for start in range(0, num_probes, step):
-        Z = op.probes(min(step, num_probes - start), generator)
-        samples = Z * op.batch(Z, chunk_size=chunk_size)
+        Z = op.probes(min(step, num_probes - start), generator, out=probes[: min(step, num_probes - start)])
+        samples = op.batch(Z, chunk_size=chunk_size, out=products[: Z.shape[0]]).mul_(Z)
         finite = torch.isfinite(samples).all(dim=1)
         if not bool(finite.all()):
             samples = samples[: int(finite.to(torch.int8).argmin())]
