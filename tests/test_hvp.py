@@ -158,6 +158,33 @@ print("ok")
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
+def test_auto_remembers_a_first_trace_without_its_one_off_imports(monkeypatch):
+    # the next matvec of f prices its trace from this one's; the imports of a process's
+    # first trace are not paid again. A stand-in tracer that takes 0.5 s, 0.3 s of it
+    # "imports": 0.2 s is remembered
+    import time
+
+    from hvpfunc._products import auto
+
+    f, params, (x, y) = mlp_loss([4, 8, 1])
+    mv = hf.hvp_fn(f, params, x, y)
+    product = mv._product
+    exact = auto.BUILDERS["reverse-over-reverse"]
+
+    def slow_trace(*args):
+        time.sleep(0.5)
+        return exact(*args)
+
+    monkeypatch.setitem(auto.BUILDERS, "linearize", slow_trace)
+    monkeypatch.setattr(auto, "_import_seconds", lambda: 0.3)
+    product._trace_seconds = 0.0  # trace at the first timed product
+    v = random_tree(params, 1)
+    for _ in range(2):
+        mv(v)
+    assert "traced in" in mv.switches[-1].reason
+    assert 0.19 <= auto._OUTCOMES[product._key].trace_seconds <= 0.45
+
+
 def test_auto_told_how_many_products_follow_traces_only_when_they_repay_it(monkeypatch):
     # Ski rental alone traced inside a 100-product trace job once the products spent
     # reached the tracing cost, too late to repay it. Told the job's length, auto traces

@@ -78,10 +78,14 @@ def signature(f: Callable[..., Any], params: Tree, args: tuple, kwargs: dict) ->
     return (code, str(spec), shapes)
 
 
+def _import_seconds() -> float:
+    """What a trace now would pay in imports (see ``_FIRST_TRACE_IMPORT_SECONDS``)."""
+    return 0.0 if "torch._dynamo" in sys.modules else _FIRST_TRACE_IMPORT_SECONDS
+
+
 def _trace_estimate(build_seconds: float) -> float:
     """The expected seconds of tracing linearize, before any trace of f was timed."""
-    imports = 0.0 if "torch._dynamo" in sys.modules else _FIRST_TRACE_IMPORT_SECONDS
-    return _TRACE_COST_IN_BUILDS * build_seconds + imports
+    return _TRACE_COST_IN_BUILDS * build_seconds + _import_seconds()
 
 
 def _sync(params: Tree) -> None:
@@ -222,6 +226,7 @@ class AutoProduct:
 
             return call
 
+        imports = _import_seconds()  # paid once per process: not what the next trace of f costs
         start = time.perf_counter()
         try:
             with differentiable_kernels():
@@ -244,4 +249,4 @@ class AutoProduct:
             winner, why = current, "linearize was not faster"
         self.switches.append(Switch(self.calls, current, winner,
                                     f"{why} (traced in {trace_seconds:.3g} s after {self._spent:.3g} s of products)"))
-        remember(self._key, Outcome(winner, trace_seconds, saving if saving > 0 else None))
+        remember(self._key, Outcome(winner, max(trace_seconds - imports, 0.0), saving if saving > 0 else None))
