@@ -150,3 +150,29 @@ def check_symmetric(forward: np.ndarray, backward: np.ndarray, scale: np.ndarray
             f"{f:.6g} but <H v_j-1, v_j> = {b:.6g}. Lanczos, power iteration, CG and SLQ "
             "need a symmetric operator (check it with hvpfunc.testing.assert_symmetric)."
         )
+
+
+def orthogonality_estimate(
+    alpha: np.ndarray, beta: np.ndarray, beta_j: np.ndarray, previous: np.ndarray, current: np.ndarray,
+    j: int, source: np.ndarray,
+) -> np.ndarray:
+    """Simon's estimates of q_kᵀq_{j+1}, k ≤ j, for plain Lanczos runs (one per row):
+    β_j ω_{j+1,k} = β_k ω_{j,k+1} + (α_k − α_j) ω_{j,k} + β_{k−1} ω_{j,k−1} − β_{j−1} ω_{j−1,k},
+    plus one step's rounding with the sign that makes it larger (Simon 1984; Larsen's
+    PROPACK). q_{j-1} and q_j are orthogonalized against explicitly: rounding level.
+    ``alpha``, ``beta``: the runs' T so far (β_k couples q_k and q_{k+1}); ``beta_j``:
+    this step's norm; ``previous``, ``current``: the estimates for q_{j-1} and q_j;
+    ``source``: one step's rounding, ``STEP_ROUNDING · ε · ‖H‖``-sized, per run. Returns
+    the estimates for q_{j+1} (1 at index j + 1)."""
+    out = np.zeros_like(current)
+    out[:, j + 1] = 1.0
+    out[:, max(j - 1, 0) : j + 1] = source[:, None] / np.where(beta_j > 0, beta_j, np.inf)[:, None]
+    if j >= 2:
+        k = np.arange(j - 1)
+        below = np.where(k > 0, beta[:, np.maximum(k - 1, 0)] * current[:, np.maximum(k - 1, 0)], 0.0)
+        sums = (beta[:, k] * current[:, k + 1] + (alpha[:, k] - alpha[:, j : j + 1]) * current[:, k] + below
+                - beta[:, j - 1 : j] * previous[:, k])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            values = (sums + np.copysign(source[:, None], sums)) / beta_j[:, None]
+        out[:, k] = np.where(np.isfinite(values), values, np.inf)
+    return out

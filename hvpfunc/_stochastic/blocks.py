@@ -13,8 +13,15 @@ import torch
 from torch import Tensor
 
 from .._eigen.lanczos import lanczos
-from .._krylov import check_symmetric, lanczos_step, symmetry_slack
-from .._operator import Operator, block_size
+from .._krylov import (
+    STEP_ROUNDING,
+    check_symmetric,
+    orthogonality_estimate,
+    reorthogonalize,
+    symmetry_slack,
+    three_term,
+)
+from .._operator import Operator, block_size, norm
 from .._outcome import finish, probes_outcome
 from .._progress import Progress
 from .._types import ChunkSize, MatvecFn, ProgressArg, Tree
@@ -246,7 +253,7 @@ def _block_eigenvalues(op: Operator, owner: Tensor, params: Tree, members: Dict[
 
 def _lockstep(op: Operator, index: List[Tensor], sizes: List[int], k: int, tol: float,
               generator: torch.Generator, chunk_size: ChunkSize) -> List[tuple]:
-    """Plain Lanczos with full reorthogonalization on every block H_bb at once.
+    """Plain Lanczos with partial reorthogonalization on every block H_bb at once.
 
     The blocks advance together: each step's products, one per unfinished block (its
     Lanczos vector, zero outside the block), are one ``op.batch`` call, which ``vmap``s
@@ -256,9 +263,12 @@ def _lockstep(op: Operator, index: List[Tensor], sizes: List[int], k: int, tol: 
     invariant, or after its step budget; the basis is then dropped. Returns per block
     (top values descending, converged flags, the sum of the top Ritz vectors as a warm
     start for a block that did not finish). ``sizes``: the blocks' dimensions (over all
-    ranks); ``index``: each block's entries of the (this rank's) flat vector.
+    ranks); ``index``: each block's entries of the (this rank's) flat vector. Each block's
+    basis is kept semi-orthogonal as in :func:`hvpfunc.spectral_density` (Simon's
+    estimate; the whole basis is read only where it nears √ε).
     """
     eps = torch.finfo(op.dtype).eps
+    rounding = STEP_ROUNDING * max(eps, op.layout.product_eps)
     local = sum(op.layout.sizes)  # this rank's entries of a sharded vector, else all
     limits = [min(size, max(_LOCKSTEP_STEPS, 4 * k + 20)) for size in sizes]
     start = op.probes(1, generator)[0]
@@ -266,6 +276,10 @@ def _lockstep(op: Operator, index: List[Tensor], sizes: List[int], k: int, tol: 
              for g in range(len(index))]
     alphas: List[List[float]] = [[] for _ in index]
     betas: List[List[float]] = [[] for _ in index]
+    # per block: Simon's estimates for its last two vectors, the scale of H_bb seen, and
+    # whether the next step is reorthogonalized (the one after a reorthogonalized step is)
+    estimates = [(np.zeros(limit + 1), np.zeros(limit + 1)) for limit in limits]
+    scales, again = [0.0] * len(index), [False] * len(index)
     q = [start[idx] / op.total(start[idx] @ start[idx]).sqrt() for idx in index]
     results: List[Optional[tuple]] = [None] * len(index)
     active = list(range(len(index)))
@@ -279,13 +293,26 @@ def _lockstep(op: Operator, index: List[Tensor], sizes: List[int], k: int, tol: 
             j = len(alphas[g])
             bases[g][j] = q[g]
             V = bases[g][: j + 1]
-            w, h, beta = lanczos_step(V, W[row, index[g]], op.allsum)  # against the whole basis
-            h = h.double().cpu()
+            w, c = three_term(V[max(j - 1, 0) :], W[row, index[g]], op.allsum)
+            beta_t = norm(w, op.allsum)
+            host = torch.cat([c, beta_t[None]]).to("cpu", torch.float64).numpy()
             if j:
-                check_symmetric(h[-2].numpy(), np.float64(betas[g][-1]), np.abs(h[-1].numpy()) + betas[g][-1],
+                check_symmetric(host[0], np.float64(betas[g][-1]), np.abs(host[-2]) + betas[g][-1],
                                 symmetry_slack(eps))
-            alphas[g].append(float(h[-1]))
-            beta = float(beta)
+            alphas[g].append(float(host[-2]))
+            beta = float(host[-1])
+            scales[g] = max(scales[g], float(np.abs(host[:-1]).max()))
+            previous, current = estimates[g]
+            estimate = orthogonality_estimate(
+                np.array([alphas[g] + [0.0]]), np.array([betas[g] + [beta]]), np.array([beta]),
+                previous[None], current[None], j, np.array([rounding * scales[g]]))[0]
+            lost = j >= 2 and (again[g] or np.abs(estimate[: j - 1]).max() > math.sqrt(eps))
+            if lost and beta > 100 * eps * scales[g]:  # (a closed Krylov space stops the block below)
+                w, _, beta_t = reorthogonalize(V, w, op.allsum, beta_t)
+                beta = float(beta_t)
+                estimate[: j + 1] = rounding
+                again[g] = not again[g]
+            estimates[g] = (current, estimate)
             T = torch.diag(torch.tensor(alphas[g], dtype=torch.float64))
             if j:
                 off = torch.tensor(betas[g], dtype=torch.float64)

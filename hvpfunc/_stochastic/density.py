@@ -9,7 +9,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._krylov import STEP_ROUNDING, check_symmetric, reorthogonalize, symmetry_slack, three_term
+from .._krylov import (
+    STEP_ROUNDING,
+    check_symmetric,
+    orthogonality_estimate,
+    reorthogonalize,
+    symmetry_slack,
+    three_term,
+)
 from .._operator import Operator, norm
 from .._outcome import finish, probes_outcome
 from .._progress import Progress
@@ -193,7 +200,7 @@ def _tridiagonalize(
         scale = np.maximum(scale, np.abs(host[:, :-1]).max(axis=1))
         if j > 0:  # ⟨q_{j-1}, H q_j⟩ must equal β_{j-1} = ⟨H q_{j-1}, q_j⟩ for symmetric H
             check_symmetric(host[:, 0], beta[:, j - 1], scale, slack)
-        estimate = _orthogonality(alpha, beta, host[:, -1], previous, current, j, rounding * scale)
+        estimate = orthogonality_estimate(alpha, beta, host[:, -1], previous, current, j, rounding * scale)
         # a probe whose Krylov space closed (β_j at rounding) continues with zero vectors
         estimate[host[:, -1] <= 100 * eps * scale, : j + 1] = 0.0
         if j >= 2 and (again or np.abs(estimate[:, : j - 1]).max() > math.sqrt(eps)):
@@ -213,24 +220,3 @@ def _tridiagonalize(
     T[:, index[1:], index[:-1]] = T[:, index[:-1], index[1:]] = beta[:, :-1]
     return torch.from_numpy(T)
 
-
-def _orthogonality(
-    alpha: np.ndarray, beta: np.ndarray, beta_j: np.ndarray, previous: np.ndarray, current: np.ndarray,
-    j: int, source: np.ndarray,
-) -> np.ndarray:
-    """Simon's estimates of q_kᵀq_{j+1} (before normalization by β_j), k ≤ j, per probe:
-    β_j ω_{j+1,k} = β_k ω_{j,k+1} + (α_k − α_j) ω_{j,k} + β_{k−1} ω_{j,k−1} − β_{j−1} ω_{j−1,k},
-    plus one step's rounding with the sign that makes it larger (Simon 1984; Larsen's
-    PROPACK). q_{j-1} and q_j are orthogonalized against explicitly: rounding level."""
-    out = np.zeros_like(current)
-    out[:, j + 1] = 1.0
-    out[:, max(j - 1, 0) : j + 1] = source[:, None] / np.where(beta_j > 0, beta_j, np.inf)[:, None]
-    if j >= 2:
-        k = np.arange(j - 1)
-        below = np.where(k > 0, beta[:, np.maximum(k - 1, 0)] * current[:, np.maximum(k - 1, 0)], 0.0)
-        sums = (beta[:, k] * current[:, k + 1] + (alpha[:, k] - alpha[:, j : j + 1]) * current[:, k] + below
-                - beta[:, j - 1 : j] * previous[:, k])
-        with np.errstate(divide="ignore", invalid="ignore"):
-            values = (sums + np.copysign(source[:, None], sums)) / beta_j[:, None]
-        out[:, k] = np.where(np.isfinite(values), values, np.inf)
-    return out
