@@ -179,7 +179,7 @@ def _tridiagonalize(
     Q = torch.zeros(b, steps, n, dtype=op.dtype, device=op.device)
     alpha = np.zeros((b, steps))
     beta = np.zeros((b, steps))
-    # Simon's estimates of q_kᵀq_j (previous) and q_kᵀq_{j+1} (current), per probe
+    # Simon's estimates, per probe, of q_kᵀq_{j-1} (previous) and q_kᵀq_j (current) at step j
     previous, current = np.zeros((b, steps + 1)), np.zeros((b, steps + 1))
     q = Z / norm(Z, op.allsum, dim=1, keepdim=True)
     scale = np.zeros(b)
@@ -203,12 +203,13 @@ def _tridiagonalize(
         estimate = orthogonality_estimate(alpha, beta, host[:, -1], previous, current, j, rounding * scale)
         # a probe whose Krylov space closed (β_j at rounding) continues with zero vectors
         estimate[host[:, -1] <= 100 * eps * scale, : j + 1] = 0.0
+        norms_host = host[:, -1]
         if j >= 2 and (again or np.abs(estimate[:, : j - 1]).max() > math.sqrt(eps)):
             w, _, norms = reorthogonalize(Q[:, : j + 1], w, op.allsum, norms)
+            norms_host = norms.to("cpu", torch.float64).numpy()
             estimate[:, : j + 1] = rounding
             again = not again
         previous, current = current, estimate
-        norms_host = norms.to("cpu", torch.float64).numpy()
         alive = norms_host > 100 * eps * scale
         beta[:, j] = np.where(alive, norms_host, 0.0)
         live = torch.as_tensor(alive, device=op.device)
