@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -161,6 +161,22 @@ class Operator:
         if out is not None and rows is not out:
             return out.copy_(rows)
         return rows.to(self.device)
+
+    def probe_blocks(
+        self, count: int, generator: Optional[torch.Generator], chunk_size: ChunkSize
+    ) -> Iterator[Tuple[Tensor, Tensor]]:
+        """``count`` Rademacher probes (:meth:`probes`) a block at a time (the block
+        :func:`block_size` gives for ``chunk_size``), each with a buffer of its shape for
+        the products (``batch(Z, ..., out=buffer)``). Both are allocated once and reused:
+        memory holds one block, and nothing is mapped afresh per block (fresh blocks of a
+        400k-parameter model were memory the allocator faulted in every time). A block is
+        overwritten by the next, so use it before asking for that one."""
+        step = block_size(chunk_size, count, self.device)
+        probes = torch.empty(min(step, count), sum(self.layout.sizes), dtype=self.dtype, device=self.device)
+        products = torch.empty_like(probes)
+        for start in range(0, count, step):
+            size = min(step, count - start)
+            yield self.probes(size, generator, out=probes[:size]), products[:size]
 
     def flatten_input(self, tree: Tree, *, name: str) -> Tensor:
         """Check a user vector against ``like`` and return it flat (a copy)."""

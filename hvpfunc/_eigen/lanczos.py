@@ -355,8 +355,6 @@ def _free_memory(device: torch.device) -> float:
         return float(2**30)
 
 
-
-
 @dataclass(frozen=True)
 class _Options:
     which: str

@@ -21,7 +21,7 @@ from .._krylov import (
     symmetry_slack,
     three_term,
 )
-from .._operator import Operator, block_size, norm
+from .._operator import Operator, norm
 from .._outcome import finish, probes_outcome
 from .._progress import Progress
 from .._types import ChunkSize, MatvecFn, ProgressArg, Tree
@@ -115,10 +115,8 @@ def block_spectra(
     samples: List[Tensor] = []
     finite = True
     try:
-        step = block_size(chunk_size, num_probes, op.device)
-        for start in range(0, num_probes, step):
-            Z = op.probes(min(step, num_probes - start), generator)
-            forms = Z * op.batch(Z, chunk_size=chunk_size, bar=bar)
+        for Z, HZ in op.probe_blocks(num_probes, generator, chunk_size):
+            forms = op.batch(Z, chunk_size=chunk_size, bar=bar, out=HZ).mul_(Z)
             per_group = torch.zeros(Z.shape[0], len(names), dtype=op.dtype, device=op.device)
             per_group.index_add_(1, owner, forms)
             per_group = op.total(per_group)

@@ -8,7 +8,7 @@ from typing import Callable, NamedTuple, Optional, Tuple, get_args
 import torch
 from torch import Tensor
 
-from .._operator import Operator, block_size
+from .._operator import Operator
 from .._outcome import finish, probes_outcome
 from .._progress import Progress
 from .._types import ChunkSize, DiagonalMethod, MatvecFn, ProgressArg, TraceMethod, Tree
@@ -305,12 +305,10 @@ def squared_frobenius_norm(
         raise ValueError(f"squared_frobenius_norm needs num_probes >= 2 to report a standard error, got {num_probes}")
     op = Operator(matvec, like, name="like")
     op.expect(num_probes)
-    step = block_size(chunk_size, num_probes, op.device)
     samples = []
     finite = True
-    for start in range(0, num_probes, step):
-        Z = op.probes(min(step, num_probes - start), generator)
-        norms = op.total(op.batch(Z, chunk_size=chunk_size).square().sum(dim=1))
+    for Z, HZ in op.probe_blocks(num_probes, generator, chunk_size):
+        norms = op.total(op.batch(Z, chunk_size=chunk_size, out=HZ).square().sum(dim=1))
         ok = torch.isfinite(norms)
         if not bool(ok.all()):
             samples.append(norms[: int(ok.to(torch.int8).argmin())])
@@ -497,19 +495,11 @@ def _quadratic_forms(
     block at a time so that memory holds one block of probes, not all of them; and
     whether every product was finite (if not, the samples before the first one that
     was not, and no more products)."""
-    step = block_size(chunk_size, count, op.device)
     samples = []
-    # one block of probes and one of products, reused: fresh blocks (and their product
-    # Z ⊙ HZ) were memory the allocator mapped afresh for every block
-    width = sum(op.layout.sizes)
-    probes = torch.empty(min(step, count), width, dtype=op.dtype, device=op.device)
-    products = torch.empty_like(probes)
-    for start in range(0, count, step):
-        size = min(step, count - start)
-        Z = op.probes(size, generator, out=probes[:size])
+    for Z, HZ in op.probe_blocks(count, generator, chunk_size):
         if deflate is not None:
             Z = Z - op.total(Z @ deflate.T) @ deflate
-        forms = op.total(_rowdot(Z, op.batch(Z, chunk_size=chunk_size, bar=bar, out=products[:size])))
+        forms = op.total(_rowdot(Z, op.batch(Z, chunk_size=chunk_size, bar=bar, out=HZ)))
         finite = torch.isfinite(forms)
         if not bool(finite.all()):
             samples.append(forms[: int(finite.to(torch.int8).argmin())])
@@ -595,17 +585,12 @@ def diagonal(
         status, message = probes_outcome(finite, num_probes if finite else 0, num_probes)
         result = DiagonalResult(op.layout.unflatten(mean), op.layout.unflatten(stderr), op.num_matvecs, status, message)
         return finish(result, "diagonal")
-    step = block_size(chunk_size, num_probes, op.device)
     # Running mean and sum of squared deviations, merged chunk by chunk (Chan et al.),
     # so memory holds one chunk of probes and the variance does not cancel.
     count, mean, m2 = 0, torch.zeros(sum(op.layout.sizes), dtype=op.dtype, device=op.device), None
     all_finite = True
-    # one block of probes and one of samples, reused (as in _quadratic_forms)
-    probes = torch.empty(min(step, num_probes), sum(op.layout.sizes), dtype=op.dtype, device=op.device)
-    products = torch.empty_like(probes)
-    for start in range(0, num_probes, step):
-        Z = op.probes(min(step, num_probes - start), generator, out=probes[: min(step, num_probes - start)])
-        samples = op.batch(Z, chunk_size=chunk_size, out=products[: Z.shape[0]]).mul_(Z)
+    for Z, HZ in op.probe_blocks(num_probes, generator, chunk_size):
+        samples = op.batch(Z, chunk_size=chunk_size, out=HZ).mul_(Z)
         finite = torch.isfinite(samples).all(dim=1)
         if not bool(finite.all()):
             samples = samples[: int(finite.to(torch.int8).argmin())]
