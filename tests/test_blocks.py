@@ -95,12 +95,17 @@ def _diagonal_blocks(first, second):
     return matvec, like, calls
 
 
-def test_lockstep_batches_the_groups_products_and_hands_slow_groups_to_thick_restarts():
-    # group "a": well separated top eigenvalues (lockstep finishes); group "b": a cluster
-    # 1e-3 apart at the top of 400 (60 lockstep steps do not resolve it at tol 1e-10)
+def _fast_and_slow_groups():
+    """Group "a": well separated top eigenvalues (lockstep finishes); group "b": a cluster
+    1e-3 apart at the top of 400 (60 lockstep steps do not resolve it at tol 1e-10)."""
     gen = torch.Generator().manual_seed(0)
     first = torch.cat([torch.tensor([10.0, 8.0], dtype=DT), torch.rand(50, generator=gen, dtype=DT)])
     second = torch.cat([torch.tensor([5.0, 4.999, 4.998], dtype=DT), 4.9 * torch.rand(397, generator=gen, dtype=DT)])
+    return first, second
+
+
+def test_lockstep_batches_the_groups_products_and_hands_slow_groups_to_thick_restarts():
+    first, second = _fast_and_slow_groups()
     matvec, like, calls = _diagonal_blocks(first, second)
     res = hf.block_spectra(matvec, like, num_probes=4, k=2, tol=1e-10, chunk_size=None,
                            generator=torch.Generator().manual_seed(1))
@@ -140,9 +145,7 @@ def test_lockstep_reads_a_groups_whole_basis_only_where_simons_estimate_asks(mon
         return step(V, *args, **kwargs)
 
     monkeypatch.setattr(blocks, "reorthogonalize", counted)
-    gen = torch.Generator().manual_seed(0)
-    first = torch.cat([torch.tensor([10.0, 8.0], dtype=DT), torch.rand(50, generator=gen, dtype=DT)])
-    second = torch.cat([torch.tensor([5.0, 4.999, 4.998], dtype=DT), 4.9 * torch.rand(397, generator=gen, dtype=DT)])
+    first, second = _fast_and_slow_groups()
     matvec, like, _ = _diagonal_blocks(first, second)
     res = hf.block_spectra(matvec, like, num_probes=4, k=2, tol=1e-10, chunk_size=None,
                            generator=torch.Generator().manual_seed(1))
