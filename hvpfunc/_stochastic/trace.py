@@ -47,15 +47,16 @@ def trace(
     dominant or flat spectra, as many network Hessians), spends the rest on plain
     Hutchinson probes, the sketch's probes counting as Hutchinson samples; otherwise
     it finishes Hutch++. Measured (``python -m benchmarks --only estimators``, 100
-    seeds): mean error within 1.04× of the better of Hutchinson and Hutch++ on a flat
+    seeds): mean error within 1.05× of the better of Hutchinson and Hutch++ on a flat
     bulk with outliers, a geometrically decaying spectrum and a tanh MLP's Hessian at
     20, 60 and 100 products, where Hutch++ alone lost up to 1.7× and Hutchinson up to
     11×. Its remainder estimate is one-sided (‖(I − QQᵀ)H‖_F², 1.1–3.6× the two-sided
-    ‖(I − QQᵀ)H(I − QQᵀ)‖_F² that Hutch++'s variance follows), so on slowly decaying
-    spectra it keeps Hutchinson where Hutch++ would be better: 1.41× on eigenvalues
-    i^−0.6 at 100 products. (An earlier ``auto`` combined both estimates with weights
-    from the remainder's sample variances; with a few samples the weights were noise
-    and cost up to 9% against Hutch++ alone.)
+    ‖(I − QQᵀ)H(I − QQᵀ)‖_F² that Hutch++'s variance follows, less the remainder's
+    diagonal mass), so on slowly decaying spectra it can keep Hutchinson where Hutch++
+    would be better: 1.19× on eigenvalues i^−0.6 at 60 products, 1.08× at 100. (An
+    earlier ``auto`` combined both estimates with weights from the remainder's sample
+    variances; with a few samples the weights were noise and cost up to 9% against
+    Hutch++ alone.)
 
     XTrace: s = ``num_probes // 2`` probes W, Q = orth(HW), and for each probe i the
     Hutch++ estimate whose sketch is the other s − 1 probes and whose remainder probe is
