@@ -121,3 +121,29 @@ def test_float32_at_kappa_1000_converges_or_says_it_stalls():
     assert res.num_matvecs < 400  # a stall is reported, not run to max_iters
     assert true < 1e-4  # about ε·κ
     assert res.converged or "stalls" in res.message
+
+
+def test_in_place_updates_leave_the_callers_tensors_alone():
+    # MINRES updates its vectors in place and writes products into reused buffers: b,
+    # the matvec's outputs and the preconditioner's must come through unchanged
+    gen = torch.Generator().manual_seed(3)
+    A = torch.randn(12, 12, generator=gen, dtype=DT)
+    H = (A + A.T) / 2
+    b = {"a": torch.randn(5, generator=gen, dtype=DT), "b": torch.randn(7, generator=gen, dtype=DT)}
+    before = {k: v.clone() for k, v in b.items()}
+    outputs = []
+
+    def matvec(v):
+        y = H @ torch.cat([v["a"], v["b"]])
+        out = {"a": y[:5].clone(), "b": y[5:].clone()}
+        outputs.append((out, {k: t.clone() for k, t in out.items()}))
+        return out
+
+    for options in ({"damping": 0.5}, {"preconditioner": lambda r: r}):
+        res = hf.minres(matvec, b, tol=1e-10, **options)
+        assert res.converged
+        want = torch.linalg.solve(H + options.get("damping", 0.0) * torch.eye(12, dtype=DT),
+                                  torch.cat([b["a"], b["b"]]))
+        torch.testing.assert_close(torch.cat([res.x["a"], res.x["b"]]), want, rtol=1e-8, atol=1e-10)
+    assert all(torch.equal(b[k], before[k]) for k in b)
+    assert all(torch.equal(out[k], copy[k]) for out, copy in outputs for k in out)

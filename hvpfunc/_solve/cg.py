@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from .._operator import Operator, norm, total
+from .._operator import Operator, norm, rowdot, total
 from .._outcome import finish, finish_all, solve_result
 from .._progress import Progress
 from .._types import ChunkSize, MatvecFn, ProgressArg, Tree
@@ -301,7 +301,7 @@ def _start(B: Tensor, X0: Optional[Tensor], A, M, tol: float, limit: int,
             status[i], messages[i] = Status.CONVERGED, "b is zero, so x = 0"
         else:
             active.append(i)
-    rz = torch.linalg.vecdot(R, Z)
+    rz = rowdot(R, Z)
     return _State(
         B=B, X=X, R=R, P=Z.clone(), rz=total(rz, allsum),
         targets=[tol * b for b in b_norms],
@@ -357,7 +357,7 @@ def _confirm(state: _State, A, M) -> None:
         R = true[picked]
         Z = M(R)
         state.R[index], state.P[index] = R, Z
-        state.rz[index] = state.total(torch.linalg.vecdot(R, Z))
+        state.rz[index] = state.total(rowdot(R, Z))
 
 
 def _step(state: _State, A, M) -> None:
@@ -367,7 +367,7 @@ def _step(state: _State, A, M) -> None:
     idx = _rows(state.active, K)
     P = _take(state.P, idx)
     AP = A(P)
-    both = state.total(torch.stack([torch.linalg.vecdot(P, AP), torch.linalg.vecdot(P, P)]))  # one collective
+    both = state.total(torch.stack([rowdot(P, AP), rowdot(P, P)]))  # one collective
     curvature = both[0]
     keep = []
     host = both.tolist()  # one transfer
@@ -401,10 +401,12 @@ def _step(state: _State, A, M) -> None:
     for i in state.active:
         state.iterations[i] += 1
     Z = M(R)
-    rz_new = state.total(torch.linalg.vecdot(R, Z))
-    P.mul_(rz_new.div(rz).unsqueeze_(1)).add_(Z)
+    rz_new = state.total(rowdot(R, Z))
+    torch.addcmul(Z, P, rz_new.div(rz).unsqueeze_(1), out=P)  # p = z + βp in one pass
     rz.copy_(rz_new)
     if not isinstance(kept, slice):  # gathered copies: scatter them back
         state.X[kept], state.R[kept], state.P[kept], state.rz[kept] = X, R, P, rz
-    for i, r_norm in zip(state.active, norm(R, state.allsum, dim=1).tolist()):
+    # without a preconditioner ⟨r, M⁻¹r⟩ is ‖r‖²: no pass over R for its norm
+    r_norms = rz_new.clamp(min=0).sqrt() if Z is R else norm(R, state.allsum, dim=1)
+    for i, r_norm in zip(state.active, r_norms.tolist()):
         state.r_norms[i] = r_norm

@@ -90,6 +90,9 @@ def minres(
     goal = target = tol * b_norm  # the true residual must meet goal; target is the estimate's
     confirmed = math.inf  # the true residual at the last confirmation that missed the goal
     kept = None  # the iterate there
+    # The vectors are updated in place, the product written into a spare buffer: one
+    # fresh tensor per operation (about 15 an iteration) made MINRES's time outside the
+    # products on a 400k-parameter MLP 1.5x CG's, and its products 7% slower.
     x = torch.zeros_like(bf)
     r1 = bf.clone()
     y = M(r1)
@@ -98,8 +101,10 @@ def minres(
         raise ValueError("the preconditioner is not positive definite: bᵀM⁻¹b ≤ 0")
     oldb, beta, dbar, epsln, phibar, tnorm2, gmax = 0.0, beta1, 0.0, 0.0, beta1, 0.0, 0.0
     cs, sn = -1.0, 0.0
+    v = torch.empty_like(bf)
     w = torch.zeros_like(bf)
     w2 = torch.zeros_like(bf)
+    spare = torch.empty_like(bf)  # where the next product goes
     r2 = r1
     # phibar estimates the M⁻¹-norm of the residual; scale it to compare with ‖b‖.
     estimate_scale = b_norm / beta1
@@ -110,12 +115,14 @@ def minres(
     try:
         while it < limit:
             it += 1
-            v = y / beta
-            y = A(v)
+            torch.div(y, beta, out=v)
+            y = A(v, out=spare)
             if it >= 2:
-                y = y - (beta / oldb) * r1
+                y.sub_(r1, alpha=beta / oldb)
             alfa = system.dot(v, y)
-            y = y - (alfa / beta) * r2
+            y.sub_(r2, alpha=alfa / beta)
+            # r1's buffer is free now, unless it is r2's too (the first iteration)
+            spare = r1 if r1 is not r2 else torch.empty_like(bf)
             r1, r2 = r2, y
             y = M(r2)
             oldb = beta
@@ -147,9 +154,10 @@ def minres(
             cs, sn = gbar / gamma, beta / gamma
             phi = cs * phibar
             phibar = sn * phibar
+            # w = (v − ε w₁ − δ w₂)/γ with w₁, w₂ the two previous w: into w₁'s buffer
             w1, w2 = w2, w
-            w = (v - oldeps * w1 - delta * w2) / gamma
-            x = x + phi * w
+            w = torch.add(v, w1, alpha=-oldeps, out=w1).add_(w2, alpha=-delta).div_(gamma)
+            x.add_(w, alpha=phi)
             estimate = phibar * estimate_scale
             bar.update(estimate / b_norm)
             if estimate <= target or beta <= eps * abs(alfa):
@@ -166,7 +174,7 @@ def minres(
                     x, residual_norm = kept, confirmed  # the earlier confirmation's iterate is better
                     status, message = Status.MAX_ITERS, stall_message(confirmed, goal, "MINRES's estimate")
                     break
-                confirmed, kept = residual_norm, x
+                confirmed, kept = residual_norm, x.clone()
                 target /= 2  # rounding left the true residual behind the estimate
         else:
             residual_norm = system.norm(bf - A(x))

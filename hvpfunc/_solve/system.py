@@ -104,9 +104,11 @@ class LinearSystem:
         """‖a‖ over every rank's shards."""
         return float(norm(a, self.op.allsum))
 
-    def A(self, v: Tensor) -> Tensor:
-        """(H + δI) v."""
-        return self.op(v) + self.damping * v if self.damping else self.op(v)
+    def A(self, v: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        """(H + δI) v, written into ``out`` if given (a buffer the solver reuses; one
+        pass for the damping, on the product itself)."""
+        product = self.op(v, out=out)
+        return product.add_(v, alpha=self.damping) if self.damping else product
 
     def M(self, r: Tensor) -> Tensor:
         """M⁻¹ r (the identity without a preconditioner)."""

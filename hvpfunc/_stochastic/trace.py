@@ -8,7 +8,7 @@ from typing import Callable, NamedTuple, Optional, Tuple, get_args
 import torch
 from torch import Tensor
 
-from .._operator import Operator
+from .._operator import Operator, rowdot
 from .._outcome import finish, probes_outcome
 from .._progress import Progress
 from .._types import ChunkSize, DiagonalMethod, MatvecFn, ProgressArg, TraceMethod, Tree
@@ -205,7 +205,7 @@ def _round(
         return nan, nan, 0, False
     if method == "auto":
         if not _deflation_pays(op, S, HS, count):
-            forms = op.total(_rowdot(S, HS))  # the sketch's probes are Hutchinson samples too
+            forms = op.total(rowdot(S, HS))  # the sketch's probes are Hutchinson samples too
             rest, finite = _quadratic_forms(op, count - sketch, generator, chunk_size, bar)
             samples = torch.cat([forms, rest])
             return _mean(samples), _stderr(samples), samples.shape[0], finite
@@ -511,22 +511,13 @@ def _quadratic_forms(
     for Z, HZ in op.probe_blocks(count, generator, chunk_size):
         if deflate is not None:
             Z = Z - op.total(Z @ deflate.T) @ deflate
-        forms = op.total(_rowdot(Z, op.batch(Z, chunk_size=chunk_size, bar=bar, out=HZ)))
+        forms = op.total(rowdot(Z, op.batch(Z, chunk_size=chunk_size, bar=bar, out=HZ)))
         finite = torch.isfinite(forms)
         if not bool(finite.all()):
             samples.append(forms[: int(finite.to(torch.int8).argmin())])
             return torch.cat(samples), False
         samples.append(forms)
     return torch.cat(samples), True
-
-
-def _rowdot(A: Tensor, B: Tensor) -> Tensor:
-    """⟨A_i, B_i⟩ for every row. On a CPU one dot product per row: (A * B).sum(1)
-    builds a temporary as large as the block, which the allocator maps afresh, and
-    batched matrix products were 12x slower."""
-    if A.device.type != "cpu" or A.shape[0] == 0:
-        return (A * B).sum(dim=1)
-    return torch.stack([torch.dot(a, b) for a, b in zip(A, B)])
 
 
 def diagonal(
