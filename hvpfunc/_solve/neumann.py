@@ -266,8 +266,10 @@ def _series(
             if mv is None:
                 return _Run(x, Status.MAX_ITERS, f"matvecs ran out after {terms} terms", p_norm, terms)
             system.op.matvec = mv
-            x_next = x + alpha * p
-            p_next = p - alpha * system.A(p)
+            # fresh tensors for x and p (best_x and kept may hold the old ones), each in one pass
+            x_next = torch.add(x, p, alpha=alpha)
+            Ap = system.A(p)
+            p_next = torch.add(p, Ap, alpha=-alpha, out=Ap)
             p_norm_next = system.norm(p_next)
             terms += 1
             if not math.isfinite(p_norm_next):
