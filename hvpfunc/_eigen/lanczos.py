@@ -394,10 +394,9 @@ class _State:
     deficient: bool = False  # an invariant subspace was met: the start vector missed directions
     krylov: bool = True  # V[:j] is still the plain Krylov sequence of V[0] (no restart, no fresh vector)
     cap: int = 0  # the basis may grow to this many vectors (memory's limit)
-    # On the host, the cap + 1 rows V may grow into, V a view of its first rows: pages
-    # nothing has written hold no memory, so reserving them is free, and growing is then
-    # a longer view instead of a copy (6 ms, 32 MB, in the 400k-parameter MLP's
-    # top-eigenvalue job). None on accelerators, whose allocations are memory held.
+    # The rows V is a view of; on the host also those of the next growth (:func:`_reserve`):
+    # pages nothing has written hold no memory, and growing into them is a longer view
+    # instead of a copy (6 ms, 32 MB, in the 400k-parameter MLP's top-eigenvalue job).
     storage: Optional[Tensor] = None
     product_seconds: float = math.inf  # the fastest product seen
     last_product: float = 0.0  # this step's product
@@ -432,17 +431,24 @@ class _Pairs(NamedTuple):
 def _start(x0: Tensor, m: int, cap: int, allsum: Optional[Callable[[Tensor], Tensor]]) -> _State:
     # rows are written before they are read (row j before the product that reads it)
     cap = max(cap, m)
-    storage = None
-    if x0.device.type == "cpu":
-        storage = torch.empty(cap + 1, x0.shape[0], dtype=x0.dtype, device=x0.device)
-        V = storage[: m + 1]
-    else:
-        V = torch.empty(m + 1, x0.shape[0], dtype=x0.dtype, device=x0.device)
+    storage = _reserve(x0, m, cap)
+    V = storage[: m + 1]
     V[0] = x0 / norm(x0, allsum)
     # The projected matrix and its eigenproblems are tiny: numpy float64 on the host,
     # where each small operation costs microseconds rather than a kernel launch.
     return _State(V=V, T=np.zeros((m + 1, m + 1)), omega=np.zeros((m + 1, m + 1)), relation=np.zeros(m + 1),
                   cap=cap, storage=storage)
+
+
+def _reserve(like: Tensor, m: int, cap: int) -> Tensor:
+    """Rows for a basis of m vectors (and the next): on the host also those of the
+    next growth, min(2m, cap) vectors (on accelerators allocations are memory held).
+    Not all of ``cap``: a reservation that large (161 MB for the 400k-parameter MLP) is
+    always mapped afresh by glibc, where one of the next size (65 MB) comes from memory
+    freed earlier in the process where glibc's thresholds allow (README: the malloc
+    settings), without its page faults."""
+    rows = min(2 * m, cap) + 1 if like.device.type == "cpu" else m + 1
+    return torch.empty(rows, like.shape[-1], dtype=like.dtype, device=like.device)
 
 
 def _run(
@@ -833,11 +839,11 @@ def _advance(
             grown = grown if float(votes[0]) == float(votes[1]) else m
         state.overhead_total, state.overhead_steps = 0.0, 0
         if grown > m:
-            if state.storage is not None and state.storage.shape[0] > grown:
-                V = state.storage[: grown + 1]
-            else:
-                V = torch.empty(grown + 1, state.V.shape[1], dtype=state.V.dtype, device=state.V.device)
-                V[:j] = state.V[:j]
+            if state.storage.shape[0] <= grown:
+                storage = _reserve(state.V, grown, state.cap)
+                storage[:j] = state.V[:j]
+                state.storage = storage
+            V = state.storage[: grown + 1]
             T, omega = np.zeros((grown + 1, grown + 1)), np.zeros((grown + 1, grown + 1))
             T[: m + 1, : m + 1] = state.T
             omega[: m + 1, : m + 1] = state.omega
