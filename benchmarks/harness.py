@@ -42,6 +42,34 @@ def timed_runs(fn: Callable[[], object], device: torch.device, *, runs: int) -> 
     return out, statistics.median(times[1:])
 
 
+def outside_products(solve: Callable[[Callable], object], matvec: Callable, device: torch.device, *,
+                     runs: int) -> Tuple[object, float, float]:
+    """(result of the last run, median seconds of runs 2..runs, median seconds of them
+    spent outside the products): ``solve(timed)`` gets ``matvec`` wrapped in a timer, so
+    the split needs no product time measured apart (its drift between minutes made
+    solvers' overhead read as 0% or 50% on this machine)."""
+    inside = [0.0]
+
+    def timed(v):
+        sync(device)
+        start = time.perf_counter()
+        out = matvec(v)
+        sync(device)
+        inside[0] += time.perf_counter() - start
+        return out
+
+    totals, outsides = [], []
+    for _ in range(runs):
+        inside[0] = 0.0
+        sync(device)
+        start = time.perf_counter()
+        result = solve(timed)
+        sync(device)
+        totals.append(time.perf_counter() - start)
+        outsides.append(totals[-1] - inside[0])
+    return result, statistics.median(totals[1:]), statistics.median(outsides[1:])
+
+
 def paired_medians(fn: Callable[[], object], reference: Callable[[], object], device: torch.device, *,
                    warmup: int = 3, repeats: int = 10) -> Tuple[float, float]:
     """Median wall times of ``fn()`` and ``reference()``, called alternately: on a shared

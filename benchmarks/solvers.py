@@ -20,7 +20,7 @@ import hvpfunc as hf
 from hvpfunc.testing import dense_matrix
 
 from . import peers
-from .harness import median_seconds, table, timed_runs
+from .harness import median_seconds, outside_products, table, timed_runs
 
 
 def _problem(device: torch.device, tiny: bool):
@@ -75,7 +75,6 @@ def run(device: torch.device, *, tiny: bool = False) -> str:
     v0 = hf.tree.random_like(params, generator=torch.Generator().manual_seed(0), kind="gaussian")
     res, seconds = _timed(lambda: hf.lanczos(mv, v0, k=5, tol=1e-6), device)
     rows.append(["hvpfunc lanczos(k=5, tol=1e-6)", f"{seconds:.3f}", res.num_matvecs, err(res.eigenvalues.cpu())])
-    lanczos_seconds, lanczos_products = seconds, res.num_matvecs
 
     if peers.installed()["PyHessian"]:
         ph = sys.modules["pyhessian.hessian"]  # the package's `hessian` class shadows the module
@@ -162,22 +161,29 @@ def run(device: torch.device, *, tiny: bool = False) -> str:
     out += [f"### Trace of the same Hessian (exact {exact_trace:.4g}; mean over {len(seeds)} seeds)\n",
             table(["estimator", "seconds", "products", "mean rel. error"], rows), ""]
 
-    overhead = max(0.0, lanczos_seconds - lanczos_products * t_product) / lanczos_seconds
-    # CG's recurrence is shared with cg_batched (rows of (K, n) tensors); its cost per
-    # iteration outside the product, against a dense operator whose product is ~free.
+    # Time outside the products, the products timed inside each solve. CG's recurrence
+    # is shared with cg_batched (rows of (K, n) tensors); its cost per iteration is also
+    # measured against a dense operator whose product is ~free.
+    lines = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", hf.ConvergenceWarning)
         # tol at the float32 floor: the runs are timed per iteration, up to 100 of them
-        res, cg_seconds = _timed(lambda: hf.cg(mv, params, damping=_CG_DAMPING, tol=3e-7, max_iters=100), device)
+        for label, solve, what in (
+            ("lanczos(k=5, tol=1e-6)", lambda m: hf.lanczos(m, v0, k=5, tol=1e-6),
+             "orthogonalization, small eigenproblems, checks"),
+            ("cg (damping 1, up to 100 iterations)",
+             lambda m: hf.cg(m, params, damping=_CG_DAMPING, tol=3e-7, max_iters=100), "vector updates, checks"),
+            ("minres (damping 1, up to 100 iterations)",
+             lambda m: hf.minres(m, params, damping=_CG_DAMPING, tol=3e-7, max_iters=100), "vector updates, checks"),
+        ):
+            res, seconds, outside = outside_products(solve, mv, device, runs=_RUNS)
+            lines.append(f"hvpfunc {label}: {seconds:.3f} s for {res.num_matvecs} products, "
+                         f"{100 * outside / seconds:.0f}% of it outside them ({1e6 * outside / res.num_matvecs:.0f} µs "
+                         f"per product: {what}).\n")
         diag = torch.linspace(1.0, 1e4, 4096, device=device)
         free, free_seconds = _timed(lambda: hf.cg(lambda v: diag * v, torch.ones_like(diag), tol=3e-7, max_iters=100),
                                     device)
-    cg_overhead = max(0.0, cg_seconds - res.num_matvecs * t_product) / cg_seconds
-    out += ["### Solver overhead\n",
-            f"hvpfunc lanczos(k=5, tol=1e-6): {lanczos_seconds:.3f} s for {lanczos_products} products of "
-            f"{t_product * 1e3:.2f} ms: {100 * overhead:.0f}% of the time outside the products "
-            "(orthogonalization, small eigenproblems, checks).\n",
-            f"hvpfunc cg (up to 100 iterations): {cg_seconds:.3f} s for {res.num_matvecs} products: "
-            f"{100 * cg_overhead:.0f}% outside the products; on an operator whose product is almost free "
-            f"(a diagonal of size 4096) {1e6 * free_seconds / max(free.num_matvecs, 1):.0f} µs per iteration.", ""]
+    out += ["### Solver overhead\n", *lines,
+            f"hvpfunc cg on an operator whose product is almost free (a diagonal of size 4096): "
+            f"{1e6 * free_seconds / max(free.num_matvecs, 1):.0f} µs per iteration.", ""]
     return "\n".join(out)

@@ -28,6 +28,25 @@ def test_solver_tables_on_a_tiny_network():
     text = solvers.run(torch.device("cpu"), tiny=True)
     assert "hvpfunc lanczos(k=5, tol=1e-6)" in text and "hvpfunc trace('hutch++', 100 probes)" in text
     assert "scipy eigsh (ARPACK)" in text
+    assert "hvpfunc minres (damping 1, up to 100 iterations)" in text and "outside them" in text
+
+
+def test_time_outside_the_products_is_what_the_solve_spends_around_them():
+    import time
+
+    from benchmarks.harness import outside_products
+
+    def matvec(v):
+        time.sleep(0.01)
+        return v
+
+    def solve(mv):
+        time.sleep(0.005)  # the solver's own work
+        return [mv(i) for i in range(3)]
+
+    result, total, outside = outside_products(solve, matvec, torch.device("cpu"), runs=3)
+    assert result == [0, 1, 2]
+    assert outside >= 0.005 and total - outside >= 0.03  # sleeps overshoot, never undershoot
 
 
 @pytest.mark.slow
