@@ -245,15 +245,22 @@ def run(device: torch.device, *, tiny: bool = False) -> str:
     for name, (model, x, y) in _models(tiny, device).items():
         n = sum(p.numel() for p in model.parameters())
         loss = nn.CrossEntropyLoss()
-        # reference: the top eigenvalue to 1e-9 (float64 copy, residual tolerance)
+        # reference: the top five eigenvalues to 1e-9 (float64 copy, residual tolerance)
         m64 = copy.deepcopy(model).double()
         mv64, p64 = hf.model_hvp_fn(m64, loss, (x.double(), y))
-        ref = hf.lanczos(mv64, hf.tree.random_like(p64, generator=torch.Generator().manual_seed(9)), k=1, tol=1e-9)
-        top = float(ref.eigenvalues[0])
+        ref = hf.lanczos(mv64, hf.tree.random_like(p64, generator=torch.Generator().manual_seed(9)), k=5, tol=1e-9)
+        top5 = np.sort(ref.eigenvalues.cpu().numpy())[::-1]
+        top = float(top5[0])
         tops[name] = top
 
         def rel(value: float) -> str:
             return f"{abs(value - top) / abs(top):.1e}"
+
+        def rel5(values) -> str:
+            # every one of the five counts: a top-5 job is as accurate as its worst value
+            got = np.sort(np.asarray(values, dtype=np.float64))[::-1][:5]
+            worst = float(np.max(np.abs(got - top5) / np.abs(top5)))
+            return f"{rel(float(got[0]))} (top), {worst:.1e} (max of 5)"
 
         rows = []
 
@@ -296,7 +303,7 @@ def run(device: torch.device, *, tiny: bool = False) -> str:
 
         res, seconds = _timed(from_model(lambda mv, params: hf.lanczos(mv, start(params), k=5, tol=1e-3, stop="eigenvalue")), device)
         rows.append(["top-5", "hvpfunc lanczos(k=5, tol=1e-3, stop='eigenvalue')", f"{seconds:.3f}", res.num_matvecs,
-                     f"{rel(float(res.eigenvalues[0]))} (top)", ""])
+                     rel5(res.eigenvalues.cpu().numpy()), ""])
         if found["hessian-eigenthings"]:
             from hessian_eigenthings import lanczos as he_lanczos
 
@@ -307,7 +314,7 @@ def run(device: torch.device, *, tiny: bool = False) -> str:
                 return he_lanczos(op, k=5, which="LA", seed=0), counter["n"]
 
             _attempt(rows, "top-5", "hessian-eigenthings lanczos(k=5), defaults (tol 1e-4)", device, he_top5,
-                     lambda result: f"{rel(float(result.eigenvalues.max()))} (top)")
+                     lambda result: rel5(np.asarray(result.eigenvalues)))
         if found["curvlinops"]:
             from scipy.sparse.linalg import LinearOperator, eigsh
 
@@ -318,7 +325,7 @@ def run(device: torch.device, *, tiny: bool = False) -> str:
                 return eigsh(A, k=5, which="LA", tol=1e-3)[0], counter["n"]
 
             _attempt(rows, "top-5", "curvlinops + scipy eigsh(k=5, tol=1e-3)", device, cl_top5,
-                     lambda vals: f"{rel(float(np.max(vals)))} (top)")
+                     lambda vals: rel5(vals))
 
         res, seconds = _timed(from_model(lambda mv, params: hf.spectral_density(mv, params, num_probes=1, num_iters=90, generator=seeded())), device)
         rows.append(["SLQ density", "hvpfunc spectral_density(1 probe, 90 steps)", f"{seconds:.3f}", res.num_matvecs,

@@ -57,6 +57,7 @@ def test_job_tables_on_tiny_models():
     for how in ("hvpfunc lanczos(k=1", "hvpfunc trace(100 probes)", "hvpfunc lanczos(k=5", "hvpfunc spectral_density",
                 "hvpfunc hypergradient(solver='cg'), defaults (converged)"):
         assert how in text
+    assert "(max of 5)" in text  # a top-5 job's error is its worst value's
     # the first-answer table: a fresh process per job, its top eigenvalue against the reference
     first = text.split("### First answer", 1)[1].split("###", 1)[0]
     rows = [line.split("|")[1:-1] for line in first.splitlines() if line.startswith("| ") and "model" not in line]
