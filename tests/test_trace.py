@@ -371,3 +371,41 @@ def test_probes_written_into_a_reused_block_are_the_same_rademacher_rows(n):
     assert again is block and torch.equal(again, fresh)
     assert bool((fresh.abs() == 1).all())
     assert float(fresh.mean(dim=0).abs().max()) < 0.5  # every position takes both signs
+
+
+def test_autos_decision_on_sharded_vectors_is_the_unsharded_one():
+    # Every sum over the vector dimension in the decision must be completed over the
+    # ranks: two threads hold half of each probe and product, their sums joined by a
+    # barrier, and must predict the variances the whole vectors give.
+    import threading
+    from types import SimpleNamespace
+
+    from hvpfunc._stochastic.trace import _predicted_variances
+
+    gen = torch.Generator().manual_seed(11)
+    n, s, count = 60, 10, 30
+    A = torch.randn(n, n, generator=gen, dtype=DT)
+    H = (A + A.T) / 2 + torch.diag(torch.linspace(0.0, 5.0, n, dtype=DT))
+    S = torch.randint(0, 2, (s, n), generator=gen).to(DT) * 2 - 1
+    HS = S @ H
+    whole = _predicted_variances(SimpleNamespace(n=n, total=lambda t: t), S, HS, count)
+    barrier, slots, got = threading.Barrier(2, timeout=30), [None, None], [None, None]
+
+    def rank(r: int, columns: slice) -> None:
+        def allsum(t):
+            slots[r] = t
+            barrier.wait()
+            joined = slots[0] + slots[1]
+            barrier.wait()
+            return joined
+
+        got[r] = _predicted_variances(SimpleNamespace(n=n, total=allsum), S[:, columns], HS[:, columns], count)
+
+    threads = [threading.Thread(target=rank, args=(r, c)) for r, c in ((0, slice(0, 25)), (1, slice(25, None)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert whole is not None and whole[0] > 0 and whole[1] > 0
+    for r in range(2):
+        assert got[r] == pytest.approx(whole, rel=1e-10)

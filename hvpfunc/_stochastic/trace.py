@@ -220,8 +220,15 @@ def _round(
 
 def _deflation_pays(op: Operator, S: Tensor, HS: Tensor, count: int) -> bool:
     """Whether Hutch++'s deflation by the sketch S is expected to beat spending its
-    products on more Hutchinson probes, judged from the sketch's own products before
-    paying for HQ, with O(s²n) work (one Gram matrix).
+    products on more Hutchinson probes (:func:`_predicted_variances`)."""
+    predicted = _predicted_variances(op, S, HS, count)
+    return predicted is None or predicted[0] < predicted[1]
+
+
+def _predicted_variances(op: Operator, S: Tensor, HS: Tensor, count: int) -> Optional[Tuple[float, float]]:
+    """The variances of Hutch++'s estimate and of Hutchinson's from ``count`` products,
+    predicted from the sketch's own products before paying for HQ, with O(s²n) work;
+    None where deflation certainly pays.
 
     Hutchinson's variance per Rademacher probe is 2(‖H‖_F² − Σᵢ Hᵢᵢ²): small where the
     diagonal carries the Frobenius mass, as in many network Hessians. Both terms come
@@ -239,18 +246,18 @@ def _deflation_pays(op: Operator, S: Tensor, HS: Tensor, count: int) -> bool:
     sᵢᵀ(I − Q₋ᵢQ₋ᵢᵀ)Hsᵢ, squared without bias as a mean over pairs i ≠ j: on a spectrum
     i^−0.6 that term is half of the one-sided norm (without it auto kept Hutchinson at
     100 products, 1.4× Hutch++'s error).
-    Deflation pays when 2·(mean(dist²) − tr(PHP)²/n)/(m − 2s) is below
-    2(‖H‖_F² − Σ Hᵢᵢ²)/m. A rank-deficient sketch (range(H) captured) or one as large as
-    the dimension always pays.
+    The two: 2·(mean(dist²) − tr(PHP)²/n)/(m − 2s) and 2(‖H‖_F² − Σ Hᵢᵢ²)/m. A
+    rank-deficient sketch (range(H) captured) or one as large as the dimension always
+    pays (None).
     """
     sketch = S.shape[0]
     if sketch < 2 or sketch >= op.n:  # a sketch spanning the space makes the trace exact
-        return True
+        return None
     gram = op.total(HS @ HS.T).to(torch.float64)
     L, info = torch.linalg.cholesky_ex(gram)
     diagonal = torch.diagonal(L)
     if int(info) or bool(diagonal.min() <= math.sqrt(torch.finfo(HS.dtype).eps) * diagonal.max()):
-        return True
+        return None
     L_inverse = torch.linalg.solve_triangular(L, torch.eye(sketch, dtype=L.dtype, device=L.device), upper=False)
     distances = 1 / L_inverse.square().sum(dim=0)  # squared leave-one-out residuals
     # the leave-one-out residual of Hsᵢ is row i of G⁻¹·HS over (G⁻¹)ᵢᵢ, so its form with
@@ -271,7 +278,7 @@ def _deflation_pays(op: Operator, S: Tensor, HS: Tensor, count: int) -> bool:
     consecutive += torch.dot(first, previous)
     diagonal_mass = op.total(consecutive) / sketch  # Σ Hᵢᵢ²
     frobenius = torch.trace(gram) / sketch  # ‖H‖_F²
-    return bool(remainder < 2 * (frobenius - diagonal_mass).clamp(min=0) / count)
+    return float(remainder), float(2 * (frobenius - diagonal_mass).clamp(min=0) / count)
 
 
 def squared_frobenius_norm(
