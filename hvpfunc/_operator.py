@@ -105,7 +105,10 @@ class Operator:
         self.device = self.layout.device
         self.num_matvecs = 0
         self._checked = False
-        self._seconds_per_row: Dict[int, float] = {}  # chunk_size="auto"'s trials on CPUs
+        # chunk_size="auto"'s trials on CPUs: the matvec's record where it keeps one (a
+        # Matvec of mode "auto", shared per f and input signature), else this operator's
+        remembered = getattr(matvec, "chunk_trials", None)
+        self._seconds_per_row: Dict[int, float] = remembered if isinstance(remembered, dict) else {}
         self._vmap_error: Optional[BaseException] = None  # why "auto" stopped using vmap
         # A matvec may bring its own product of a stacked batch (data_parallel: vmap of
         # the local matvec, then one collective). "auto" then batches by a fixed rule,
@@ -234,8 +237,9 @@ class Operator:
                 # "auto" loops from now on; a real error in the matvec raises in the loop.
                 self._vmap_error = err
                 self._rows(rows, 1, into)
-            if trial:
-                self._seconds_per_row[step] = (time.perf_counter() - began) / rows.shape[0]
+            if trial:  # a failed vmap is remembered as infinitely slow: later calls loop at once
+                seconds = (time.perf_counter() - began) / rows.shape[0]
+                self._seconds_per_row[step] = math.inf if self._vmap_error is not None else seconds
             start += done + rows.shape[0]
             if bar is not None:
                 bar.update(steps=done + rows.shape[0])

@@ -85,6 +85,11 @@ class Matvec:
         timings: seconds per product of each mode ``"auto"`` timed.
         switches: ``"auto"``'s decisions, each a ``Switch(after_products, from_mode,
             to_mode, reason)``; empty for an explicit mode.
+        chunk_trials: with ``"auto"``, the seconds per product that solvers'
+            ``chunk_size="auto"`` measured on a CPU for a loop (key 1) and for ``vmap``
+            chunks (key 16; inf where ``vmap`` failed), shared by the matvecs of the same
+            f and input signature in this process, so that later solvers skip the trial;
+            None for an explicit mode.
     """
 
     def __init__(self, product: Any, params: Tree):
@@ -102,6 +107,10 @@ class Matvec:
     @property
     def switches(self) -> list:
         return list(self._product.switches)
+
+    @property
+    def chunk_trials(self) -> Optional[Dict[int, float]]:
+        return getattr(self._product, "chunk_trials", None)
 
     def expect_products(self, count: int) -> None:
         """Say that about ``count`` more products will follow (a trace's probes, a

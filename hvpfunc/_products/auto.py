@@ -68,6 +68,22 @@ def remember(key: Hashable, outcome: Outcome) -> None:
         _OUTCOMES.popitem(last=False)
 
 
+# Per process as well: chunk_size="auto"'s CPU trial of a loop against vmap (seconds per
+# product of each, keyed by chunk: 1 and 16; inf where vmap failed), per function and
+# input signature, so that a later solver on a matvec of the same f skips the trial: it
+# was 5% of a 100-probe trace of the 400k-parameter MLP, where the loop wins.
+_CHUNK_TRIALS: OrderedDict[Hashable, Dict[int, float]] = OrderedDict()
+
+
+def chunk_trials(key: Hashable) -> Dict[int, float]:
+    """The (mutable, shared) record of chunk_size="auto"'s trials for ``key``."""
+    trials = _CHUNK_TRIALS.setdefault(key, {})
+    _CHUNK_TRIALS.move_to_end(key)
+    while len(_CHUNK_TRIALS) > _MEMORY_SIZE:
+        _CHUNK_TRIALS.popitem(last=False)
+    return trials
+
+
 def signature(f: Callable[..., Any], params: Tree, args: tuple, kwargs: dict) -> Hashable:
     """f's code (or type) and the structure, shapes, dtypes and devices of its inputs."""
     code = getattr(f, "__code__", None) or type(f)
@@ -117,6 +133,7 @@ class AutoProduct:
 
     def __init__(self, f, params: Tree, args: tuple, kwargs: dict, inspection: Inspection, key: Hashable):
         self._f, self._params, self._args, self._kwargs, self._key = f, params, args, kwargs, key
+        self.chunk_trials = chunk_trials(key)
         self.timings: Dict[str, float] = {}
         self.switches: List[Switch] = []
         self.calls = 0
