@@ -363,6 +363,17 @@ def test_auto_that_deflates_is_hutchplusplus_on_the_same_probes():
         assert float(auto.stderr) == float(plus.stderr)
 
 
+def test_auto_that_keeps_hutchinson_is_hutchinson_on_the_same_probes():
+    # Where deflation does not pay, the sketch's probes count as Hutchinson samples and the
+    # rest follow from the same generator: the same probes, the same estimate
+    matvec, like, _ = _operator("diagonal-heavy")
+    for seed in range(3):
+        auto, plain = (hf.trace(matvec, like, num_probes=60, method=method, chunk_size=1,
+                                generator=torch.Generator().manual_seed(seed)) for method in ("auto", "hutchinson"))
+        assert float(auto.estimate) == float(plain.estimate)
+        assert float(auto.stderr) == float(plain.stderr)
+
+
 def test_xdiag_jackknife_is_xdiag_recomputed_without_each_probe():
     from hvpfunc._stochastic.trace import _diagonal_jackknife
 
