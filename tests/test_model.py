@@ -671,3 +671,19 @@ def test_a_first_answer_imports_neither_dynamo_nor_dtensor_nor_sympy():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_autos_memory_tells_models_apart_by_their_modules_not_their_parameter_shapes():
+    # model_hvp_fn's loss closure is one function for every model: two Sequentials with the
+    # same parameter shapes but different activations must not share auto's remembered
+    # decisions, while the same model at another batch of the same shapes does
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 4, dtype=DT), torch.randint(0, 3, (16,))
+    tanh = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    relu = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+    relu.load_state_dict(tanh.state_dict())
+    first, _ = hf.model_hvp_fn(tanh, nn.CrossEntropyLoss(), (x, y))
+    again, _ = hf.model_hvp_fn(tanh, nn.CrossEntropyLoss(), (x + 1, y))
+    other, _ = hf.model_hvp_fn(relu, nn.CrossEntropyLoss(), (x, y))
+    assert again.chunk_trials is first.chunk_trials
+    assert other.chunk_trials is not first.chunk_trials

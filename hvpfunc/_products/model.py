@@ -182,9 +182,10 @@ def model_hvp_fn(
                         dropouts, unpack_inputs, mode), params
     cache: dict = {}
     if single is not None:
-        # auto's memory: this model's parameter shapes, this loss and the batch's shapes
-        # (the loss closure's code is the same for every model)
-        key = (type(model), tuple((k, tuple(p.shape), p.dtype) for k, p in params.items()),
+        # auto's memory: this model (its type and its modules as printed: two Sequentials
+        # that differ in an activation are different functions), its parameter shapes,
+        # this loss and the batch's shapes (the loss closure's code is the same for every model)
+        key = (type(model), repr(model), tuple((k, tuple(p.shape), p.dtype) for k, p in params.items()),
                getattr(loss_fn, "__code__", None) or type(loss_fn), repr(getattr(loss_fn, "reduction", None)),
                tuple((tuple(t.shape), t.dtype) for t in torch.utils._pytree.tree_leaves(single)
                      if isinstance(t, Tensor)))
