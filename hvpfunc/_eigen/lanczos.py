@@ -13,7 +13,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._krylov import STEP_ROUNDING, check_symmetric, expand, lanczos_step, orthogonalize, symmetry_slack
+from .._krylov import (
+    STEP_ROUNDING,
+    check_symmetric,
+    expand,
+    lanczos_step,
+    orthogonalize,
+    reorthogonalize,
+    symmetry_slack,
+)
 from .._operator import Operator, check_start, norm, total
 from .._outcome import finish
 from .._progress import Progress
@@ -728,11 +736,10 @@ def _expand(state: _State, op: Operator, ctx: _Options, deflate: Optional[Tensor
         estimate = _orthogonality(state, ctx.rounding)
         if np.abs(estimate[: j - 1]).max() > state.level:
             # one pass: w is already orthogonal to within the level (≤ √ε), which a
-            # single classical Gram–Schmidt pass brings down to rounding
-            basis = state.V[: j + 1]
-            dropped = total(torch.mv(basis, w), ctx.allsum)
-            w.addmv_(basis.T, dropped, alpha=-1)
-            both = torch.stack([torch.linalg.vector_norm(dropped), norm(w, ctx.allsum)]).to("cpu", torch.float64)
+            # single classical Gram–Schmidt pass brings down to rounding (a second only
+            # on cancellation, as SLQ's and block_spectra's steps do)
+            w, dropped, beta = reorthogonalize(state.V[: j + 1], w, ctx.allsum, beta)
+            both = torch.stack([torch.linalg.vector_norm(dropped), beta]).to("cpu", torch.float64)
             state.relation[j] += float(both[0])  # those coefficients are not in T's column j
             state.beta = float(both[1])
             state.reorthogonalize = True  # Simon: the next vector too, its estimate rests on this one's
