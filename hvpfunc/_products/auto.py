@@ -63,9 +63,15 @@ _OUTCOMES: OrderedDict[Hashable, Outcome] = OrderedDict()
 
 def remember(key: Hashable, outcome: Outcome) -> None:
     _OUTCOMES[key] = outcome
-    _OUTCOMES.move_to_end(key)
-    while len(_OUTCOMES) > _MEMORY_SIZE:
-        _OUTCOMES.popitem(last=False)
+    _used(_OUTCOMES, key)
+
+
+def _used(memory: OrderedDict, key: Hashable) -> None:
+    """Mark ``key`` the most recently used entry of a per-process memory, which keeps
+    the ``_MEMORY_SIZE`` most recent."""
+    memory.move_to_end(key)
+    while len(memory) > _MEMORY_SIZE:
+        memory.popitem(last=False)
 
 
 # Per process as well: chunk_size="auto"'s CPU trial of a loop against vmap (seconds per
@@ -78,9 +84,7 @@ _CHUNK_TRIALS: OrderedDict[Hashable, Dict[int, float]] = OrderedDict()
 def chunk_trials(key: Hashable) -> Dict[int, float]:
     """The (mutable, shared) record of chunk_size="auto"'s trials for ``key``."""
     trials = _CHUNK_TRIALS.setdefault(key, {})
-    _CHUNK_TRIALS.move_to_end(key)
-    while len(_CHUNK_TRIALS) > _MEMORY_SIZE:
-        _CHUNK_TRIALS.popitem(last=False)
+    _used(_CHUNK_TRIALS, key)
     return trials
 
 
