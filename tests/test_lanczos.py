@@ -494,9 +494,15 @@ def test_the_copy_check_finds_an_eigenvalue_hidden_in_a_cluster_at_a_loose_toler
                      0.3 * torch.rand(1992, generator=g) - 0.05]).to(DT)
     Q, _ = torch.linalg.qr(torch.randn(2000, 2000, generator=g, dtype=DT))
     H = (Q * lam) @ Q.T
-    res = hf.lanczos(lambda v: H @ v, torch.randn(2000, generator=g, dtype=DT), k=5, tol=1e-3, stop="eigenvalue")
+    v0 = torch.randn(2000, generator=g, dtype=DT)
+    res = hf.lanczos(lambda v: H @ v, v0, k=5, tol=1e-3, stop="eigenvalue")
     assert res.status == "converged"
     assert float(((res.eigenvalues - lam[:5]).abs() / lam[:5]).max()) <= 1e-3
+    # without the check the missed neighbour is not a copy of anything found, and the
+    # message says that such eigenvalues too were not ruled out
+    unchecked = hf.lanczos(lambda v: H @ v, v0, k=5, tol=1e-3, stop="eigenvalue", find_copies=False)
+    assert float(((unchecked.eigenvalues - lam[:5]).abs() / lam[:5]).max()) > 5e-3
+    assert "neighbours inside a cluster" in unchecked.message
 
 
 def test_the_copy_check_stays_within_the_memory_budget(monkeypatch):
