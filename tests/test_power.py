@@ -50,7 +50,7 @@ def test_stops_as_soon_as_the_tolerance_holds():
 
 
 def test_max_iters_reached_says_not_converged_and_warns():
-    matvec, like, _ = spectrum_operator([1.0, -0.999, 0.5])
+    matvec, like, _ = spectrum_operator([1.0, 0.999, 0.5])
     with pytest.warns(hf.ConvergenceWarning, match=r"did not converge \(max_iters\): stopped after 5 products"):
         res = hf.power_iteration(matvec, random_tree(like, 4), max_iters=5)
     assert not bool(res.converged[0])
@@ -89,6 +89,16 @@ def test_tied_magnitudes_stall_lm_but_not_the_algebraic_ends():
     with pytest.warns(hf.ConvergenceWarning, match="did not converge"):
         lm = hf.power_iteration(matvec, random_tree(like, 0), max_iters=200)
     assert not bool(lm.converged[0])
+    # the message names the cause (not a budget to raise) and what does separate them
+    assert "opposite signs, about 2 and -2" in lm.message or "opposite signs, about -2 and 2" in lm.message
+    assert "hf.lanczos(matvec, v0, k=2, which='LM')" in lm.message
+    both = hf.lanczos(matvec, random_tree(like, 0), k=2, which="LM", tol=1e-10)
+    assert sorted(both.eigenvalues.tolist()) == pytest.approx([-2.0, 2.0], rel=1e-9)
+    # a near tie too: at the rate 0.999 per step a budget of 200 was never going to do
+    near_tie, near_like, _ = spectrum_operator([1.0, -0.999, 0.5])
+    with pytest.warns(hf.ConvergenceWarning):
+        near = hf.power_iteration(near_tie, random_tree(near_like, 4), max_iters=200)
+    assert "opposite signs, about 1 and -0.999 " in near.message
     la = hf.power_iteration(matvec, random_tree(like, 0), which="LA", tol=1e-8, max_iters=2000)
     sa = hf.power_iteration(matvec, random_tree(like, 0), which="SA", tol=1e-8, max_iters=2000)
     assert bool(la.converged[0]) and float(la.eigenvalues[0]) == pytest.approx(2.0, rel=1e-7)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, get_args
+from typing import NamedTuple, Optional, Tuple, get_args
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -14,6 +15,10 @@ from .._progress import Progress
 from .._types import MatvecFn, ProgressArg, Tree, Which
 from ..results import EigResult, Status
 
+# Two Ritz values of opposite signs whose magnitudes are at least this close (ratio) are
+# reported as the cause of a stalled LM iteration.
+_TIE_RATIO = 0.9
+
 
 class _Run(NamedTuple):
     eigenvalue: float
@@ -22,6 +27,8 @@ class _Run(NamedTuple):
     status: Status
     reason: str
     norm: float  # the largest ‖(H − shift·I) q‖ seen, a lower bound of that norm
+    # (μ_{k−1}, ν_{k−1}, μ_k): the last two Rayleigh quotients and the norm between them
+    last_two: Optional[Tuple[float, float, float]] = None
 
     @property
     def converged(self) -> bool:
@@ -50,6 +57,12 @@ def power_iteration(
     steps are at most ``tol · |λ|``, or the rounding level ``100 ε ‖H‖`` for an
     eigenvalue near zero (the residual bounds the eigenvalue error by ‖r‖²/gap, so the
     eigenvalue is usually far more accurate than ``tol``).
+
+    Two eigenvalues of nearly equal magnitude and opposite signs (±λ) stall ``"LM"``: the
+    iterate swings between their eigenvectors, separated only at the rate |λ₂/λ₁| per
+    step. A run that ends at ``max_iters`` that way says so in its ``message`` with both
+    values, the Ritz values of its last two iterates (a 2 × 2 Rayleigh–Ritz from scalars
+    the iteration computed anyway), and points to :func:`~hvpfunc.lanczos`.
 
     Args:
         matvec: ``v -> H v`` on trees shaped like ``v0``; H must be symmetric.
@@ -109,10 +122,16 @@ def power_iteration(
         bar.close()
     message = ""
     if not run.converged:
-        message = (
-            f"stopped after {op.num_matvecs} products: {run.reason}; residual "
-            f"{run.residual:.3g}. {run.status.remedy}"
-        )
+        remedy = run.status.remedy
+        partners = _opposite_partners(run.last_two) if which == "LM" and run.status is Status.MAX_ITERS else None
+        if partners is not None:
+            remedy = (
+                f"H has eigenvalues of nearly equal magnitude and opposite signs, about {partners[0]:.4g} and "
+                f"{partners[1]:.4g} (from the last two iterates), which power iteration separates only at the "
+                "rate |λ₂/λ₁| per step (never for an exact tie). Use hf.lanczos(matvec, v0, k=2, which='LM') "
+                "for both, or which='LA' or 'SA' for one end."
+            )
+        message = f"stopped after {op.num_matvecs} products: {run.reason}; residual {run.residual:.3g}. {remedy}"
     vector = run.vector / norm(run.vector, op.allsum)
     result = EigResult(
         eigenvalues=torch.tensor([run.eigenvalue], dtype=op.dtype, device=op.device),
@@ -136,6 +155,7 @@ def _power(
     q = x0 / norm(x0, op.allsum)
     best = _Run(math.nan, q, math.inf, Status.MAX_ITERS, f"max_iters={max_iters} reached", 0.0)
     previous = math.nan
+    previous_norm = math.nan  # ‖(H − shift·I) q‖ of the previous iterate
     eps = torch.finfo(op.dtype).eps
     norm_estimate = 0.0
     for _ in range(max_iters):
@@ -150,11 +170,42 @@ def _power(
         bar.update(lam, residual)
         norm_estimate = max(norm_estimate, abs(lam), abs(shift))
         scale = max(tol * abs(lam), 100 * eps * norm_estimate)
-        best = _Run(lam, q, residual, Status.MAX_ITERS, best.reason, max(best.norm, math.hypot(mu, residual)))
+        last_two = (previous - shift, previous_norm, mu) if math.isfinite(previous_norm) else None
+        best = _Run(lam, q, residual, Status.MAX_ITERS, best.reason, max(best.norm, math.hypot(mu, residual)),
+                    last_two)
         if residual <= scale and abs(lam - previous) <= scale:
             return best._replace(status=Status.CONVERGED, reason="")
         if residual == 0.0:  # q is an exact eigenvector; w may be zero, so stop here
             return best._replace(status=Status.CONVERGED, reason="")
-        q = w / norm(w, op.allsum)
-        previous = lam
+        size = norm(w, op.allsum)
+        q = w / size
+        previous, previous_norm = lam, float(size)
     return best
+
+
+def _opposite_partners(last_two: Optional[Tuple[float, float, float]]) -> Optional[Tuple[float, float]]:
+    """The two Ritz values of span{q_{k−1}, q_k} when they have opposite signs and nearly
+    equal magnitudes (the pair that stalls power iteration), else None.
+
+    With q_k = Hq_{k−1}/ν_{k−1} everything is known from scalars: the projected pencil is
+    A = [[μ_{k−1}, ν_{k−1}], [ν_{k−1}, μ_k]] with Gram matrix G = [[1, c], [c, 1]],
+    c = q_{k−1}ᵀq_k = μ_{k−1}/ν_{k−1}, so no vector is kept for it. Where the iterates
+    have stalled between two eigenvectors u₁, u₂, the span is theirs and the Ritz values
+    are their eigenvalues."""
+    if last_two is None:
+        return None
+    mu0, nu, mu1 = last_two
+    if not nu > 0:
+        return None
+    c = mu0 / nu
+    s2 = 1.0 - c * c
+    if not s2 > 1e-6:  # the iterates are parallel (converging): no second direction
+        return None
+    s = math.sqrt(s2)
+    # L⁻¹ A L⁻ᵀ with G = LLᵀ, L = [[1, 0], [c, s]]
+    L_inv = np.array([[1.0, 0.0], [-c / s, 1.0 / s]])
+    values = np.linalg.eigvalsh(L_inv @ np.array([[mu0, nu], [nu, mu1]]) @ L_inv.T)
+    low, high = float(values[0]), float(values[1])
+    if low < 0 < high and min(-low, high) >= _TIE_RATIO * max(-low, high):
+        return (high, low) if high >= -low else (low, high)
+    return None
