@@ -78,3 +78,18 @@ def test_sharded_memory_table_on_a_tiny_model():
     text = sharded.run(tiny=True)
     for how in ("training gradient", "exact product", "gradient-difference product", "Lanczos basis"):
         assert how in text
+
+
+def test_pyhessian_accuracy_is_its_best_error_rounded_down(monkeypatch):
+    # the matched-accuracy row asks hvpfunc for the smallest error PyHessian reached,
+    # rounded down to a power of ten; a PyHessian that fails gives no row
+    values = iter([1.023, 0.9991, 1.034])
+    monkeypatch.setattr(jobs, "_pyhessian_counted", lambda fn: lambda: (fn(), 0))
+    monkeypatch.setattr(jobs, "pyhessian_top", lambda model, x, y: [next(values)])
+    assert jobs._pyhessian_accuracy(None, None, None, 1.0, seeds=3) == pytest.approx(1e-4)  # 9e-4, not 2e-2
+
+    def fails(model, x, y):
+        raise RuntimeError("derivative for aten::_scaled_dot_product_flash_attention not implemented")
+
+    monkeypatch.setattr(jobs, "pyhessian_top", fails)
+    assert jobs._pyhessian_accuracy(None, None, None, 1.0, seeds=3) is None
