@@ -123,7 +123,8 @@ def power_iteration(
     message = ""
     if not run.converged:
         remedy = run.status.remedy
-        partners = _opposite_partners(run.last_two) if which == "LM" and run.status is Status.MAX_ITERS else None
+        stalled = which == "LM" and run.status is Status.MAX_ITERS
+        partners = _opposite_partners(run.last_two, torch.finfo(op.dtype).eps) if stalled else None
         if partners is not None:
             remedy = (
                 f"H has eigenvalues of nearly equal magnitude and opposite signs, about {partners[0]:.4g} and "
@@ -183,7 +184,7 @@ def _power(
     return best
 
 
-def _opposite_partners(last_two: Optional[Tuple[float, float, float]]) -> Optional[Tuple[float, float]]:
+def _opposite_partners(last_two: Optional[Tuple[float, float, float]], eps: float) -> Optional[Tuple[float, float]]:
     """The two Ritz values of span{q_{k−1}, q_k} when they have opposite signs and nearly
     equal magnitudes (the pair that stalls power iteration), else None.
 
@@ -191,7 +192,7 @@ def _opposite_partners(last_two: Optional[Tuple[float, float, float]]) -> Option
     A = [[μ_{k−1}, ν_{k−1}], [ν_{k−1}, μ_k]] with Gram matrix G = [[1, c], [c, 1]],
     c = q_{k−1}ᵀq_k = μ_{k−1}/ν_{k−1}, so no vector is kept for it. Where the iterates
     have stalled between two eigenvectors u₁, u₂, the span is theirs and the Ritz values
-    are their eigenvalues."""
+    are their eigenvalues. ``eps``: the products' rounding unit, which c carries."""
     if last_two is None:
         return None
     mu0, nu, mu1 = last_two
@@ -199,7 +200,9 @@ def _opposite_partners(last_two: Optional[Tuple[float, float, float]]) -> Option
         return None
     c = mu0 / nu
     s2 = 1.0 - c * c
-    if not s2 > 1e-6:  # the iterates are parallel (converging): no second direction
+    # iterates parallel to within c's rounding (converging) span no second direction
+    # that the pencil could resolve
+    if not s2 > 1000 * eps:
         return None
     s = math.sqrt(s2)
     # L⁻¹ A L⁻ᵀ with G = LLᵀ, L = [[1, 0], [c, s]]
