@@ -171,16 +171,15 @@ def _power(
         bar.update(lam, residual)
         norm_estimate = max(norm_estimate, abs(lam), abs(shift))
         scale = max(tol * abs(lam), 100 * eps * norm_estimate)
+        size = math.hypot(mu, residual)  # ‖w‖: w − μq is orthogonal to q
         last_two = (previous - shift, previous_norm, mu) if math.isfinite(previous_norm) else None
-        best = _Run(lam, q, residual, Status.MAX_ITERS, best.reason, max(best.norm, math.hypot(mu, residual)),
-                    last_two)
+        best = _Run(lam, q, residual, Status.MAX_ITERS, best.reason, max(best.norm, size), last_two)
         if residual <= scale and abs(lam - previous) <= scale:
             return best._replace(status=Status.CONVERGED, reason="")
         if residual == 0.0:  # q is an exact eigenvector; w may be zero, so stop here
             return best._replace(status=Status.CONVERGED, reason="")
-        size = norm(w, op.allsum)
-        q = w / size
-        previous, previous_norm = lam, float(size)
+        q = w / norm(w, op.allsum)
+        previous, previous_norm = lam, size
     return best
 
 
