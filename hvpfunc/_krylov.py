@@ -9,13 +9,39 @@ works batched: a basis ``V`` of shape ``(..., j, n)`` with products ``w`` of sha
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ._operator import norm, total
+
+# Alignment of a host basis' first row: what torch's own CPU allocator gives (AVX-512).
+_ALIGNMENT = 64
+
+
+def empty_basis(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Uninitialized rows for a Krylov basis, on the host in memory Linux may back with
+    transparent huge pages.
+
+    A basis is written one row per step into memory that is mapped afresh on every call
+    (glibc maps each allocation over 32 MB anew and returns it on free), so each of its
+    4 kB pages is faulted in (and zeroed by the kernel) on first touch: 12.9k faults, 5%
+    of the 400k-parameter MLP's top-eigenvalue job (``python -m benchmarks --only jobs``).
+    numpy's allocator advises huge pages for allocations of 4 MB and more
+    (``madvise(MADV_HUGEPAGE)``, where the system's setting is ``madvise``, Debian's and
+    Ubuntu's default), 2 MB per fault; torch's does so only with ``THP_MEM_ALLOC_ENABLE=1``
+    set before the process starts. The rows are numpy's bytes seen as ``dtype`` (any, a
+    numpy-less bfloat16 included), their start aligned as torch's allocator aligns.
+    Accelerators' memory comes from torch.
+    """
+    if torch.device(device).type != "cpu":
+        return torch.empty(tuple(shape), dtype=dtype, device=device)
+    size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    raw = torch.from_numpy(np.empty(size + _ALIGNMENT, dtype=np.uint8))
+    offset = -raw.data_ptr() % _ALIGNMENT
+    return raw[offset : offset + size].view(dtype).view(tuple(shape))
 
 
 def orthogonalize(V: Tensor, w: Tensor, allsum: Optional[Callable[[Tensor], Tensor]] = None) -> Tuple[Tensor, Tensor]:

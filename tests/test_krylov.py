@@ -2,7 +2,7 @@ import pytest
 import torch
 from references import DT
 
-from hvpfunc._krylov import expand, lanczos_step
+from hvpfunc._krylov import empty_basis, expand, lanczos_step
 
 
 def _basis(j: int, n: int, seed: int, batch: tuple = ()) -> torch.Tensor:
@@ -49,3 +49,37 @@ def test_lanczos_step_matches_expand_on_a_lanczos_basis():
             assert torch.allclose(x, y, rtol=1e-10, atol=1e-12)
         V = torch.cat([V, (ours[0] / ours[2])[None]])
     assert torch.allclose(V @ V.T, torch.eye(31, dtype=DT), atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.complex64])
+def test_empty_basis_gives_aligned_writable_rows_of_any_dtype(dtype):
+    V = empty_basis((3, 5, 7), dtype, torch.device("cpu"))
+    assert V.shape == (3, 5, 7) and V.dtype == dtype and V.is_contiguous()
+    assert V.data_ptr() % 64 == 0
+    V.fill_(2)
+    assert torch.equal(V[2, 4], torch.full((7,), 2, dtype=dtype))
+    assert empty_basis((2, 3), dtype, torch.device("meta")).device.type == "meta"
+
+
+def _transparent_huge_pages() -> str:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+@pytest.mark.skipif("[never]" in _transparent_huge_pages() or not _transparent_huge_pages(),
+                    reason="no transparent huge pages on this system")
+def test_empty_basis_is_faulted_in_huge_pages_not_4kB_ones():
+    # The point of empty_basis: a 64 MB basis filled row by row takes 16k page faults in
+    # torch.empty's 4 kB pages (glibc maps it afresh), a few dozen in 2 MB ones.
+    import resource
+
+    rows, n = 40, 400_000
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    V = empty_basis((rows, n), torch.float32, torch.device("cpu"))
+    for j in range(rows):
+        V[j] = 1.0
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    assert faults < rows * n * 4 / 4096 / 4, faults

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._krylov import check_symmetric, orthogonalize, symmetry_slack
+from .._krylov import check_symmetric, empty_basis, orthogonalize, symmetry_slack
 from .._operator import Operator
 from .._progress import Progress
 from ..results import Status
@@ -49,7 +49,7 @@ def block_lanczos(
     eps = torch.finfo(op.dtype).eps
     start = torch.randn(b, n, generator=generator, dtype=torch.float64).to(op.device, op.dtype)
     start[0] = x0
-    V = torch.empty(max_basis + b, n, dtype=op.dtype, device=op.device)
+    V = empty_basis((max_basis + b, n), op.dtype, op.device)
     V[:b] = _orthonormal(start, None, generator)
     T = np.zeros((max_basis + b, max_basis + b))
     j = 0  # rows of V whose products are in T

@@ -16,6 +16,7 @@ from torch import Tensor
 from .._krylov import (
     STEP_ROUNDING,
     check_symmetric,
+    empty_basis,
     expand,
     lanczos_step,
     orthogonalize,
@@ -459,7 +460,7 @@ def _reserve(like: Tensor, m: int, cap: int) -> Tensor:
     freed earlier in the process where glibc's thresholds allow (README: the malloc
     settings), without its page faults."""
     rows = min(2 * m, cap) + 1 if like.device.type == "cpu" else m + 1
-    return torch.empty(rows, like.shape[-1], dtype=like.dtype, device=like.device)
+    return empty_basis((rows, like.shape[-1]), like.dtype, like.device)
 
 
 def _run(

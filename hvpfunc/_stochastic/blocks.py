@@ -16,6 +16,7 @@ from .._eigen.lanczos import lanczos
 from .._krylov import (
     STEP_ROUNDING,
     check_symmetric,
+    empty_basis,
     orthogonality_estimate,
     reorthogonalize,
     symmetry_slack,
@@ -272,7 +273,7 @@ def _lockstep(op: Operator, index: List[Tensor], sizes: List[int], k: int, tol: 
     local = sum(op.layout.sizes)  # this rank's entries of a sharded vector, else all
     limits = [min(size, max(_LOCKSTEP_STEPS, 4 * k + 20)) for size in sizes]
     start = op.probes(1, generator)[0]
-    bases = [torch.empty(limits[g], int(index[g].numel()), dtype=op.dtype, device=op.device)
+    bases = [empty_basis((limits[g], int(index[g].numel())), op.dtype, op.device)
              for g in range(len(index))]
     alphas: List[List[float]] = [[] for _ in index]
     betas: List[List[float]] = [[] for _ in index]

@@ -12,6 +12,7 @@ from torch import Tensor
 from .._krylov import (
     STEP_ROUNDING,
     check_symmetric,
+    empty_basis,
     orthogonality_estimate,
     reorthogonalize,
     symmetry_slack,
@@ -176,7 +177,7 @@ def _tridiagonalize(
     b, n = Z.shape
     eps = torch.finfo(op.dtype).eps
     rounding = STEP_ROUNDING * max(eps, op.layout.product_eps)
-    Q = torch.zeros(b, steps, n, dtype=op.dtype, device=op.device)
+    Q = empty_basis((b, steps, n), op.dtype, op.device)  # row j is written before it is read
     alpha = np.zeros((b, steps))
     beta = np.zeros((b, steps))
     # Simon's estimates, per probe, of q_kᵀq_{j-1} (previous) and q_kᵀq_j (current) at step j
