@@ -76,7 +76,7 @@ def _timed(fn: Callable, device: torch.device):
 def _pyhessian_counted(fn: Callable) -> Callable:
     """Run fn with PyHessian's product counted; returns (result, products per run)."""
 
-    def run():
+    def run(*args):
         ph = sys.modules["pyhessian.hessian"]  # the package's `hessian` class shadows the module
         counter: Dict[str, int] = {}
         original = ph.hessian_vector_product
@@ -84,7 +84,7 @@ def _pyhessian_counted(fn: Callable) -> Callable:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return fn(), counter.get("n", 0)
+                return fn(*args), counter.get("n", 0)
         finally:
             ph.hessian_vector_product = original
 
@@ -106,8 +106,11 @@ def top_eigenvalue(mv, params, seed: int = 0, tol: float = 1e-3):
     return hf.lanczos(mv, start(params, seed), k=1, tol=tol, stop="eigenvalue")
 
 
-def pyhessian_top(model: nn.Module, x, y):
-    """PyHessian's top-eigenvalue job with its defaults: the eigenvalues' list."""
+def pyhessian_top(model: nn.Module, x, y, seed: Optional[int] = None):
+    """PyHessian's top-eigenvalue job with its defaults: the eigenvalues' list. Its start
+    vector comes from the global generator, seeded with ``seed`` where given."""
+    if seed is not None:
+        torch.manual_seed(seed)
     return peers.pyhessian(model, (x, y)).eigenvalues(top_n=1)[0]
 
 
@@ -121,9 +124,8 @@ def _pyhessian_accuracy(model: nn.Module, x, y, top: float, seeds: int) -> Optio
     hvpfunc's bound at PyHessian's best error, not equal ``tol`` arguments."""
     errors = []
     for seed in range(seeds):
-        torch.manual_seed(seed)  # its start vector comes from the global generator
         try:
-            values, _ = _pyhessian_counted(lambda: pyhessian_top(model, x, y))()
+            values, _ = _pyhessian_counted(lambda: pyhessian_top(model, x, y, seed))()
         except Exception:
             return None
         errors.append(abs(float(values[0]) - top) / abs(top))
@@ -134,23 +136,29 @@ def _pyhessian_accuracy(model: nn.Module, x, y, top: float, seeds: int) -> Optio
 def _versus(rows: list, job: str, ours: Callable, how: str, describe_ours: Callable, theirs: Callable,
             their_how: str, describe_theirs: Callable, device: torch.device) -> None:
     """hvpfunc's row and PyHessian's (``theirs`` returns (result, products)) for one
-    job, timed alternately: each round runs both; the seconds are medians over the
-    rounds after the first, and hvpfunc's row carries the median of the rounds' ratios
-    (its time over PyHessian's)."""
+    job, timed alternately: each round runs both, seeded with the round's number
+    (``ours(seed)``, ``theirs(seed)``), so that both sample their start vectors or probes
+    over the same rounds on every run of the benchmark (PyHessian's come from the global
+    generator, whose state otherwise depends on whatever ran before: its top-eigenvalue
+    job took 31 to 54 products between rows of one run). The seconds and products are
+    medians over the rounds after the first; hvpfunc's row carries the median of the
+    rounds' time ratios (its time over PyHessian's)."""
     ours_times: List[float] = []
     their_times: List[float] = []
+    ours_counts: List[int] = []
+    their_counts: List[int] = []
     failure = None
     rounds = _ROUNDS_LONG
     round_ = 0
     while round_ <= rounds:
         sync(device)
         began = time.perf_counter()
-        mine = ours()
+        mine = ours(round_)
         sync(device)
         mid = time.perf_counter()
         if failure is None:
             try:
-                result, count = theirs()
+                result, count = theirs(round_)
                 sync(device)
             except Exception as err:
                 failure = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:70]}"
@@ -159,19 +167,25 @@ def _versus(rows: list, job: str, ours: Callable, how: str, describe_ours: Calla
             rounds = _ROUNDS_SHORT
         elif round_:
             ours_times.append(mid - began)
-            their_times.append(end - mid)
+            ours_counts.append(mine.num_matvecs)
+            if failure is None:
+                their_times.append(end - mid)
+                their_counts.append(count)
         round_ += 1
     seconds = statistics.median(ours_times)
+    products = statistics.median(ours_counts)
     if failure is not None:
-        rows.append([job, how, f"{seconds:.3f}", mine.num_matvecs, describe_ours(mine), ""])
+        rows.append([job, how, f"{seconds:.3f}", f"{products:g}", describe_ours(mine), ""])
         rows.append([job, their_how, "fails", "", failure, ""])
         return
     ratio = statistics.median(a / b for a, b in zip(ours_times, their_times))
+    theirs_products = statistics.median(their_counts)
     paired = f"{ratio:.2f}"
-    if count and count != mine.num_matvecs:
-        paired += f" ({ratio * count / mine.num_matvecs:.2f} per product)"
-    rows.append([job, how, f"{seconds:.3f}", mine.num_matvecs, describe_ours(mine), paired])
-    rows.append([job, their_how, f"{statistics.median(their_times):.3f}", count, describe_theirs(result), "1.00"])
+    if theirs_products and theirs_products != products:
+        paired += f" ({ratio * theirs_products / products:.2f} per product)"
+    rows.append([job, how, f"{seconds:.3f}", f"{products:g}", describe_ours(mine), paired])
+    rows.append([job, their_how, f"{statistics.median(their_times):.3f}", f"{theirs_products:g}",
+                 describe_theirs(result), "1.00"])
 
 
 def _attempt(rows: list, job: str, how: str, device: torch.device, fn: Callable, describe: Callable) -> None:
@@ -287,9 +301,9 @@ def run(device: torch.device, *, tiny: bool = False) -> str:
 
         def from_model(solve: Callable) -> Callable:
             """A job from the model: hvpfunc's matvec is built inside the timed call."""
-            def job():
+            def job(seed: int = 0):
                 mv, params = hf.model_hvp_fn(model, loss, (x, y))
-                return solve(mv, params)
+                return solve(mv, params, seed)
 
             return job
 
@@ -310,26 +324,24 @@ def run(device: torch.device, *, tiny: bool = False) -> str:
                 tolerances.append((matched, ": PyHessian's accuracy"))
         for tol, why in tolerances:
             against_pyhessian(
-                "top eigenvalue", from_model(lambda mv, params, tol=tol: top_eigenvalue(mv, params, tol=tol)),
+                "top eigenvalue", from_model(lambda mv, params, seed, tol=tol: top_eigenvalue(mv, params, seed, tol=tol)),
                 f"hvpfunc lanczos(k=1, tol={tol:.0e}, stop='eigenvalue'){why}".replace("e-0", "e-"),
-                lambda res: rel(float(res.eigenvalues[0])), lambda: pyhessian_top(model, x, y),
+                lambda res: rel(float(res.eigenvalues[0])), lambda seed: pyhessian_top(model, x, y, seed),
                 "PyHessian eigenvalues(top_n=1), defaults (tol 1e-3)", lambda values: rel(float(values[0])))
 
-        def pyhessian_trace():
-            # its probes come from the global generator and it stops on their running
-            # mean: seeded per run, every run draws the same probes and stops at the
-            # same count, so the products column belongs to the time beside it
-            torch.manual_seed(0)
+        def pyhessian_trace(seed: int):
+            # its probes come from the global generator and it stops on their running mean
+            torch.manual_seed(seed)
             return peers.pyhessian(model, (x, y)).trace(maxIter=100, tol=1e-3)
 
         against_pyhessian(
-            "trace", from_model(lambda mv, params: hf.trace(mv, params, num_probes=100, generator=seeded())),
+            "trace", from_model(lambda mv, params, seed: hf.trace(mv, params, num_probes=100, generator=seeded(seed))),
             "hvpfunc trace(100 probes), defaults",
             lambda res: f"±{float(res.stderr) / abs(float(res.estimate)):.1e} (stderr)",
             pyhessian_trace, "PyHessian trace(maxIter=100), defaults (tol 1e-3)",
             lambda samples: f"±{np.std(samples, ddof=1) / np.sqrt(len(samples)) / abs(np.mean(samples)):.1e} (stderr)")
 
-        res, seconds = _timed(from_model(lambda mv, params: hf.lanczos(mv, start(params), k=5, tol=1e-3, stop="eigenvalue")), device)
+        res, seconds = _timed(from_model(lambda mv, params, seed: hf.lanczos(mv, start(params, seed), k=5, tol=1e-3, stop="eigenvalue")), device)
         rows.append(["top-5", "hvpfunc lanczos(k=5, tol=1e-3, stop='eigenvalue')", f"{seconds:.3f}", res.num_matvecs,
                      rel5(res.eigenvalues.cpu().numpy()), ""])
         if found["hessian-eigenthings"]:
@@ -355,7 +367,7 @@ def run(device: torch.device, *, tiny: bool = False) -> str:
             _attempt(rows, "top-5", "curvlinops + scipy eigsh(k=5, tol=1e-3)", device, cl_top5,
                      lambda vals: rel5(vals))
 
-        res, seconds = _timed(from_model(lambda mv, params: hf.spectral_density(mv, params, num_probes=1, num_iters=90, generator=seeded())), device)
+        res, seconds = _timed(from_model(lambda mv, params, seed: hf.spectral_density(mv, params, num_probes=1, num_iters=90, generator=seeded(seed))), device)
         rows.append(["SLQ density", "hvpfunc spectral_density(1 probe, 90 steps)", f"{seconds:.3f}", res.num_matvecs,
                      f"{rel(float(res.nodes.max()))} (top node)", ""])
         if found["PyHessian"]:
