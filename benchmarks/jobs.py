@@ -142,7 +142,8 @@ def _versus(rows: list, job: str, ours: Callable, how: str, describe_ours: Calla
     generator, whose state otherwise depends on whatever ran before: its top-eigenvalue
     job took 31 to 54 products between rows of one run). The seconds and products are
     medians over the rounds after the first; hvpfunc's row carries the median of the
-    rounds' time ratios (its time over PyHessian's)."""
+    rounds' time ratios (its time over PyHessian's), and of their per-product ratios
+    where the counts differ."""
     ours_times: List[float] = []
     their_times: List[float] = []
     ours_counts: List[int] = []
@@ -181,8 +182,12 @@ def _versus(rows: list, job: str, ours: Callable, how: str, describe_ours: Calla
     ratio = statistics.median(a / b for a, b in zip(ours_times, their_times))
     theirs_products = statistics.median(their_counts)
     paired = f"{ratio:.2f}"
-    if theirs_products and theirs_products != products:
-        paired += f" ({ratio * theirs_products / products:.2f} per product)"
+    if their_counts != ours_counts and all(their_counts):
+        # per round: the counts vary with the seeds, so a ratio of medians would pair
+        # one round's time with another's count
+        per_product = statistics.median((a / na) / (b / nb) for a, na, b, nb
+                                        in zip(ours_times, ours_counts, their_times, their_counts))
+        paired += f" ({per_product:.2f} per product)"
     rows.append([job, how, f"{seconds:.3f}", f"{products:g}", describe_ours(mine), paired])
     rows.append([job, their_how, f"{statistics.median(their_times):.3f}", f"{theirs_products:g}",
                  describe_theirs(result), "1.00"])

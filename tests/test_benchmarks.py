@@ -120,3 +120,4 @@ def test_paired_rows_seed_both_libraries_with_the_round_and_report_median_produc
     timed = rounds[1:]
     assert rows[0][3] == f"{statistics.median(10 + s for s in timed):g}"
     assert rows[1][3] == f"{statistics.median(20 + 2 * s for s in timed):g}"
+    assert "per product" in rows[0][5]  # counts differ: the ratio per product, round by round
