@@ -312,14 +312,19 @@ def run(device: torch.device, *, tiny: bool = False) -> str:
 
             return job
 
-        def against_pyhessian(job: str, ours: Callable, how: str, describe_ours: Callable, theirs: Callable,
-                              their_how: str, describe_theirs: Callable) -> None:
-            if found["PyHessian"]:
-                _versus(rows, job, ours, how, describe_ours, _pyhessian_counted(theirs), their_how, describe_theirs,
-                        device)
+        def against(peer: str, job: str, ours: Callable, how: str, describe_ours: Callable, theirs: Callable,
+                    their_how: str, describe_theirs: Callable) -> None:
+            """hvpfunc's row paired with ``peer``'s where it is installed, else alone."""
+            if found[peer]:
+                _versus(rows, job, ours, how, describe_ours, theirs, their_how, describe_theirs, device)
             else:
                 res, seconds = _timed(ours, device)
                 rows.append([job, how, f"{seconds:.3f}", res.num_matvecs, describe_ours(res), ""])
+
+        def against_pyhessian(job: str, ours: Callable, how: str, describe_ours: Callable, theirs: Callable,
+                              their_how: str, describe_theirs: Callable) -> None:
+            against("PyHessian", job, ours, how, describe_ours, _pyhessian_counted(theirs), their_how,
+                    describe_theirs)
 
         # at PyHessian's tol, then (where it differs) at the accuracy PyHessian reached
         tolerances = [(1e-3, "")]
@@ -346,30 +351,22 @@ def run(device: torch.device, *, tiny: bool = False) -> str:
             pyhessian_trace, "PyHessian trace(maxIter=100), defaults (tol 1e-3)",
             lambda samples: f"±{np.std(samples, ddof=1) / np.sqrt(len(samples)) / abs(np.mean(samples)):.1e} (stderr)")
 
-        top5_ours = from_model(lambda mv, params, seed: hf.lanczos(mv, start(params, seed), k=5, tol=1e-3,
-                                                                   stop="eigenvalue"))
-        top5_how = "hvpfunc lanczos(k=5, tol=1e-3, stop='eigenvalue')"
-
-        def top5_describe(res) -> str:
-            return rel5(res.eigenvalues.cpu().numpy())
-
-        if found["curvlinops"]:
+        def cl_top5(seed: int):
             from scipy.sparse.linalg import LinearOperator, eigsh
 
-            def cl_top5(seed: int):
-                H_op = peers.curvlinops_operator(copy.deepcopy(model), (x, y)).to_scipy()
-                counter: Dict[str, int] = {}
-                A = LinearOperator(H_op.shape, matvec=peers.counted(H_op.matvec, counter), dtype=H_op.dtype)
-                # seeded: ARPACK's own start vector changes from call to call
-                v0 = np.random.default_rng(seed).standard_normal(H_op.shape[0])
-                return eigsh(A, k=5, which="LA", tol=1e-3, v0=v0)[0], counter["n"]
+            H_op = peers.curvlinops_operator(copy.deepcopy(model), (x, y)).to_scipy()
+            counter: Dict[str, int] = {}
+            A = LinearOperator(H_op.shape, matvec=peers.counted(H_op.matvec, counter), dtype=H_op.dtype)
+            # seeded: ARPACK's own start vector changes from call to call
+            v0 = np.random.default_rng(seed).standard_normal(H_op.shape[0])
+            return eigsh(A, k=5, which="LA", tol=1e-3, v0=v0)[0], counter["n"]
 
-            # paired with the peer that matches its accuracy (hessian-eigenthings' does not)
-            _versus(rows, "top-5", top5_ours, top5_how, top5_describe, cl_top5,
-                    "curvlinops + scipy eigsh(k=5, tol=1e-3)", rel5, device)
-        else:
-            res, seconds = _timed(top5_ours, device)
-            rows.append(["top-5", top5_how, f"{seconds:.3f}", res.num_matvecs, top5_describe(res), ""])
+        # paired with the peer that matches its accuracy (hessian-eigenthings' does not)
+        against(
+            "curvlinops", "top-5",
+            from_model(lambda mv, params, seed: hf.lanczos(mv, start(params, seed), k=5, tol=1e-3, stop="eigenvalue")),
+            "hvpfunc lanczos(k=5, tol=1e-3, stop='eigenvalue')", lambda res: rel5(res.eigenvalues.cpu().numpy()),
+            cl_top5, "curvlinops + scipy eigsh(k=5, tol=1e-3)", rel5)
         if found["hessian-eigenthings"]:
             from hessian_eigenthings import lanczos as he_lanczos
 
