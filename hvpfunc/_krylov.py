@@ -41,7 +41,7 @@ def empty_basis(shape: Sequence[int], dtype: torch.dtype, device: torch.device) 
     """
     if torch.device(device).type != "cpu":
         return torch.empty(tuple(shape), dtype=dtype, device=device)
-    size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    size = math.prod(shape) * dtype.itemsize
     raw = torch.from_numpy(np.empty(size + _ALIGNMENT, dtype=np.uint8))
     offset = -raw.data_ptr() % _ALIGNMENT
     return raw[offset : offset + size].view(dtype).view(tuple(shape))
