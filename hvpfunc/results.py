@@ -104,9 +104,11 @@ class EigResult(NamedTuple):
             ``"max_iters"`` or ``"non_finite"`` (the last finite pairs are returned).
         message: what happened, and what to do when it did not converge.
         errors: a bound on |λ − θ| per eigenvalue: min(r, r²/gap) from the residual r
-            and the gap to the nearest other Ritz value (Lanczos), or r (power
-            iteration, which knows no gap). The eigenvalue is this accurate even when
-            the eigenvector is only as accurate as ``residuals`` say.
+            and the gap to the nearest other Ritz value less that value's residual
+            (Lanczos), or r (power iteration, which knows no gap). The eigenvalue is this
+            accurate even when the eigenvector is only as accurate as ``residuals`` say.
+            r is a bound; the gap is an estimate, which an eigenvalue the run has not
+            separated from θ's own voids (see :func:`hvpfunc.lanczos`, ``stop``).
         basis_size: the most parameter-sized vectors the solver held at once, its
             memory (Lanczos: the basis plus the next vector; power iteration: 1).
     """
