@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 from references import DT, flat, mlp_loss, random_tree, spectrum_operator
@@ -37,6 +39,24 @@ def test_sa_on_a_positive_definite_operator_uses_a_shift():
     res = hf.power_iteration(matvec, random_tree(like, 2), which="SA", tol=1e-9, max_iters=5000)
     assert bool(res.converged[0])
     assert float(res.eigenvalues[0]) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_an_end_is_right_or_flagged_when_the_first_run_cannot_converge():
+    # H = 5I + O(1e-6): the unshifted run cannot converge in 1000 steps (ratio 1 − 3e-7),
+    # and the norm it estimates, a lower bound of ‖H‖, falls mid-spectrum: shifted by it,
+    # the far end dominated and was returned as "SA" in some of these problems. Shifted
+    # by that end instead, "SA" converges; "LA" (shifted by −‖H‖, ratio 1 − 1e-7) may
+    # say that it did not converge, never return a wrong end as converged.
+    for seed in range(8):
+        lam = (5.0 + 1e-6 * torch.randn(5, generator=torch.Generator().manual_seed(seed), dtype=DT)).tolist()
+        matvec, like, H = spectrum_operator(lam, seed=seed)
+        for which, want in (("SA", min(lam)), ("LA", max(lam))):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", hf.ConvergenceWarning)
+                res = hf.power_iteration(matvec, random_tree(like, seed), which=which, tol=1e-10)
+            right = abs(float(res.eigenvalues[0]) - want) <= 1e-10 * 5.0
+            assert right or res.status != "converged", (seed, which, float(res.eigenvalues[0]), lam)
+            assert res.status == "converged" or which == "LA"
 
 
 def test_stops_as_soon_as_the_tolerance_holds():

@@ -72,7 +72,9 @@ def power_iteration(
             ``"SA"`` smallest algebraic.
         tol: relative tolerance (see above).
         max_iters: most products per run (``None``: the default, 1000); ``"LA"`` and
-            ``"SA"`` may need two runs, one for the shift and one shifted.
+            ``"SA"`` may need two runs, one for the shift and one shifted, or three
+            where the first cannot converge and the norm it estimated, shifted by,
+            leaves the far end dominant.
         progress: ``True`` for a tqdm bar (or a text line without tqdm), or a callable
             ``progress(step, eigenvalue, residual)``.
 
@@ -114,10 +116,17 @@ def power_iteration(
         sign = {"LM": 0.0, "LA": 1.0, "SA": -1.0}[which]
         if sign and run.status is not Status.NON_FINITE and not (run.converged and sign * run.eigenvalue >= 0):
             # Shift so that the wanted end dominates: by the opposite end when it has
-            # converged, else by the norm estimate ‖Hq‖ ≤ ‖H‖ (ties such as ±λ stall
-            # plain power iteration, which then never converges).
+            # converged, else by the norm estimate ‖Hq‖ (ties such as ±λ stall plain
+            # power iteration, which then never converges).
             shift = run.eigenvalue if run.converged else -sign * run.norm
             run = _power(op, x0, shift=shift, tol=tol, max_iters=max_iters, bar=bar)
+            if run.converged and sign * (run.eigenvalue - shift) < 0:
+                # ‖Hq‖ is a lower bound of ‖H‖: on H = 5I + O(10⁻⁶), where the first
+                # run cannot converge, it fell mid-spectrum and the far end dominated
+                # the shifted run, which was returned for the wanted end. That end,
+                # converged, is a shift that leaves every λ − σ of the wanted sign.
+                shift = run.eigenvalue
+                run = _power(op, x0, shift=shift, tol=tol, max_iters=max_iters, bar=bar)
     finally:
         bar.close()
     message = ""
