@@ -22,6 +22,7 @@ from .._krylov import (
     orthogonalize,
     reorthogonalize,
     symmetry_slack,
+    three_term,
 )
 from .._operator import Operator, check_start, norm, total
 from .._outcome import finish
@@ -737,6 +738,15 @@ def _expand(state: _State, op: Operator, ctx: _Options, deflate: Optional[Tensor
     beta = norm(w, ctx.allsum)
     # one device-to-host transfer per step for the coefficients and the norm
     host = torch.cat([h, beta[None]]).to("cpu", torch.float64).numpy()
+    if local and ctx.eps * math.sqrt(float(host @ host)) > state.level * host[-1]:
+        # Cancellation: one pass leaves w off the pair by ε‖Hv_j‖/β, which far exceeds
+        # the level where β ≪ ‖Hv_j‖ (H = 5I + O(10⁻⁶): ‖Hv_j‖/β = 10⁸, and on 3
+        # dimensions the Ritz values were 10⁻⁷ off with residuals of 10⁻²²); a second
+        # pass brings it to rounding (Kahan's "twice is enough"), its coefficients T's.
+        w, again = three_term(pair, w, ctx.allsum)
+        if deflate is not None:
+            w, _ = orthogonalize(deflate, w, ctx.allsum)
+        host = torch.cat([h + again, norm(w, ctx.allsum)[None]]).to("cpu", torch.float64).numpy()
     state.last_product = middle - start
     state.product_seconds = min(state.product_seconds, state.last_product)
     if not np.isfinite(host).all():
