@@ -608,19 +608,28 @@ def test_block_lanczos_matches_eigh_with_batched_products(which, block_size):
         return H @ v
 
     v0 = torch.randn(120, generator=torch.Generator().manual_seed(4), dtype=DT)
-    res = hf.lanczos(matvec, v0, k=5, which=which, tol=1e-10, block_size=block_size)
     exact = torch.linalg.eigvalsh(H)
     want = exact.flip(0)[:5] if which == "LA" else exact[:5]
-    assert res.status == "converged" and torch.allclose(res.eigenvalues, want, atol=1e-9)
-    residual = H @ res.eigenvectors.T - res.eigenvectors.T * res.eigenvalues
-    assert float(residual.norm(dim=0).max()) < 1e-9 * 10
+    for find_copies in (True, False):
+        res = hf.lanczos(matvec, v0, k=5, which=which, tol=1e-10, block_size=block_size, find_copies=find_copies)
+        assert res.status == "converged" and torch.allclose(res.eigenvalues, want, atol=1e-9)
+        residual = H @ res.eigenvectors.T - res.eigenvectors.T * res.eigenvalues
+        assert float(residual.norm(dim=0).max()) < 1e-9 * 10
     assert res.num_matvecs % block_size == 0 and calls  # whole blocks (op.batch: vmap where it is faster)
 
 
-def test_block_lanczos_finds_every_copy_of_a_repeated_eigenvalue_without_the_copy_check():
+def test_block_lanczos_finds_copies_up_to_the_block_size_by_itself_and_more_with_the_check():
     lam = torch.cat([torch.tensor([5.0, 5.0, 5.0, 4.0], dtype=DT), torch.linspace(0.0, 3.0, 96, dtype=DT)])
-    res = hf.lanczos(lambda v: lam * v, torch.ones(100, dtype=DT), k=4, tol=1e-10, block_size=3)
+    res = hf.lanczos(lambda v: lam * v, torch.ones(100, dtype=DT), k=4, tol=1e-10, block_size=3, find_copies=False)
     assert torch.allclose(res.eigenvalues, torch.tensor([5.0, 5.0, 5.0, 4.0], dtype=DT), atol=1e-9)
+    assert "find_copies=False" in res.message
+    # six copies, blocks of two: the block alone returned 5, 5, 5, 5, 4, 4 as converged
+    lam = torch.cat([torch.full((6,), 5.0, dtype=DT), torch.full((6,), 4.0, dtype=DT),
+                     torch.linspace(-1.0, 3.0, 88, dtype=DT)])
+    matvec, like, H = spectrum_operator(lam.tolist(), seed=2)
+    res = hf.lanczos(matvec, random_tree(like, 2), k=6, tol=1e-10, block_size=2)
+    assert res.status == "converged" and res.message == ""
+    assert torch.allclose(res.eigenvalues, torch.full((6,), 5.0, dtype=DT), atol=1e-9)
     with pytest.raises(ValueError, match="block_size"):
         hf.lanczos(lambda v: lam * v, torch.ones(100, dtype=DT), k=4, block_size=2, stop="eigenvalue")
     with pytest.raises(ValueError, match="dimension"):

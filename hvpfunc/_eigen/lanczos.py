@@ -153,8 +153,8 @@ def lanczos(
             products go through one ``vmap`` call (one pass of a GPU's kernels for the
             block, or one collective per block for a data-parallel matvec), the basis
             is fully reorthogonalized, and up to ``block_size`` copies of a repeated
-            eigenvalue are found without the copy check (``find_copies`` is then not
-            used). It does not reduce products (it usually takes more), so it pays only
+            eigenvalue are found by the block itself (``find_copies`` runs the copy
+            check after it for more). It does not reduce products (it usually takes more), so it pays only
             where a batched product costs much less than ``block_size`` single ones.
             Not with ``stop="eigenvalue"``, ``basis_device``/``basis_dtype`` or sharded
             vectors.
@@ -233,7 +233,7 @@ def lanczos(
         generator = torch.Generator().manual_seed(0)
     if block_size != 1:
         return _blocked(op, x0, k, n, which=which, tol=tol, stop=stop, budget=budget, max_basis=max_basis,
-                        generator=generator, progress=progress, block_size=block_size,
+                        generator=generator, progress=progress, block_size=block_size, find_copies=find_copies,
                         held_elsewhere=basis_device is not None or basis_dtype is not None)
     if op.layout.sharding is not None:  # each rank draws its own shards of fresh vectors
         generator = rank_generator(generator)
@@ -277,19 +277,7 @@ def lanczos(
 
     if status is Status.CONVERGED and not bool(pairs.converged.all()):
         status = Status.MAX_ITERS  # an invariant subspace smaller than k: pairs are missing
-    message = ""
-    if status is not Status.CONVERGED:
-        short = int((~pairs.converged).sum())
-        unchecked = "; further copies of these eigenvalues were not yet ruled out" if checking else ""
-        message = f"{detail}; {short} of {k} pairs above tolerance{unchecked}. {status.remedy}"
-    elif k > 1 and not find_copies and k < n:
-        message = ("find_copies=False: eigenvalues a single Krylov sequence misses (copies of these, or "
-                   "neighbours inside a cluster it had not resolved) were not ruled out")
-    elif stop == "eigenvalue" and not checking and k < n:
-        message = ("stop='eigenvalue': the error bound takes its gap from the other Ritz values, and no second "
-                   "run looked for an eigenvalue the first had not resolved within the residual of θ (at a "
-                   "clustered end such a bound can be several times too small); k=2 has the neighbours checked, "
-                   "stop='residual' bounds |λ − θ| by the residual alone")
+    message = _message(status, detail, pairs, k, n, checking=checking, find_copies=find_copies, stop=stop)
     result = EigResult(
         eigenvalues=torch.as_tensor(pairs.values).to(op.device, op.dtype),
         eigenvectors=op.layout.unflatten(pairs.vectors.to(op.device, op.dtype)),
@@ -305,11 +293,30 @@ def lanczos(
     return finish(result, f"lanczos(k={k}, which={which!r})")
 
 
+def _message(status: Status, detail: str, pairs: _Pairs, k: int, n: int, *, checking: bool, find_copies: bool,
+             stop: str) -> str:
+    """The result's message: why it stopped short, or what a converged run did not rule out."""
+    if status is not Status.CONVERGED:
+        short = int((~pairs.converged).sum())
+        unchecked = "; further copies of these eigenvalues were not yet ruled out" if checking else ""
+        return f"{detail}; {short} of {k} pairs above tolerance{unchecked}. {status.remedy}"
+    if k > 1 and not find_copies and k < n:
+        return ("find_copies=False: eigenvalues a single Krylov sequence misses (copies of these, or "
+                "neighbours inside a cluster it had not resolved) were not ruled out")
+    if stop == "eigenvalue" and not checking and k < n:
+        return ("stop='eigenvalue': the error bound takes its gap from the other Ritz values, and no second "
+                "run looked for an eigenvalue the first had not resolved within the residual of θ (at a "
+                "clustered end such a bound can be several times too small); k=2 has the neighbours checked, "
+                "stop='residual' bounds |λ − θ| by the residual alone")
+    return ""
+
+
 def _blocked(op: Operator, x0: Tensor, k: int, n: int, *, which: str, tol: float, stop: str, budget: int,
              max_basis: Optional[int], generator: torch.Generator, progress: ProgressArg, block_size: int,
-             held_elsewhere: bool) -> EigResult:
+             find_copies: bool, held_elsewhere: bool) -> EigResult:
     """:func:`lanczos` with ``block_size`` > 1: arguments checked, :func:`block_lanczos`
-    run, its pairs returned as an ``EigResult``."""
+    run, the copy check (:func:`_check_copies`) run after it with ``find_copies``, the
+    pairs returned as an ``EigResult``."""
     if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
     if stop != "residual" or held_elsewhere:
@@ -327,23 +334,37 @@ def _blocked(op: Operator, x0: Tensor, k: int, n: int, *, which: str, tol: float
     if basis < k + 2 * block_size:
         raise ValueError(f"max_basis={max_basis} is too small for k={k} and block_size={block_size}: it must be "
                          f"at least k + 2·block_size = {k + 2 * block_size}")
+    eps = torch.finfo(op.dtype).eps
+    ctx = _Options(which=which, tol=tol, stop=stop, eps=eps, budget=budget, generator=generator,
+                   slack=symmetry_slack(op.layout.product_eps),
+                   rounding=STEP_ROUNDING * max(eps, op.layout.product_eps))
+    checking = False
     bar = Progress(progress, total=budget, desc=f"block lanczos (k={k}, {which}, b={block_size})")
     try:
         values, vectors, converged, residuals, held, status, detail = block_lanczos(
             op, x0 / norm(x0, None), k, block_size=block_size, which=which, tol=tol, budget=budget,
             max_basis=basis, generator=generator, chunk_size="auto", bar=bar)
+        # |λ − θ| ≤ ‖r‖: the residuals are the block's error bounds
+        pairs = _Pairs(np.asarray(values), vectors, np.asarray(converged), np.asarray(residuals),
+                       np.asarray(residuals))
+        # a block finds up to block_size copies of an eigenvalue: with multiplicity 6 of the
+        # top one and blocks of 2, k = 6 returned 5, 5, −3, −3, 2, 2 as converged
+        checking = find_copies and k > 1 and status is Status.CONVERGED and bool(pairs.converged.all())
+        if checking:
+            carried = _Carried(float(np.abs(values).max()), basis, max(basis - k, 2), math.inf, 0.0, 0.0)
+            pairs, status, detail, check_held = _check_copies(op, pairs, carried, n, ctx, bar, repeat=True)
+            held = max(held, check_held)
     finally:
         bar.close()
-    if status is Status.CONVERGED and not bool(converged.all()):
+    if status is Status.CONVERGED and not bool(pairs.converged.all()):
         status = Status.MAX_ITERS
-    message = "" if status is Status.CONVERGED else (
-        f"{detail}; {int((~converged).sum())} of {k} pairs above tolerance. {status.remedy}")
+    message = _message(status, detail, pairs, k, n, checking=checking, find_copies=find_copies, stop=stop)
     result = EigResult(
-        eigenvalues=torch.as_tensor(values).to(op.device, op.dtype),
-        eigenvectors=op.layout.unflatten(vectors),
-        converged=torch.as_tensor(converged).to(op.device),
-        residuals=torch.as_tensor(residuals).to(op.device, op.dtype),
-        errors=torch.as_tensor(residuals).to(op.device, op.dtype),  # |λ − θ| ≤ ‖r‖
+        eigenvalues=torch.as_tensor(pairs.values).to(op.device, op.dtype),
+        eigenvectors=op.layout.unflatten(pairs.vectors.to(op.device, op.dtype)),
+        converged=torch.as_tensor(pairs.converged).to(op.device),
+        residuals=torch.as_tensor(pairs.residuals).to(op.device, op.dtype),
+        errors=torch.as_tensor(pairs.errors).to(op.device, op.dtype),
         num_matvecs=op.num_matvecs, which=which, status=status, message=message, basis_size=held,
     )
     return finish(result, f"lanczos(k={k}, which={which!r}, block_size={block_size})")
