@@ -108,19 +108,39 @@ def _project(V: Tensor, W: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 def _next_block(V: Tensor, W: Tensor, generator: torch.Generator) -> Tuple[Tensor, np.ndarray]:
-    """The next block Q (rows orthonormal, orthogonal to V) and R with W = RᵀQ; rows of W
-    that lie in the span of V and the others (a rank-deficient block) get fresh random
-    directions and a zero row of R."""
-    Q, R = torch.linalg.qr(W.T)  # Wᵀ = QR: w_r = Σ_l R[l, r] q_l
-    Q = Q.T.contiguous()
+    """The next block Q (rows orthonormal, orthogonal to V) and upper-triangular R with
+    W = RᵀQ, by Gram–Schmidt twice, a row at a time; a row of W that lies in the span
+    of V and the rows before it (a rank-deficient block) gets a fresh random direction,
+    orthogonal to those, and a zero diagonal entry of R; one that nearly does is
+    projected off V again.
+
+    Householder QR did this wrongly: after a deficient column it puts an arbitrary
+    direction in q_i and the later columns' parts along it in R[i, r > i], which zeroing
+    row i of R dropped (and the fresh q_i was not orthogonal to the q_l after it), so T
+    lost couplings and the symmetry check fired on symmetric matrices with repeated
+    eigenvalues."""
+    b = W.shape[0]
+    Q = torch.empty_like(W)
+    R = np.zeros((b, b))
     scale = float(torch.linalg.vector_norm(W, dim=1).max()) or 1.0
-    deficient = torch.diagonal(R).abs() <= _RANK_TOLERANCE * torch.finfo(W.dtype).eps * scale
-    R = R.to("cpu", torch.float64).numpy().copy()
-    for i in torch.nonzero(deficient).flatten().tolist():
-        R[i, :] = 0.0
+    floor = _RANK_TOLERANCE * torch.finfo(W.dtype).eps * scale
+    for r in range(b):
+        w, c = orthogonalize(Q[:r], W[r].clone())
+        size = float(torch.linalg.vector_norm(w))
+        if size < 0.5 * float(torch.linalg.vector_norm(W[r])):
+            # cancellation: what is left is off V by ε‖W_r‖/‖w‖ (W was projected off V
+            # at ‖W_r‖'s scale), 1e-4 on a block near rank loss: project it off V again
+            w, again = orthogonalize(torch.cat([V, Q[:r]]), w)
+            c = c + again[V.shape[0]:]
+            size = float(torch.linalg.vector_norm(w))
+        R[:r, r] = c.to("cpu", torch.float64).numpy()
+        if size > floor:
+            Q[r] = w / size
+            R[r, r] = size
+            continue
         fresh = torch.randn(W.shape[1], generator=generator, dtype=torch.float64).to(W.device, W.dtype)
-        fresh, _ = orthogonalize(torch.cat([V, Q[:i]]), fresh)
-        Q[i] = fresh / torch.linalg.vector_norm(fresh)
+        fresh, _ = orthogonalize(torch.cat([V, Q[:r]]), fresh)
+        Q[r] = fresh / torch.linalg.vector_norm(fresh)
     return Q, R
 
 
