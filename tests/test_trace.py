@@ -49,6 +49,17 @@ def test_diagonal_operator_is_exact_with_rademacher_probes():
     assert float(res.stderr) == 0.0
 
 
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++", "xtrace", "auto"])
+def test_a_requested_standard_error_on_a_diagonal_operator_is_exact_not_infinite(method):
+    # every Rademacher probe gives zᵀDz = tr D: the rounds' variances are zero, and
+    # inverse-variance weights 1/max(v, tiny) overflowed to an inf estimate, "converged"
+    D = torch.arange(1.0, 11.0, dtype=DT)
+    res = hf.trace(lambda v: D * v, torch.zeros(10, dtype=DT), num_probes=100, method=method, tol=1e-3,
+                   generator=torch.Generator().manual_seed(0))
+    assert res.status == "converged"
+    assert float(res.estimate) == pytest.approx(55.0, rel=1e-12) and float(res.stderr) <= 1e-12
+
+
 def test_same_generator_same_result_whatever_the_chunking():
     matvec, like, _ = _decaying()
     runs = [hf.trace(matvec, like, num_probes=20, chunk_size=c, generator=torch.Generator().manual_seed(9)) for c in (1, 3, None)]

@@ -169,9 +169,7 @@ def _adaptive(
             return estimate, stderr, status, message
         estimates.append(estimate)
         variances.append(stderr**2)
-        weights = 1.0 / torch.stack(variances).clamp_min(torch.finfo(estimate.dtype).tiny)
-        combined = (weights * torch.stack(estimates)).sum() / weights.sum()
-        combined_stderr = weights.sum().rsqrt()
+        combined, combined_stderr = _combined(torch.stack(estimates), torch.stack(variances))
         if bool(combined_stderr <= tol * combined.abs()):
             return combined, combined_stderr, Status.CONVERGED, ""
         if budget - spent < minimum:
@@ -184,6 +182,24 @@ def _adaptive(
 
 
 _MINIMUM = {"hutchinson": 2, "hutch++": 4, "xtrace": 4, "auto": 4}
+
+
+def _combined(estimates: Tensor, variances: Tensor) -> Tuple[Tensor, Tensor]:
+    """Independent unbiased estimates combined by inverse-variance weights, and the
+    combination's standard error. The weights are taken relative to the smallest
+    variance, so that none overflows; rounds with zero variance (a diagonal H gives
+    every Rademacher probe zᵀHz = tr H) are exact, and only they are averaged. With
+    weights 1/max(v, tiny) such a round weighed 4.5e307 and the estimate came back inf,
+    marked converged."""
+    if not bool(torch.isfinite(variances).all()):  # a round too small for a standard error
+        return estimates.mean(), torch.tensor(math.nan, dtype=estimates.dtype, device=estimates.device)
+    smallest = variances.min()
+    if not bool(smallest > 0):
+        exact = estimates[variances == 0]
+        spread = exact.max() - exact.min()
+        return exact.mean(), spread / 2
+    weights = smallest / variances
+    return (weights * estimates).sum() / weights.sum(), (smallest / weights.sum()).sqrt()
 
 
 def _round(
