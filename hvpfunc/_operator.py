@@ -9,6 +9,7 @@ rows (zero-copy when the tree has one dtype), and only its output is copied into
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
@@ -288,6 +289,15 @@ def block_size(chunk_size: ChunkSize, count: int, device: torch.device) -> int:
         return _AUTO_CHUNK
     resolved = resolve_chunk(chunk_size, device)
     return max(count if resolved is None else resolved, 1)
+
+
+def check_count(value: Any, name: str) -> int:
+    """A count (products, probes, steps, terms) as an int: an integer (numpy's too), not
+    a bool or a float, whose fractional part no solver could honour; a float reached
+    numpy and torch as "empty() takes 1 positional argument but 2 were given"."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return int(value)
 
 
 def check_start(x: Tensor, *, name: str, allsum: Optional[Callable[[Tensor], Tensor]] = None) -> None:

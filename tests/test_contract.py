@@ -224,3 +224,32 @@ def test_hypergradient_raises_a_tolerance_below_the_precision_at_the_callers_lin
     A64, w64 = A.double(), torch.linalg.solve(A.double(), (X.T @ y).double())
     exact = -torch.linalg.solve(A64, w64).sum()
     assert float(grad) == pytest.approx(float(exact), rel=1e-5)
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda mv, v: hf.power_iteration(mv, v, max_iters=1.5), "max_iters"),
+    (lambda mv, v: hf.lanczos(mv, v, max_iters=30.5), "max_iters"),
+    (lambda mv, v: hf.lanczos(mv, v, max_basis=4.5), "max_basis"),
+    (lambda mv, v: hf.cg(mv, v, max_iters=2.5), "max_iters"),
+    (lambda mv, v: hf.minres(mv, v, max_iters=2.5), "max_iters"),
+    (lambda mv, v: hf.neumann(mv, v, num_terms=2.5), "num_terms"),
+    (lambda mv, v: hf.lissa(mv, v, scale=10.0, num_terms=2.5), "num_terms"),
+    (lambda mv, v: hf.trace(mv, v, num_probes=10.5), "num_probes"),
+    (lambda mv, v: hf.trace(mv, v, num_probes=True), "num_probes"),
+    (lambda mv, v: hf.diagonal(mv, v, num_probes=10.5), "num_probes"),
+    (lambda mv, v: hf.squared_frobenius_norm(mv, v, num_probes=10.5), "num_probes"),
+    (lambda mv, v: hf.spectral_density(mv, v, num_iters=5.5), "num_iters"),
+    (lambda mv, v: hf.block_spectra(mv, v, num_probes=10.5), "num_probes"),
+])
+def test_a_count_that_is_not_an_integer_is_a_clear_error(call, name):
+    # floats reached torch as "empty() takes 1 positional argument but 2 were given", or
+    # ran with their fractional part dropped
+    matvec, like = _operator()
+    with pytest.raises(ValueError, match=f"{name} must be an integer"):
+        call(matvec, _ones(like))
+    import numpy as np
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hf.ConvergenceWarning)
+        res = hf.power_iteration(matvec, _ones(like), max_iters=np.int64(3))  # numpy's integers are integers
+    assert res.num_matvecs <= 6

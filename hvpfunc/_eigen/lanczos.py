@@ -24,7 +24,7 @@ from .._krylov import (
     symmetry_slack,
     three_term,
 )
-from .._operator import Operator, check_start, norm, total
+from .._operator import Operator, check_count, check_start, norm, total
 from .._outcome import finish
 from .._progress import Progress
 from .._sharding import rank_generator
@@ -216,7 +216,7 @@ def lanczos(
             "basis_device='cpu' to keep a large basis off the GPU."
         )
     if max_basis is not None:
-        m = cap = min(max_basis, n)
+        m = cap = min(check_count(max_basis, "max_basis"), n)
     else:  # start small; grow toward what memory allows while orthogonalizing stays cheap
         m, cap = min(max(2 * k + 1, 20), n), default_basis(n, k, held_as, held_on)
     if m < n and m < k + 2:
@@ -224,7 +224,7 @@ def lanczos(
             f"max_basis={max_basis} is too small for k={k}: it must be at least k + 2 = "
             f"{k + 2} (or the dimension {n})"
         )
-    budget = max_iters if max_iters is not None else max(1000, 20 * k)
+    budget = check_count(max_iters, "max_iters") if max_iters is not None else max(1000, 20 * k)
     if budget < 1:
         raise ValueError(f"max_iters must be at least 1, got {max_iters}")
     x0 = op.layout.flatten(v0)

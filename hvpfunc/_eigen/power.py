@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._operator import Operator, check_start, isfinite, norm
+from .._operator import Operator, check_count, check_start, isfinite, norm
 from .._outcome import finish
 from .._progress import Progress
 from .._types import MatvecFn, ProgressArg, Tree, Which
@@ -103,8 +103,7 @@ def power_iteration(
         raise ValueError(f"which must be one of {get_args(Which)}, got {which!r}")
     if not tol > 0:
         raise ValueError(f"tol must be positive, got {tol}")
-    if max_iters is None:
-        max_iters = 1000
+    max_iters = 1000 if max_iters is None else check_count(max_iters, "max_iters")
     if max_iters < 1:
         raise ValueError(f"max_iters must be at least 1, got {max_iters}")
     op = Operator(matvec, v0, name="v0")

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .._eigen.power import power_iteration
+from .._operator import check_count
 from .._outcome import finish
 from .._progress import Progress
 from .._types import MatvecFn, ProgressArg, Tree
@@ -210,7 +211,7 @@ class _Run(NamedTuple):
 
 
 def _check_options(num_terms: int, tol: float, damping: float) -> None:
-    if num_terms < 1:
+    if check_count(num_terms, "num_terms") < 1:
         raise ValueError(f"num_terms must be at least 1, got {num_terms}")
     check_tol_damping(tol, damping)
 

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._operator import Operator, norm
+from .._operator import Operator, check_count, norm
 from .._outcome import solve_result
 from .._types import MatvecFn, Tree
 from ..results import SolveResult, Status
@@ -66,7 +66,7 @@ def finite_rhs(b: Tensor) -> Tensor:
 
 def iteration_limit(max_iters: Optional[int], n: int) -> int:
     """``max_iters``, default ``min(10 n, 1000)``; negative is an error."""
-    limit = max_iters if max_iters is not None else min(10 * n, 1000)
+    limit = check_count(max_iters, "max_iters") if max_iters is not None else min(10 * n, 1000)
     if limit < 0:
         raise ValueError(f"max_iters must be non-negative, got {max_iters}")
     return limit

@@ -22,7 +22,7 @@ from .._krylov import (
     symmetry_slack,
     three_term,
 )
-from .._operator import Operator, norm
+from .._operator import Operator, check_count, norm
 from .._outcome import finish, probes_outcome
 from .._progress import Progress
 from .._types import ChunkSize, MatvecFn, ProgressArg, Tree
@@ -100,7 +100,7 @@ def block_spectra(
         >>> res.groups, res.traces, res.top[:, 0]
         (('a', 'b'), tensor([7., 1.], dtype=torch.float64), tensor([4., 1.], dtype=torch.float64))
     """
-    if num_probes < 2:
+    if check_count(num_probes, "num_probes") < 2:
         raise ValueError(f"block_spectra needs num_probes >= 2 for standard errors, got {num_probes}")
     if k < 0:
         raise ValueError(f"k must be at least 0, got {k}")

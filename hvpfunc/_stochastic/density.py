@@ -18,7 +18,7 @@ from .._krylov import (
     symmetry_slack,
     three_term,
 )
-from .._operator import Operator, norm
+from .._operator import Operator, check_count, norm
 from .._outcome import finish, probes_outcome
 from .._progress import Progress
 from .._types import ChunkSize, MatvecFn, ProgressArg, Tree
@@ -98,6 +98,8 @@ def spectral_density(
         net optimization via Hessian eigenvalue density", ICML (2019); Yao et al.,
         "PyHessian", IEEE BigData (2020).
     """
+    num_probes, num_iters, num_points = (check_count(num_probes, "num_probes"), check_count(num_iters, "num_iters"),
+                                         check_count(num_points, "num_points"))
     for name, value in (("num_probes", num_probes), ("num_iters", num_iters), ("num_points", num_points)):
         if value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")

@@ -8,7 +8,7 @@ from typing import Callable, NamedTuple, Optional, Tuple, get_args
 import torch
 from torch import Tensor
 
-from .._operator import Operator, rowdot
+from .._operator import Operator, check_count, rowdot
 from .._outcome import finish, probes_outcome
 from .._progress import Progress
 from .._types import ChunkSize, DiagonalMethod, MatvecFn, ProgressArg, TraceMethod, Tree
@@ -126,7 +126,7 @@ def trace(
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     minimum = _MINIMUM[method]
-    if num_probes < minimum:
+    if check_count(num_probes, "num_probes") < minimum:
         raise ValueError(
             f"method={method!r} needs num_probes >= {minimum} to report a standard error, "
             f"got {num_probes}"
@@ -337,7 +337,7 @@ def squared_frobenius_norm(
         Hutchinson, Commun. Stat. Simul. Comput. 19 (1990); Meyer, Musco, Musco &
         Woodruff (2021), §1, on estimating tr(AᵀA) from ‖Az‖².
     """
-    if num_probes < 2:
+    if check_count(num_probes, "num_probes") < 2:
         raise ValueError(f"squared_frobenius_norm needs num_probes >= 2 to report a standard error, got {num_probes}")
     op = Operator(matvec, like, name="like")
     op.expect(num_probes)
@@ -602,7 +602,7 @@ def diagonal(
     if method not in ("hutchinson", "xdiag"):
         raise ValueError(f"method must be 'hutchinson' or 'xdiag', got {method!r}")
     minimum = 2 if method == "hutchinson" else 4
-    if num_probes < minimum:
+    if check_count(num_probes, "num_probes") < minimum:
         raise ValueError(f"diagonal(method={method!r}) needs num_probes >= {minimum} to report a standard error, "
                          f"got {num_probes}")
     op = Operator(matvec, like, name="like")
