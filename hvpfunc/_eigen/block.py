@@ -130,8 +130,8 @@ def _next_block(V: Tensor, W: Tensor, generator: torch.Generator) -> Tuple[Tenso
         if size < 0.5 * float(torch.linalg.vector_norm(W[r])):
             # cancellation: what is left is off V by ε‖W_r‖/‖w‖ (W was projected off V
             # at ‖W_r‖'s scale), 1e-4 on a block near rank loss: project it off V again
-            w, again = orthogonalize(torch.cat([V, Q[:r]]), w)
-            c = c + again[V.shape[0]:]
+            w, again = _off(V, Q[:r], w)
+            c = c + again
             size = float(torch.linalg.vector_norm(w))
         R[:r, r] = c.to("cpu", torch.float64).numpy()
         if size > floor:
@@ -139,9 +139,17 @@ def _next_block(V: Tensor, W: Tensor, generator: torch.Generator) -> Tuple[Tenso
             R[r, r] = size
             continue
         fresh = torch.randn(W.shape[1], generator=generator, dtype=torch.float64).to(W.device, W.dtype)
-        fresh, _ = orthogonalize(torch.cat([V, Q[:r]]), fresh)
+        fresh, _ = _off(V, Q[:r], fresh)
         Q[r] = fresh / torch.linalg.vector_norm(fresh)
     return Q, R
+
+
+def _off(V: Tensor, Q: Tensor, w: Tensor) -> Tuple[Tensor, Tensor]:
+    """w projected off the rows of V, then off the rows of Q (orthogonal to V), twice
+    each, without concatenating V and Q (a copy of the whole basis); the coefficients
+    along Q."""
+    w, _ = orthogonalize(V, w)
+    return orthogonalize(Q, w)
 
 
 def _orthonormal(X: Tensor, V: Optional[Tensor], generator: torch.Generator) -> Tensor:
