@@ -154,8 +154,9 @@ def lanczos(
             block, or one collective per block for a data-parallel matvec), the basis
             is fully reorthogonalized, and up to ``block_size`` copies of a repeated
             eigenvalue are found by the block itself (``find_copies`` runs the copy
-            check after it for more). It does not reduce products (it usually takes more), so it pays only
-            where a batched product costs much less than ``block_size`` single ones.
+            check after it for more). It does not reduce products (it usually takes
+            more), so it pays only where a batched product costs much less than
+            ``block_size`` single ones.
             Not with ``stop="eigenvalue"``, ``basis_device``/``basis_dtype`` or sharded
             vectors.
         basis_dtype: the basis' precision (default: the vectors'), at least theirs:
@@ -347,8 +348,8 @@ def _blocked(op: Operator, x0: Tensor, k: int, n: int, *, which: str, tol: float
         # |λ − θ| ≤ ‖r‖: the residuals are the block's error bounds
         pairs = _Pairs(np.asarray(values), vectors, np.asarray(converged), np.asarray(residuals),
                        np.asarray(residuals))
-        # a block finds up to block_size copies of an eigenvalue: with multiplicity 6 of the
-        # top one and blocks of 2, k = 6 returned 5, 5, −3, −3, 2, 2 as converged
+        # a block finds up to block_size copies of an eigenvalue: six copies of the top one,
+        # blocks of two, k = 6 returned 5, 5, 5, 5, 4, 4 as converged
         checking = find_copies and k > 1 and status is Status.CONVERGED and bool(pairs.converged.all())
         if checking:
             carried = _Carried(float(np.abs(values).max()), basis, max(basis - k, 2), math.inf, 0.0, 0.0)
