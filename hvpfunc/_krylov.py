@@ -131,6 +131,20 @@ def three_term(pair: Tensor, w: Tensor, allsum: Optional[Callable[[Tensor], Tens
     return w - (c.unsqueeze(-2) @ pair).squeeze(-2), c
 
 
+def cancelled(coefficients: np.ndarray, beta: np.ndarray, eps: float, level: float) -> np.ndarray:
+    """Whether a three-term step (:func:`three_term`) must be repeated: its one pass
+    leaves w off the pair by about ε‖Hv_j‖/β_j, β_j = ‖w‖ (‖Hv_j‖² = β_j² + Σ c², the
+    coefficients), and the next step carries that into the older vectors multiplied by
+    up to ‖H‖/β_j, past Simon's estimate, which takes the pair as orthogonal to rounding.
+    So a second pass is due where ε (‖Hv_j‖/β_j)² exceeds ``level``, the loss of
+    orthogonality allowed. Never on the benchmark networks (‖Hv_j‖/β_j of a few); on
+    H = 5I + O(10⁻⁶) it is 10⁶–10⁸, and without the second pass Lanczos' Ritz values were
+    10⁻⁷ off with residuals of 10⁻²² and SLQ raised "the matvec is not symmetric" on a
+    symmetric matrix. ``coefficients``: (..., 2) on the host, ``beta``: (...)."""
+    squared = np.square(beta)
+    return eps * (np.square(coefficients).sum(axis=-1) + squared) > level * squared
+
+
 def reorthogonalize(
     V: Tensor, w: Tensor, allsum: Optional[Callable[[Tensor], Tensor]] = None, before: Optional[Tensor] = None
 ) -> Tuple[Tensor, Tensor, Tensor]:

@@ -151,3 +151,24 @@ def test_lockstep_reads_a_groups_whole_basis_only_where_simons_estimate_asks(mon
                            generator=torch.Generator().manual_seed(1))
     assert torch.allclose(res.top[1], torch.tensor([5.0, 4.999], dtype=DT), rtol=1e-10)
     assert 0 < len(passes) <= 0.4 * 60, passes
+
+
+def test_a_nearly_scalar_operator_has_each_blocks_top_eigenvalues():
+    # H = 5I + O(1e-6): the three-term steps cancel (‖Hq_j‖/β_j ≈ 10⁶); with one pass the
+    # next step carried the pair's rounding into the older vectors and every run raised
+    # "the matvec is not symmetric"
+    Q, _ = torch.linalg.qr(torch.randn(60, 60, generator=torch.Generator().manual_seed(2), dtype=DT))
+    lam = 5.0 + 1e-6 * torch.randn(60, generator=torch.Generator().manual_seed(3), dtype=DT)
+    H = (Q * lam) @ Q.T
+    H = (H + H.T) / 2
+    like = {"a": torch.zeros(30, dtype=DT), "b": torch.zeros(30, dtype=DT)}
+
+    def matvec(v):
+        y = H @ torch.cat([v["a"], v["b"]])
+        return {"a": y[:30], "b": y[30:]}
+
+    res = hf.block_spectra(matvec, like, num_probes=4, k=3, tol=1e-10, generator=torch.Generator().manual_seed(0))
+    assert res.groups == ("a", "b")
+    for i, block in enumerate((slice(0, 30), slice(30, 60))):
+        exact = torch.linalg.eigvalsh(H[block, block]).flip(0)[:3]
+        assert torch.allclose(res.top[i], exact, rtol=0, atol=1e-12)

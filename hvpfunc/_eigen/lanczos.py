@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .._krylov import (
     STEP_ROUNDING,
+    cancelled,
     check_symmetric,
     empty_basis,
     expand,
@@ -760,11 +761,9 @@ def _expand(state: _State, op: Operator, ctx: _Options, deflate: Optional[Tensor
     beta = norm(w, ctx.allsum)
     # one device-to-host transfer per step for the coefficients and the norm
     host = torch.cat([h, beta[None]]).to("cpu", torch.float64).numpy()
-    if local and ctx.eps * math.sqrt(float(host @ host)) > state.level * host[-1]:
-        # Cancellation: one pass leaves w off the pair by ε‖Hv_j‖/β, which far exceeds
-        # the level where β ≪ ‖Hv_j‖ (H = 5I + O(10⁻⁶): ‖Hv_j‖/β = 10⁸, and on 3
-        # dimensions the Ritz values were 10⁻⁷ off with residuals of 10⁻²²); a second
-        # pass brings it to rounding (Kahan's "twice is enough"), its coefficients T's.
+    if local and cancelled(host[:-1], host[-1], ctx.eps, state.level):
+        # a second pass brings w to rounding off the pair ("twice is enough"); its
+        # coefficients are T's too
         w, again = three_term(pair, w, ctx.allsum)
         if deflate is not None:
             w, _ = orthogonalize(deflate, w, ctx.allsum)

@@ -15,6 +15,7 @@ from torch import Tensor
 from .._eigen.lanczos import lanczos
 from .._krylov import (
     STEP_ROUNDING,
+    cancelled,
     check_symmetric,
     empty_basis,
     orthogonality_estimate,
@@ -297,6 +298,10 @@ def _lockstep(op: Operator, index: List[Tensor], sizes: List[int], k: int, tol: 
             w, c = three_term(V[max(j - 1, 0) :], W[row, index[g]], op.allsum)
             beta_t = norm(w, op.allsum)
             host = torch.cat([c, beta_t[None]]).to("cpu", torch.float64).numpy()
+            if cancelled(host[:-1], host[-1], eps, math.sqrt(eps)):
+                w, again_c = three_term(V[max(j - 1, 0) :], w, op.allsum)
+                c, beta_t = c + again_c, norm(w, op.allsum)
+                host = torch.cat([c, beta_t[None]]).to("cpu", torch.float64).numpy()
             if j:
                 check_symmetric(host[0], np.float64(betas[g][-1]), np.abs(host[-2]) + betas[g][-1],
                                 symmetry_slack(eps))

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .._krylov import (
     STEP_ROUNDING,
+    cancelled,
     check_symmetric,
     empty_basis,
     orthogonality_estimate,
@@ -194,6 +195,10 @@ def _tridiagonalize(
         w, c = three_term(Q[:, max(j - 1, 0) : j + 1], w, op.allsum)
         norms = norm(w, op.allsum, dim=-1)
         host = torch.cat([c, norms[:, None]], dim=1).to("cpu", torch.float64).numpy()
+        if cancelled(host[:, :-1], host[:, -1], eps, math.sqrt(eps)).any():  # all probes: one batched pass
+            w, again_c = three_term(Q[:, max(j - 1, 0) : j + 1], w, op.allsum)
+            c, norms = c + again_c, norm(w, op.allsum, dim=-1)
+            host = torch.cat([c, norms[:, None]], dim=1).to("cpu", torch.float64).numpy()
         finite = np.isfinite(host).all(axis=1)
         if not finite.all():
             alpha[:, j] = np.where(finite, host[:, -2], math.nan)
