@@ -233,19 +233,17 @@ def lanczos(
     check_start(x0, name="v0", allsum=op.allsum)
     if generator is None:
         generator = torch.Generator().manual_seed(0)
-    if block_size != 1:
-        return _blocked(op, x0, k, n, which=which, tol=tol, stop=stop, budget=budget, max_basis=max_basis,
-                        generator=generator, progress=progress, block_size=block_size, find_copies=find_copies,
-                        held_elsewhere=basis_device is not None or basis_dtype is not None)
     if op.layout.sharding is not None:  # each rank draws its own shards of fresh vectors
         generator = rank_generator(generator)
-
     eps = torch.finfo(op.dtype).eps
     ctx = _Options(
         which=which, tol=tol, stop=stop, eps=eps, budget=budget, generator=generator,
         slack=symmetry_slack(op.layout.product_eps),
         rounding=STEP_ROUNDING * max(eps, op.layout.product_eps), allsum=op.allsum,
     )
+    if block_size != 1:
+        return _blocked(op, x0, k, n, ctx, max_basis=max_basis, progress=progress, block_size=block_size,
+                        find_copies=find_copies, held_elsewhere=basis_device is not None or basis_dtype is not None)
     repeat = find_copies and k > 1
     bar = Progress(progress, total=budget, desc=f"lanczos (k={k}, {which})")
     try:
@@ -276,10 +274,16 @@ def lanczos(
             held = max(held, check_held)
     finally:
         bar.close()
+    return _result(op, pairs, status, detail, held, ctx, checking=checking, find_copies=find_copies,
+                   label=f"lanczos(k={k}, which={which!r})")
 
+
+def _result(op: Operator, pairs: _Pairs, status: Status, detail: str, held: int, ctx: _Options, *, checking: bool,
+            find_copies: bool, label: str) -> EigResult:
+    """The ``EigResult`` of the pairs found (by either path), with the status and the
+    message they warrant, warned about if not converged."""
     if status is Status.CONVERGED and not bool(pairs.converged.all()):
         status = Status.MAX_ITERS  # an invariant subspace smaller than k: pairs are missing
-    message = _message(status, detail, pairs, k, n, checking=checking, find_copies=find_copies, stop=stop)
     result = EigResult(
         eigenvalues=torch.as_tensor(pairs.values).to(op.device, op.dtype),
         eigenvectors=op.layout.unflatten(pairs.vectors.to(op.device, op.dtype)),
@@ -287,17 +291,18 @@ def lanczos(
         residuals=torch.as_tensor(pairs.residuals).to(op.device, op.dtype),
         errors=torch.as_tensor(pairs.errors).to(op.device, op.dtype),
         num_matvecs=op.num_matvecs,
-        which=which,
+        which=ctx.which,
         status=status,
-        message=message,
+        message=_message(status, detail, pairs, op.n, checking=checking, find_copies=find_copies, stop=ctx.stop),
         basis_size=held,
     )
-    return finish(result, f"lanczos(k={k}, which={which!r})")
+    return finish(result, label)
 
 
-def _message(status: Status, detail: str, pairs: _Pairs, k: int, n: int, *, checking: bool, find_copies: bool,
+def _message(status: Status, detail: str, pairs: _Pairs, n: int, *, checking: bool, find_copies: bool,
              stop: str) -> str:
     """The result's message: why it stopped short, or what a converged run did not rule out."""
+    k = len(pairs.values)
     if status is not Status.CONVERGED:
         short = int((~pairs.converged).sum())
         unchecked = "; further copies of these eigenvalues were not yet ruled out" if checking else ""
@@ -313,15 +318,15 @@ def _message(status: Status, detail: str, pairs: _Pairs, k: int, n: int, *, chec
     return ""
 
 
-def _blocked(op: Operator, x0: Tensor, k: int, n: int, *, which: str, tol: float, stop: str, budget: int,
-             max_basis: Optional[int], generator: torch.Generator, progress: ProgressArg, block_size: int,
-             find_copies: bool, held_elsewhere: bool) -> EigResult:
+def _blocked(op: Operator, x0: Tensor, k: int, n: int, ctx: _Options, *, max_basis: Optional[int],
+             progress: ProgressArg, block_size: int, find_copies: bool, held_elsewhere: bool) -> EigResult:
     """:func:`lanczos` with ``block_size`` > 1: arguments checked, :func:`block_lanczos`
     run, the copy check (:func:`_check_copies`) run after it with ``find_copies``, the
     pairs returned as an ``EigResult``."""
     if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
-    if stop != "residual" or held_elsewhere:
+    which, tol, budget = ctx.which, ctx.tol, ctx.budget
+    if ctx.stop != "residual" or held_elsewhere:
         raise ValueError("block_size > 1 works with stop='residual' and the basis on the vectors' device and dtype")
     if op.layout.sharding is not None:
         raise NotImplementedError("block_size > 1 for sharded (DTensor) vectors: use block_size=1")
@@ -336,16 +341,12 @@ def _blocked(op: Operator, x0: Tensor, k: int, n: int, *, which: str, tol: float
     if basis < k + 2 * block_size:
         raise ValueError(f"max_basis={max_basis} is too small for k={k} and block_size={block_size}: it must be "
                          f"at least k + 2·block_size = {k + 2 * block_size}")
-    eps = torch.finfo(op.dtype).eps
-    ctx = _Options(which=which, tol=tol, stop=stop, eps=eps, budget=budget, generator=generator,
-                   slack=symmetry_slack(op.layout.product_eps),
-                   rounding=STEP_ROUNDING * max(eps, op.layout.product_eps))
     checking = False
     bar = Progress(progress, total=budget, desc=f"block lanczos (k={k}, {which}, b={block_size})")
     try:
         values, vectors, converged, residuals, held, status, detail = block_lanczos(
             op, x0 / norm(x0, None), k, block_size=block_size, which=which, tol=tol, budget=budget,
-            max_basis=basis, generator=generator, chunk_size="auto", bar=bar)
+            max_basis=basis, generator=ctx.generator, chunk_size="auto", bar=bar)
         # |λ − θ| ≤ ‖r‖: the residuals are the block's error bounds
         pairs = _Pairs(np.asarray(values), vectors, np.asarray(converged), np.asarray(residuals),
                        np.asarray(residuals))
@@ -358,18 +359,8 @@ def _blocked(op: Operator, x0: Tensor, k: int, n: int, *, which: str, tol: float
             held = max(held, check_held)
     finally:
         bar.close()
-    if status is Status.CONVERGED and not bool(pairs.converged.all()):
-        status = Status.MAX_ITERS
-    message = _message(status, detail, pairs, k, n, checking=checking, find_copies=find_copies, stop=stop)
-    result = EigResult(
-        eigenvalues=torch.as_tensor(pairs.values).to(op.device, op.dtype),
-        eigenvectors=op.layout.unflatten(pairs.vectors.to(op.device, op.dtype)),
-        converged=torch.as_tensor(pairs.converged).to(op.device),
-        residuals=torch.as_tensor(pairs.residuals).to(op.device, op.dtype),
-        errors=torch.as_tensor(pairs.errors).to(op.device, op.dtype),
-        num_matvecs=op.num_matvecs, which=which, status=status, message=message, basis_size=held,
-    )
-    return finish(result, f"lanczos(k={k}, which={which!r}, block_size={block_size})")
+    return _result(op, pairs, status, detail, held, ctx, checking=checking, find_copies=find_copies,
+                   label=f"lanczos(k={k}, which={which!r}, block_size={block_size})")
 
 
 # The basis may take this share of the device's free memory, up to _BASIS_CAP vectors:
