@@ -651,3 +651,12 @@ def test_block_lanczos_finds_copies_up_to_the_block_size_by_itself_and_more_with
         hf.lanczos(lambda v: lam * v, torch.ones(100, dtype=DT), k=4, block_size=2, stop="eigenvalue")
     with pytest.raises(ValueError, match="dimension"):
         hf.lanczos(lambda v: lam[:6] * v, torch.ones(6, dtype=DT), k=3, block_size=2)
+
+
+def test_block_lanczos_warns_at_the_callers_line():
+    # the block path called finish one frame deeper, so its warning pointed into lanczos.py
+    H = torch.diag(torch.arange(1.0, 41.0, dtype=DT))
+    with pytest.warns(hf.ConvergenceWarning) as caught:
+        res = hf.lanczos(lambda v: H @ v, torch.ones(40, dtype=DT), k=3, tol=1e-12, max_iters=6, block_size=2)
+    assert res.status == "max_iters"
+    assert [w.filename for w in caught] == [__file__]

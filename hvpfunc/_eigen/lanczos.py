@@ -241,9 +241,11 @@ def lanczos(
         slack=symmetry_slack(op.layout.product_eps),
         rounding=STEP_ROUNDING * max(eps, op.layout.product_eps), allsum=op.allsum,
     )
-    if block_size != 1:
-        return _blocked(op, x0, k, n, ctx, max_basis=max_basis, progress=progress, block_size=block_size,
-                        find_copies=find_copies, held_elsewhere=basis_device is not None or basis_dtype is not None)
+    if block_size != 1:  # finish warns at the caller's line: called here, as below
+        return finish(_blocked(op, x0, k, n, ctx, max_basis=max_basis, progress=progress, block_size=block_size,
+                               find_copies=find_copies,
+                               held_elsewhere=basis_device is not None or basis_dtype is not None),
+                      f"lanczos(k={k}, which={which!r}, block_size={block_size})")
     repeat = find_copies and k > 1
     bar = Progress(progress, total=budget, desc=f"lanczos (k={k}, {which})")
     try:
@@ -274,17 +276,17 @@ def lanczos(
             held = max(held, check_held)
     finally:
         bar.close()
-    return _result(op, pairs, status, detail, held, ctx, checking=checking, find_copies=find_copies,
-                   label=f"lanczos(k={k}, which={which!r})")
+    return finish(_result(op, pairs, status, detail, held, ctx, checking=checking, find_copies=find_copies),
+                  f"lanczos(k={k}, which={which!r})")
 
 
 def _result(op: Operator, pairs: _Pairs, status: Status, detail: str, held: int, ctx: _Options, *, checking: bool,
-            find_copies: bool, label: str) -> EigResult:
+            find_copies: bool) -> EigResult:
     """The ``EigResult`` of the pairs found (by either path), with the status and the
-    message they warrant, warned about if not converged."""
+    message they warrant."""
     if status is Status.CONVERGED and not bool(pairs.converged.all()):
         status = Status.MAX_ITERS  # an invariant subspace smaller than k: pairs are missing
-    result = EigResult(
+    return EigResult(
         eigenvalues=torch.as_tensor(pairs.values).to(op.device, op.dtype),
         eigenvectors=op.layout.unflatten(pairs.vectors.to(op.device, op.dtype)),
         converged=torch.as_tensor(pairs.converged).to(op.device),
@@ -296,7 +298,6 @@ def _result(op: Operator, pairs: _Pairs, status: Status, detail: str, held: int,
         message=_message(status, detail, pairs, op.n, checking=checking, find_copies=find_copies, stop=ctx.stop),
         basis_size=held,
     )
-    return finish(result, label)
 
 
 def _message(status: Status, detail: str, pairs: _Pairs, n: int, *, checking: bool, find_copies: bool,
@@ -322,7 +323,7 @@ def _blocked(op: Operator, x0: Tensor, k: int, n: int, ctx: _Options, *, max_bas
              progress: ProgressArg, block_size: int, find_copies: bool, held_elsewhere: bool) -> EigResult:
     """:func:`lanczos` with ``block_size`` > 1: arguments checked, :func:`block_lanczos`
     run, the copy check (:func:`_check_copies`) run after it with ``find_copies``, the
-    pairs returned as an ``EigResult``."""
+    pairs returned as an ``EigResult`` (for :func:`lanczos` to finish)."""
     if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
     which, tol, budget = ctx.which, ctx.tol, ctx.budget
@@ -359,8 +360,7 @@ def _blocked(op: Operator, x0: Tensor, k: int, n: int, ctx: _Options, *, max_bas
             held = max(held, check_held)
     finally:
         bar.close()
-    return _result(op, pairs, status, detail, held, ctx, checking=checking, find_copies=find_copies,
-                   label=f"lanczos(k={k}, which={which!r}, block_size={block_size})")
+    return _result(op, pairs, status, detail, held, ctx, checking=checking, find_copies=find_copies)
 
 
 # The basis may take this share of the device's free memory, up to _BASIS_CAP vectors:
