@@ -122,12 +122,12 @@ def _next_block(V: Tensor, W: Tensor, generator: torch.Generator) -> Tuple[Tenso
     b = W.shape[0]
     Q = torch.empty_like(W)
     R = np.zeros((b, b))
-    scale = float(torch.linalg.vector_norm(W, dim=1).max()) or 1.0
-    floor = _RANK_TOLERANCE * torch.finfo(W.dtype).eps * scale
+    sizes = torch.linalg.vector_norm(W, dim=1).tolist()
+    floor = _RANK_TOLERANCE * torch.finfo(W.dtype).eps * (max(sizes) or 1.0)
     for r in range(b):
         w, c = orthogonalize(Q[:r], W[r].clone())
         size = float(torch.linalg.vector_norm(w))
-        if size < 0.5 * float(torch.linalg.vector_norm(W[r])):
+        if size < 0.5 * sizes[r]:
             # cancellation: what is left is off V by ε‖W_r‖/‖w‖ (W was projected off V
             # at ‖W_r‖'s scale), 1e-4 on a block near rank loss: project it off V again
             w, again = _off(V, Q[:r], w)
