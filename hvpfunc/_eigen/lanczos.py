@@ -588,7 +588,7 @@ def _check_copies(
         held = max(held, state.V.shape[0] + U.shape[0] + (0 if resolved is None or polish is None else len(resolved)))
         if status is not Status.CONVERGED:
             return pairs, status, detail, held
-        theta = eigvalsh(state.T[: state.j, : state.j])
+        theta, Y = eigh(state.T[: state.j, : state.j])
         best = select(theta, ctx.which, 1)
         value = float(theta[best[0]])
         if not _better(value, kth, floor, ctx.which):
@@ -598,7 +598,10 @@ def _check_copies(
             continue
         norm_estimate = max(norm_estimate, state.norm_estimate)
         found = _extract(state, 1, run_ctx)
-        merged, accepted = _merge(pairs, found, theta, op, norm_estimate, run_ctx)
+        # u lies in the deflated space, so its gap is to the deflated operator's spectrum
+        # (a copy's twin among the pairs is the same eigenvalue, not a neighbour)
+        gap = float(_gaps(theta, best, np.abs(state.coupling @ Y))[0])
+        merged, accepted = _merge(pairs, found, gap, op, norm_estimate, run_ctx)
         if resolved is not None and polish is None and not accepted:
             # H couples the vector found to the deflated Ritz vectors through their own
             # residuals, which can keep its residual in H above a tolerance at rounding
@@ -685,19 +688,15 @@ def _better(value: float, kth: float, floor: float, which: str) -> bool:
 
 
 def _merge(
-    pairs: _Pairs, found: _Pairs, theta: np.ndarray, op: Operator, norm_estimate: float, ctx: _Options
+    pairs: _Pairs, found: _Pairs, gap: float, op: Operator, norm_estimate: float, ctx: _Options
 ) -> Tuple[_Pairs, bool]:
-    """The k best of ``pairs`` and the pair ``found`` by the deflated run (its Ritz values
-    ``theta``), and whether the found pair meets the tolerance. Its residual in H (not in
-    the deflated operator) costs one product: Hu − θu has a part along U that the
-    deflated run cannot see."""
+    """The k best of ``pairs`` and the pair ``found`` by the deflated run (``gap``: its
+    :func:`_gaps` there), and whether the found pair meets the tolerance. Its residual in
+    H (not in the deflated operator) costs one product: Hu − θu has a part along U that
+    the deflated run cannot see."""
     value, u = float(found.values[0]), found.vectors[0]
     r = norm(_product(op, u) - value * u, ctx.allsum)
     residual = float(r.to("cpu", torch.float64))
-    # u lies in the deflated space, so its gap is to the deflated operator's spectrum
-    # (a copy's twin among the pairs is the same eigenvalue, not a neighbour)
-    others = np.delete(theta, select(theta, ctx.which, 1))
-    gap = float(np.abs(others - value).min()) if len(others) else np.inf
     error = min(residual, residual**2 / gap) if gap > 0 else residual
     measure = residual if ctx.stop == "residual" else error
     # Hu − θu gains a part U g with g_i = r_iᵀu from each deflated pair's own residual
