@@ -172,3 +172,49 @@ def test_a_nearly_scalar_operator_has_each_blocks_top_eigenvalues():
     for i, block in enumerate((slice(0, 30), slice(30, 60))):
         exact = torch.linalg.eigvalsh(H[block, block]).flip(0)[:3]
         assert torch.allclose(res.top[i], exact, rtol=0, atol=1e-12)
+
+
+def _rotated_blocks(spectra, seed=0):
+    """A block-diagonal operator on {"a", "b", ...} whose blocks have these spectra in
+    random eigenbases, and the dense blocks."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks = {}
+    for name, lam in spectra.items():
+        Q, _ = torch.linalg.qr(torch.randn(len(lam), len(lam), generator=gen, dtype=DT))
+        blocks[name] = (Q * lam) @ Q.T
+    like = {name: torch.zeros(len(lam), dtype=DT) for name, lam in spectra.items()}
+    return (lambda v: {name: B @ v[name] for name, B in blocks.items()}), like, blocks
+
+
+@pytest.mark.parametrize("chunk_size", [1, None])
+def test_a_repeated_top_eigenvalue_of_a_block_is_found_twice(chunk_size):
+    # A single Krylov sequence holds one vector per distinct eigenvalue: the lockstep
+    # steps returned a's top two as 2 and 1 (the copy of 2 missed) marked converged;
+    # the copy check of thick-restart Lanczos finds the second 2.
+    gen = torch.Generator().manual_seed(1)
+    a = torch.cat([torch.tensor([2.0, 2.0, 1.0], dtype=DT), 0.5 * torch.rand(17, generator=gen, dtype=DT)])
+    b = torch.cat([torch.tensor([3.0, 2.5], dtype=DT), torch.rand(10, generator=gen, dtype=DT)])
+    matvec, like, blocks = _rotated_blocks({"a": a, "b": b})
+    res = hf.block_spectra(matvec, like, num_probes=4, k=2, tol=1e-8, chunk_size=chunk_size)
+    assert res.status == "converged" and bool(res.converged.all())
+    for i, name in enumerate(("a", "b")):
+        exact = torch.linalg.eigvalsh(blocks[name]).flip(0)[:2]
+        assert torch.allclose(res.top[i], exact, rtol=1e-7), (name, res.top[i], exact)
+    # without the check the lockstep values stand, and the copy is missed
+    unchecked = hf.block_spectra(matvec, like, num_probes=4, k=2, tol=1e-8, chunk_size=chunk_size,
+                                 find_copies=False)
+    assert unchecked.num_matvecs < res.num_matvecs
+
+
+def test_a_scalar_block_with_more_than_one_eigenvalue_asked_for():
+    # b = 3I: its Krylov space is invariant after one step; the lockstep steps went on
+    # dividing by β = 0 and raised "the matvec is not symmetric"
+    gen = torch.Generator().manual_seed(2)
+    matvec, like, blocks = _rotated_blocks({"a": torch.rand(25, generator=gen, dtype=DT), "b": torch.ones(6, dtype=DT)})
+    blocks["b"] = 3.0 * torch.eye(6, dtype=DT)  # exactly: a rotated 3I is off by rounding, which hid it
+    for chunk_size in (1, None):
+        res = hf.block_spectra(matvec, like, num_probes=4, k=3, tol=1e-8, chunk_size=chunk_size)
+        assert res.status == "converged" and bool(res.converged.all())
+        for i, name in enumerate(("a", "b")):
+            exact = torch.linalg.eigvalsh(blocks[name]).flip(0)[:3]
+            assert torch.allclose(res.top[i], exact, rtol=1e-7), (name, res.top[i], exact)

@@ -46,6 +46,7 @@ def block_spectra(
     num_probes: int = 60,
     k: int = 1,
     tol: float = 1e-4,
+    find_copies: bool = True,
     generator: Optional[torch.Generator] = None,
     chunk_size: ChunkSize = "auto",
     progress: ProgressArg = False,
@@ -57,14 +58,15 @@ def block_spectra(
     give every block's trace, with a standard error each (Student-t widened, as in
     :func:`hvpfunc.trace`), and their sum estimates tr H. Each block's top ``k``
     eigenvalues are those of v_b ↦ (H [v_b; 0])_b, the Hessian of the loss in that group's
-    parameters alone (products of the full H). For k ≥ 2, or where products are batched
-    (``chunk_size`` other than 1, "auto" on a GPU), the groups' Lanczos runs advance in
-    lockstep, each step's products, one per group, in one ``vmap`` call; no restarts, so
-    fewer products (measured with k = 3: 39 against 59 on a CNN, 203 against 306 on a
-    transformer, 1.5× less time). A group still unconverged after 60 steps, and every
-    group for k = 1 with products one at a time, goes to :func:`hvpfunc.lanczos` (thick
-    restarts) on its restriction. Where a layer's curvature lives (PyHessian's and hessian-eigenthings'
-    most-asked feature): ``shares`` are the blocks' traces over the whole trace.
+    parameters alone (products of the full H): :func:`hvpfunc.lanczos` (thick restarts,
+    and for k ≥ 2 its copy check) on each block's restriction. Where products are
+    batched (``chunk_size`` other than 1, "auto" on a GPU), the groups' Lanczos runs
+    first advance in lockstep, each step's products, one per group, in one ``vmap``
+    call; a group whose one eigenvalue converged there is done, the others go on to
+    :func:`hvpfunc.lanczos` from their Ritz vectors (for k ≥ 2 with ``find_copies``,
+    to be checked for missed copies; a group unconverged after 60 steps). Where a
+    layer's curvature lives (PyHessian's and hessian-eigenthings' most-asked feature):
+    ``shares`` are the blocks' traces over the whole trace.
 
     Args:
         matvec: ``v -> H v`` on trees shaped like ``params``.
@@ -77,6 +79,8 @@ def block_spectra(
         num_probes: Hutchinson probes for the traces (at least 2).
         k: top eigenvalues per block (0 skips the eigenvalues).
         tol: Lanczos's relative residual tolerance for them.
+        find_copies: for k ≥ 2, look for further copies of each block's eigenvalues (and
+            eigenvalues a single Krylov sequence missed) as :func:`hvpfunc.lanczos` does.
         generator: draws the probes and the Lanczos start vectors; default a CPU
             generator seeded with 0.
         chunk_size: probes per ``vmap`` call, as in :func:`hvpfunc.trace`.
@@ -137,7 +141,7 @@ def block_spectra(
                else torch.full((len(names),), math.nan, dtype=op.dtype, device=op.device))
     trace_products = op.num_matvecs
     top, converged, eig_products = _block_eigenvalues(op, owner, params, members, len(names), k, tol, generator,
-                                                      chunk_size)
+                                                      chunk_size, find_copies)
     status, message = probes_outcome(finite, count, num_probes)
     if status is Status.CONVERGED and k and not bool(converged.all()):
         status = Status.MAX_ITERS
@@ -202,10 +206,10 @@ def _module_of(name: str) -> str:
 
 
 def _block_eigenvalues(op: Operator, owner: Tensor, params: Tree, members: Dict[str, int], count: int, k: int,
-                       tol: float, generator: torch.Generator, chunk_size: ChunkSize):
+                       tol: float, generator: torch.Generator, chunk_size: ChunkSize, find_copies: bool):
     """Top-k eigenvalues of each block: all blocks by lockstep Lanczos, then thick-restart
-    Lanczos on the restriction of any block the lockstep steps did not finish; (values,
-    converged, products)."""
+    Lanczos (with its copy check) on the restriction of any block the lockstep steps did
+    not settle; (values, converged, products)."""
     top = torch.full((count, k), math.nan, dtype=torch.float64)
     converged = torch.zeros(count, k, dtype=torch.bool)
     if not k:
@@ -215,22 +219,22 @@ def _block_eigenvalues(op: Operator, owner: Tensor, params: Tree, members: Dict[
     # each block's dimension, over every rank's shards of a sharded vector
     sizes = [round(float(n)) for n in op.total(torch.tensor([float(i.numel()) for i in index], dtype=op.dtype,
                                                             device=op.device))]
-    if k == 1 and op.resolve_chunk(chunk_size) == 1:
-        # One eigenvalue, products one at a time (a CPU): lockstep saves no products. When
-        # it reorthogonalized fully it cost more than thick restarts (on the benchmark
-        # MLP: 1.25 s against 1.0 s, the same 109 products); with partial
-        # reorthogonalization the two take the same time (0.47 s against 0.48 s, 103 and
-        # 104 products, 8 probes), so this path stays.
+    if op.resolve_chunk(chunk_size) == 1:
+        # Products one at a time (a CPU): lockstep saves nothing. From the same start
+        # thick-restart Lanczos takes the same steps (a block's basis grows rather than
+        # restarts; jobs benchmark, k = 3: 123 products on the CNN's blocks either way,
+        # 191 on the transformer's), and for k ≥ 2 its copy check then starts at once,
+        # where after lockstep it first re-converges the pairs (k + 1 products or so).
         start = op.probes(1, generator)[0]  # one draw gives every block its start
-        runs = [(torch.full((1,), math.nan, dtype=torch.float64), torch.zeros(1, dtype=torch.bool), start[idx])
+        runs = [(torch.full((1,), math.nan, dtype=torch.float64), torch.zeros(1, dtype=torch.bool), start[idx], False)
                 for idx in index]
     else:
-        runs = _lockstep(op, index, sizes, k, tol, generator, chunk_size)
+        runs = _lockstep(op, index, sizes, k, tol, generator, chunk_size, find_copies)
     products = op.num_matvecs - before
     leaves, spec = leaves_with_paths(params)
-    for g, (values, ok, start) in enumerate(runs):
+    for g, (values, ok, start, final) in enumerate(runs):
         kk = min(k, sizes[g])
-        if not bool(ok.all()):  # thick restarts, from the block's best Ritz vectors if lockstep ran
+        if not final:  # thick restarts, from the block's best Ritz vectors if lockstep ran
             chosen = [i for i, (path, _) in enumerate(leaves) if members[path] == g]
 
             def block(v: Dict[str, Tensor], chosen=chosen) -> Dict[str, Tensor]:
@@ -244,7 +248,7 @@ def _block_eigenvalues(op: Operator, owner: Tensor, params: Tree, members: Dict[
             v0 = {str(i): start_leaves[i] for i in chosen}
             with warnings.catch_warnings():  # the result's status reports it
                 warnings.simplefilter("ignore", ConvergenceWarning)
-                res = lanczos(block, v0, k=kk, tol=tol, generator=generator)
+                res = lanczos(block, v0, k=kk, tol=tol, generator=generator, find_copies=find_copies)
             values, ok = res.eigenvalues.double().cpu(), res.converged.cpu()
             products += res.num_matvecs
         top[g, :kk] = values
@@ -254,7 +258,7 @@ def _block_eigenvalues(op: Operator, owner: Tensor, params: Tree, members: Dict[
 
 
 def _lockstep(op: Operator, index: List[Tensor], sizes: List[int], k: int, tol: float,
-              generator: torch.Generator, chunk_size: ChunkSize) -> List[tuple]:
+              generator: torch.Generator, chunk_size: ChunkSize, find_copies: bool) -> List[tuple]:
     """Plain Lanczos with partial reorthogonalization on every block H_bb at once.
 
     The blocks advance together: each step's products, one per unfinished block (its
@@ -264,7 +268,7 @@ def _lockstep(op: Operator, index: List[Tensor], sizes: List[int], k: int, tol: 
     rounding level 100 ε |θ_max|, as in :func:`hvpfunc.lanczos`), when its Krylov space is
     invariant, or after its step budget; the basis is then dropped. Returns per block
     (top values descending, converged flags, the sum of the top Ritz vectors as a warm
-    start for a block that did not finish). ``sizes``: the blocks' dimensions (over all
+    start, whether the values are final: see the comment at the stop). ``sizes``: the blocks' dimensions (over all
     ranks); ``index``: each block's entries of the (this rank's) flat vector. Each block's
     basis is kept semi-orthogonal as in :func:`hvpfunc.spectral_density` (Simon's
     estimate; the whole basis is read only where it nears √ε).
@@ -331,12 +335,21 @@ def _lockstep(op: Operator, index: List[Tensor], sizes: List[int], k: int, tol: 
             residuals = beta * S[-1, wanted].abs().flip(0)
             ok = residuals <= torch.clamp(tol * values.abs(), min=floor)
             invariant = beta <= floor
-            if values.numel() == kk and (bool(ok.all()) or invariant) or j + 1 == limits[g]:
-                done = ok | invariant if values.numel() == kk else torch.zeros(kk, dtype=torch.bool)
+            found = values.numel() == kk and bool(ok.all())
+            if found or invariant or j + 1 == limits[g]:
+                # Final only where nothing can have been missed: the basis spans the
+                # block, or one eigenvalue was asked for (a copy of it changes no value)
+                # and the Krylov space is not invariant (an invariant one saw only part
+                # of the block). Otherwise thick-restart Lanczos takes over from the Ritz
+                # vectors: its copy check finds what one sequence cannot (a repeated top
+                # eigenvalue came back as the next distinct one, "converged").
+                spanned = j + 1 == sizes[g]  # T's eigenvalues are the block's
+                final = spanned or (found and not invariant and (kk == 1 or not find_copies))
                 padded = torch.full((kk,), math.nan, dtype=torch.float64)
                 padded[: values.numel()] = values
                 ritz = (S[:, wanted].to(op.dtype).to(op.device).sum(dim=1)) @ V
-                results[g] = (padded, done, ritz)
+                done = ok | spanned if found or spanned else torch.zeros(kk, dtype=torch.bool)
+                results[g] = (padded, done, ritz, final)
                 continue
             betas[g].append(beta)
             q[g] = w / beta
