@@ -660,3 +660,18 @@ def test_block_lanczos_warns_at_the_callers_line():
         res = hf.lanczos(lambda v: H @ v, torch.ones(40, dtype=DT), k=3, tol=1e-12, max_iters=6, block_size=2)
     assert res.status == "max_iters"
     assert [w.filename for w in caught] == [__file__]
+
+
+def test_find_copies_true_checks_one_eigenvalue_from_a_start_that_is_not_random():
+    # a start next to the second eigenvector (a warm start): the run stops at 0.99 in four
+    # products; find_copies=True's check from a fresh vector finds the top, 1.05
+    n = 200
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(0), dtype=DT))
+    lam = torch.linspace(-1, 1, n, dtype=DT)
+    lam[-1] = 1.05
+    H = (Q * lam) @ Q.T
+    v = Q[:, -2] + 1e-3 * torch.randn(n, generator=torch.Generator().manual_seed(1), dtype=DT)
+    unchecked = hf.lanczos(lambda x: H @ x, v, k=1, tol=1e-3)
+    assert float(unchecked.eigenvalues[0]) < 1.0  # what the default (no check for k = 1) returns here
+    checked = hf.lanczos(lambda x: H @ x, v, k=1, tol=1e-3, find_copies=True)
+    assert checked.status == "converged" and abs(float(checked.eigenvalues[0]) - 1.05) <= 1e-3 * 1.05

@@ -49,7 +49,7 @@ def lanczos(
     generator: Optional[torch.Generator] = None,
     progress: ProgressArg = False,
     stop: Literal["residual", "eigenvalue"] = "residual",
-    find_copies: bool = True,
+    find_copies: Optional[bool] = None,
     basis_device: Optional[Union[str, torch.device]] = None,
     basis_dtype: Optional[torch.dtype] = None,
     block_size: int = 1,
@@ -105,7 +105,7 @@ def lanczos(
     A Krylov space holds one vector per distinct eigenvalue, so a single Lanczos
     sequence cannot see that an eigenvalue is repeated (the Hessian of every softmax
     classifier has a null space of dimension at least the classes; symmetric networks
-    have repeated outliers). With ``find_copies=True`` (default, for k ≥ 2) Lanczos runs
+    have repeated outliers). With ``find_copies`` (by default for k ≥ 2) Lanczos runs
     again on (I − UUᵀ) H (I − UUᵀ) from a fresh random vector drawn from ``generator``,
     U's rows spanning the pairs found (as ARPACK locks converged pairs) and, with the
     default ``max_basis`` where memory's share holds them, the first run's other Ritz
@@ -146,6 +146,11 @@ def lanczos(
             ``progress(step, largest_unconverged_residual)``.
         stop: ``"residual"`` (default) or ``"eigenvalue"``: what ``tol`` bounds (above).
         find_copies: check for further copies of the k eigenvalues found (above).
+            ``None`` (default): for k ≥ 2. ``True`` checks for k = 1 too, where no copy
+            changes the value but a start vector that is not random (a warm start from
+            earlier eigenvectors) can miss the top eigenvalue: the check rules that out
+            with probability 1 − 10⁻³ over its fresh vector, at the cost of about a
+            cold run's products.
         basis_device: where the basis is held (default: the vectors' device). ``"cpu"``
             keeps a GPU model's basis in host memory: each step then moves one vector
             to the GPU for the product and the product back, and orthogonalizes on the
@@ -241,12 +246,13 @@ def lanczos(
         slack=symmetry_slack(op.layout.product_eps),
         rounding=STEP_ROUNDING * max(eps, op.layout.product_eps), allsum=op.allsum,
     )
+    find_copies = k > 1 if find_copies is None else bool(find_copies)
     if block_size != 1:  # finish warns at the caller's line: called here, as below
         return finish(_blocked(op, x0, k, n, ctx, max_basis=max_basis, progress=progress, block_size=block_size,
                                find_copies=find_copies,
                                held_elsewhere=basis_device is not None or basis_dtype is not None),
                       f"lanczos(k={k}, which={which!r}, block_size={block_size})")
-    repeat = find_copies and k > 1
+    repeat = find_copies
     bar = Progress(progress, total=budget, desc=f"lanczos (k={k}, {which})")
     try:
         state, status, detail = _run(op, _start(x0.to(held_on, held_as), m, cap, ctx.allsum), k, n, ctx, bar)
@@ -353,7 +359,7 @@ def _blocked(op: Operator, x0: Tensor, k: int, n: int, ctx: _Options, *, max_bas
                        np.asarray(residuals))
         # a block finds up to block_size copies of an eigenvalue: six copies of the top one,
         # blocks of two, k = 6 returned 5, 5, 5, 5, 4, 4 as converged
-        checking = find_copies and k > 1 and status is Status.CONVERGED and bool(pairs.converged.all())
+        checking = find_copies and status is Status.CONVERGED and bool(pairs.converged.all())
         if checking:
             carried = _Carried(float(np.abs(values).max()), basis, max(basis - k, 2), math.inf, 0.0, 0.0)
             pairs, status, detail, check_held = _check_copies(op, pairs, carried, n, ctx, bar, repeat=True)

@@ -248,7 +248,7 @@ def _block_eigenvalues(op: Operator, owner: Tensor, params: Tree, members: Dict[
             v0 = {str(i): start_leaves[i] for i in chosen}
             with warnings.catch_warnings():  # the result's status reports it
                 warnings.simplefilter("ignore", ConvergenceWarning)
-                res = lanczos(block, v0, k=kk, tol=tol, generator=generator, find_copies=find_copies)
+                res = lanczos(block, v0, k=kk, tol=tol, generator=generator, find_copies=None if find_copies else False)
             values, ok = res.eigenvalues.double().cpu(), res.converged.cpu()
             products += res.num_matvecs
         top[g, :kk] = values
