@@ -8,8 +8,9 @@ reaches 2/η, then hovers there while the loss keeps decreasing, non-monotonical
 
 This script trains an MLP on scikit-learn's digits (shipped with the package: nothing is
 downloaded) by full-batch gradient descent with mean-squared error on one-hot targets,
-as in the paper, and follows the sharpness with :class:`hvpfunc.EigenTracker`, which
-warm-starts each Lanczos run from the previous eigenvector.
+as in the paper, and follows the sharpness with :class:`hvpfunc.EigenTracker` (for one
+eigenvalue each Lanczos run starts from a random vector: a warm start from the previous
+eigenvector would miss an eigenvalue that overtook it, and checking costs more).
 
 Run: pip install -e ".[examples]" && python examples/edge_of_stability.py [--plot eos.png]
 (about 10 s on a CPU).
