@@ -90,3 +90,21 @@ def test_eigensolvers_are_right_or_flagged(problem, which):
                 assert abs(abs(got) - abs(float(want))) <= 1e-6 * max(1.0, abs(float(want)))
             else:
                 assert abs(got - float(want)) <= 1e-6 * max(1.0, abs(float(want)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems(), problems(), st.integers(1, 3), st.sampled_from([1, None]))
+def test_block_spectra_top_eigenvalues_are_right_or_flagged(first, second, k, chunk_size):
+    # the spectra repeat eigenvalues (drawn from nine values): a block's top k must
+    # count a repeated one as often as it occurs
+    blocks = {"a": first[0], "b": second[0]}
+    like = {name: torch.zeros(len(B), dtype=DT) for name, B in blocks.items()}
+    res, flagged = _run(lambda: hf.block_spectra(lambda v: {name: B @ v[name] for name, B in blocks.items()}, like,
+                                                 num_probes=4, k=k, tol=1e-8, chunk_size=chunk_size,
+                                                 generator=torch.Generator().manual_seed(0)))
+    assert (res.status is hf.Status.CONVERGED) == (not flagged)
+    for i, B in enumerate(blocks.values()):
+        exact = torch.linalg.eigvalsh(B).flip(0)[:k]
+        for j, want in enumerate(exact):
+            if bool(res.converged[i, j]):
+                assert abs(float(res.top[i, j]) - float(want)) <= 1e-6 * max(1.0, float(exact.abs().max()))
