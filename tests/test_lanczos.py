@@ -651,6 +651,12 @@ def test_block_lanczos_finds_copies_up_to_the_block_size_by_itself_and_more_with
         hf.lanczos(lambda v: lam * v, torch.ones(100, dtype=DT), k=4, block_size=2, stop="eigenvalue")
     with pytest.raises(ValueError, match="dimension"):
         hf.lanczos(lambda v: lam[:6] * v, torch.ones(6, dtype=DT), k=3, block_size=2)
+    # k + 2·block_size = n passed the dimension check and then failed on the default
+    # basis with "max_basis=None is too small"; the basis also leaves room for a block
+    with pytest.raises(ValueError, match="dimension of at least k \\+ 3·block_size = 8"):
+        hf.lanczos(lambda v: lam[:6] * v, torch.ones(6, dtype=DT), k=2, block_size=2)
+    small = hf.lanczos(lambda v: lam[:8] * v, torch.ones(8, dtype=DT), k=2, tol=1e-10, block_size=2)
+    assert small.status == "converged" and torch.allclose(small.eigenvalues, lam[:8].sort(descending=True).values[:2])
 
 
 def test_block_lanczos_warns_at_the_callers_line():

@@ -337,9 +337,10 @@ def _blocked(op: Operator, x0: Tensor, k: int, n: int, ctx: _Options, *, max_bas
         raise ValueError("block_size > 1 works with stop='residual' and the basis on the vectors' device and dtype")
     if op.layout.sharding is not None:
         raise NotImplementedError("block_size > 1 for sharded (DTensor) vectors: use block_size=1")
-    if k + 2 * block_size > n:
-        raise ValueError(f"block_size={block_size} with k={k} needs a dimension of at least k + 2·block_size = "
-                         f"{k + 2 * block_size}, got {n}")
+    # the basis holds at least k + 2 blocks and leaves room for the next block
+    if k + 3 * block_size > n:
+        raise ValueError(f"block_size={block_size} with k={k} needs a dimension of at least k + 3·block_size = "
+                         f"{k + 3 * block_size}, got {n}: use a smaller block_size (or block_size=1)")
     # a large basis by default (memory's share, as lanczos grows to): restarts cost a block
     # method more products than a single-vector one (measured k = 5 on ARPACK's clustered
     # spectrum, block of 4: 304 products with a basis of 60, 244 with 100)
