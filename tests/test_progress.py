@@ -18,3 +18,16 @@ def test_a_progress_callable_sees_every_step():
     steps = []
     res = hf.lanczos(matvec, random_tree(like, 0), k=1, progress=lambda step, residual: steps.append(step))
     assert steps == list(range(1, res.num_matvecs + 1))
+
+
+def test_the_diagonal_and_frobenius_estimators_report_their_products():
+    matvec, like, _ = spectrum_operator(torch.linspace(1.0, 2.0, 30, dtype=DT).tolist())
+    runs = {
+        "hutchinson": lambda p: hf.diagonal(matvec, like, num_probes=6, chunk_size=4, progress=p),
+        "xdiag": lambda p: hf.diagonal(matvec, like, num_probes=8, method="xdiag", progress=p),
+        "frobenius": lambda p: hf.squared_frobenius_norm(matvec, like, num_probes=6, chunk_size=4, progress=p),
+    }
+    for name, run in runs.items():
+        steps = []
+        res = run(lambda step, *values: steps.append(step))
+        assert steps and steps[-1] == res.num_matvecs, (name, steps, res.num_matvecs)

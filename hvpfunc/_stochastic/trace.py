@@ -305,6 +305,7 @@ def squared_frobenius_norm(
     num_probes: int = 100,
     generator: Optional[torch.Generator] = None,
     chunk_size: ChunkSize = "auto",
+    progress: ProgressArg = False,
 ) -> TraceResult:
     """Estimate ‖H‖_F² = tr(H²) = Σᵢⱼ Hᵢⱼ² from ``num_probes`` products.
 
@@ -319,6 +320,7 @@ def squared_frobenius_norm(
         num_probes: products to spend, at least 2.
         generator: draws the probes; ``None`` uses PyTorch's global generator.
         chunk_size: probes per ``vmap`` call, as in :func:`trace`.
+        progress: ``True`` for a progress bar, or a callable ``progress(products_done)``.
 
     Returns:
         :class:`~hvpfunc.TraceResult` whose ``estimate`` is ‖H‖_F² (squared) and
@@ -343,14 +345,18 @@ def squared_frobenius_norm(
     op.expect(num_probes)
     samples = []
     finite = True
-    for Z, HZ in op.probe_blocks(num_probes, generator, chunk_size):
-        norms = op.total(op.batch(Z, chunk_size=chunk_size, out=HZ).square().sum(dim=1))
-        ok = torch.isfinite(norms)
-        if not bool(ok.all()):
-            samples.append(norms[: int(ok.to(torch.int8).argmin())])
-            finite = False
-            break
-        samples.append(norms)
+    bar = Progress(progress, total=num_probes, desc="squared Frobenius norm")
+    try:
+        for Z, HZ in op.probe_blocks(num_probes, generator, chunk_size):
+            norms = op.total(op.batch(Z, chunk_size=chunk_size, bar=bar, out=HZ).square().sum(dim=1))
+            ok = torch.isfinite(norms)
+            if not bool(ok.all()):
+                samples.append(norms[: int(ok.to(torch.int8).argmin())])
+                finite = False
+                break
+            samples.append(norms)
+    finally:
+        bar.close()
     values = torch.cat(samples)
     status, message = probes_outcome(finite, values.shape[0], num_probes)
     result = TraceResult(_mean(values), _stderr(values), op.num_matvecs, status, message)
@@ -464,12 +470,12 @@ def _jackknife_stderr(op: Operator, W: Tensor, HW: Tensor, Q: Tensor, HQ: Tensor
 
 
 def _xdiag(
-    op: Operator, s: int, generator: Optional[torch.Generator], chunk_size: ChunkSize
+    op: Operator, s: int, generator: Optional[torch.Generator], chunk_size: ChunkSize, bar: Progress
 ) -> Tuple[Tensor, Tensor, bool]:
     """XDiag from 2s products: (estimate, stderr, whether every product was finite).
     Sample i is diag(Q₋ᵢQ₋ᵢᵀH) + wᵢ ⊙ (I − Q₋ᵢQ₋ᵢᵀ)Hwᵢ; with Q₋ᵢQ₋ᵢᵀ = Q(I − sᵢsᵢᵀ)Qᵀ
     it is diag(QQᵀH) − Qsᵢ ⊙ HQsᵢ + wᵢ ⊙ (Hwᵢ − Qtᵢ + (sᵢᵀtᵢ)Qsᵢ), tᵢ = (HQ)ᵀwᵢ."""
-    sketch = _exchangeable_sketch(op, s, generator, chunk_size, None)
+    sketch = _exchangeable_sketch(op, s, generator, chunk_size, bar)
     if sketch is None:
         nan = torch.full((sum(op.layout.sizes),), math.nan, dtype=op.dtype, device=op.device)
         return nan, nan, False
@@ -552,6 +558,7 @@ def diagonal(
     method: DiagonalMethod = "hutchinson",
     generator: Optional[torch.Generator] = None,
     chunk_size: ChunkSize = "auto",
+    progress: ProgressArg = False,
 ) -> DiagonalResult:
     """Estimate diag(H), as a tree shaped like ``like``, from Rademacher probes.
 
@@ -578,6 +585,7 @@ def diagonal(
         method: ``"hutchinson"`` (default) or ``"xdiag"``.
         generator: draws the probes; ``None`` uses PyTorch's global generator.
         chunk_size: probes per ``vmap`` call, as in :func:`trace` (default ``"auto"``).
+        progress: ``True`` for a progress bar, or a callable ``progress(products_done)``.
 
     Returns:
         :class:`~hvpfunc.DiagonalResult`: ``estimate`` and ``stderr`` trees shaped like
@@ -607,17 +615,27 @@ def diagonal(
                          f"got {num_probes}")
     op = Operator(matvec, like, name="like")
     op.expect(num_probes)
+    bar = Progress(progress, total=num_probes, desc=f"diagonal ({method})")
+    try:
+        result = _diagonal(op, num_probes, method, generator, chunk_size, bar)
+    finally:
+        bar.close()
+    return finish(result, "diagonal")  # here: it warns at the caller's line, a fixed number of frames up
+
+
+def _diagonal(op: Operator, num_probes: int, method: str, generator: Optional[torch.Generator],
+              chunk_size: ChunkSize, bar: Progress) -> DiagonalResult:
+    """The estimate of :func:`diagonal` (its ``finish`` left to it)."""
     if method == "xdiag":
-        mean, stderr, finite = _xdiag(op, num_probes // 2, generator, chunk_size)
+        mean, stderr, finite = _xdiag(op, num_probes // 2, generator, chunk_size, bar)
         status, message = probes_outcome(finite, num_probes if finite else 0, num_probes)
-        result = DiagonalResult(op.layout.unflatten(mean), op.layout.unflatten(stderr), op.num_matvecs, status, message)
-        return finish(result, "diagonal")
+        return DiagonalResult(op.layout.unflatten(mean), op.layout.unflatten(stderr), op.num_matvecs, status, message)
     # Running mean and sum of squared deviations, merged chunk by chunk (Chan et al.),
     # so memory holds one chunk of probes and the variance does not cancel.
     count, mean, m2 = 0, torch.zeros(sum(op.layout.sizes), dtype=op.dtype, device=op.device), None
     all_finite = True
     for Z, HZ in op.probe_blocks(num_probes, generator, chunk_size):
-        samples = op.batch(Z, chunk_size=chunk_size, out=HZ).mul_(Z)
+        samples = op.batch(Z, chunk_size=chunk_size, bar=bar, out=HZ).mul_(Z)
         finite = torch.isfinite(samples).all(dim=1)
         if not bool(finite.all()):
             samples = samples[: int(finite.to(torch.int8).argmin())]
@@ -641,14 +659,13 @@ def diagonal(
     else:
         stderr = torch.full_like(mean, math.nan)
     status, message = probes_outcome(all_finite, count, num_probes)
-    result = DiagonalResult(
+    return DiagonalResult(
         estimate=op.layout.unflatten(mean),
         stderr=op.layout.unflatten(stderr),
         num_matvecs=op.num_matvecs,
         status=status,
         message=message,
     )
-    return finish(result, "diagonal")
 
 
 def _mean(samples: Tensor) -> Tensor:
