@@ -107,7 +107,8 @@ def _fast_and_slow_groups():
 def test_lockstep_batches_the_groups_products_and_hands_slow_groups_to_thick_restarts():
     first, second = _fast_and_slow_groups()
     matvec, like, calls = _diagonal_blocks(first, second)
-    res = hf.block_spectra(matvec, like, num_probes=4, k=2, tol=1e-10, chunk_size=None,
+    # lockstep runs where no copy check follows (k = 1, or find_copies=False)
+    res = hf.block_spectra(matvec, like, num_probes=4, k=2, tol=1e-10, chunk_size=None, find_copies=False,
                            generator=torch.Generator().manual_seed(1))
     assert res.status == "converged" and bool(res.converged.all())
     assert torch.allclose(res.top[0], torch.tensor([10.0, 8.0], dtype=DT), rtol=1e-10)
@@ -117,7 +118,7 @@ def test_lockstep_batches_the_groups_products_and_hands_slow_groups_to_thick_res
     assert res.num_matvecs - len(calls) >= 3 + 5
     assert res.num_matvecs > 4 + 60 + 5  # the slow group went on after its 60 lockstep steps
     loop_matvec, _, loop_calls = _diagonal_blocks(first, second)
-    looped = hf.block_spectra(loop_matvec, like, num_probes=4, k=2, tol=1e-10, chunk_size=1,
+    looped = hf.block_spectra(loop_matvec, like, num_probes=4, k=2, tol=1e-10, chunk_size=1, find_copies=False,
                               generator=torch.Generator().manual_seed(1))
     assert looped.num_matvecs == len(loop_calls) and torch.allclose(looped.top, res.top, rtol=1e-10)
 
@@ -147,7 +148,7 @@ def test_lockstep_reads_a_groups_whole_basis_only_where_simons_estimate_asks(mon
     monkeypatch.setattr(blocks, "reorthogonalize", counted)
     first, second = _fast_and_slow_groups()
     matvec, like, _ = _diagonal_blocks(first, second)
-    res = hf.block_spectra(matvec, like, num_probes=4, k=2, tol=1e-10, chunk_size=None,
+    res = hf.block_spectra(matvec, like, num_probes=4, k=2, tol=1e-10, chunk_size=None, find_copies=False,
                            generator=torch.Generator().manual_seed(1))
     assert torch.allclose(res.top[1], torch.tensor([5.0, 4.999], dtype=DT), rtol=1e-10)
     assert 0 < len(passes) <= 0.4 * 60, passes
@@ -212,9 +213,11 @@ def test_a_scalar_block_with_more_than_one_eigenvalue_asked_for():
     gen = torch.Generator().manual_seed(2)
     matvec, like, blocks = _rotated_blocks({"a": torch.rand(25, generator=gen, dtype=DT), "b": torch.ones(6, dtype=DT)})
     blocks["b"] = 3.0 * torch.eye(6, dtype=DT)  # exactly: a rotated 3I is off by rounding, which hid it
-    for chunk_size in (1, None):
-        res = hf.block_spectra(matvec, like, num_probes=4, k=3, tol=1e-8, chunk_size=chunk_size)
+    # lockstep (chunk_size=None with k = 1 or find_copies=False) and Lanczos alone
+    for k, chunk_size, find_copies in ((3, 1, True), (3, None, True), (3, None, False), (1, None, True)):
+        res = hf.block_spectra(matvec, like, num_probes=4, k=k, tol=1e-8, chunk_size=chunk_size,
+                               find_copies=find_copies)
         assert res.status == "converged" and bool(res.converged.all())
         for i, name in enumerate(("a", "b")):
-            exact = torch.linalg.eigvalsh(blocks[name]).flip(0)[:3]
-            assert torch.allclose(res.top[i], exact, rtol=1e-7), (name, res.top[i], exact)
+            exact = torch.linalg.eigvalsh(blocks[name]).flip(0)[:k]
+            assert torch.allclose(res.top[i], exact, rtol=1e-7), (name, k, chunk_size, find_copies, res.top[i], exact)
