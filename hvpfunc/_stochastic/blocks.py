@@ -147,6 +147,9 @@ def block_spectra(
         status = Status.MAX_ITERS
         missed = [names[i] for i in range(len(names)) if not bool(converged[i].all())]
         message = f"the top eigenvalues of {missed} did not converge to tol={tol}. {status.remedy}"
+    elif status is Status.CONVERGED and k > 1 and not find_copies:
+        message = ("find_copies=False: eigenvalues a single Krylov sequence misses (copies of a block's "
+                   "eigenvalues, or neighbours inside a cluster it had not resolved) were not ruled out")
     sizes = torch.zeros(len(names), dtype=torch.long)
     for path, size in zip(op.layout.paths, op.layout.sizes):
         sizes[members[path]] += size
