@@ -103,12 +103,7 @@ class EigenTracker:
     def _warm(self) -> bool:
         """Whether this call starts from the last eigenvectors: only where the copy check
         runs after it (k ≥ 2, or ``find_copies=True``), or the user waived it
-        (``find_copies=False``). A warm start is not random, and without the check an
-        eigenvalue that overtook the tracked ones is missed: k = 1, a crossing 1% above
-        the old top, tol 1e-3, every warm update of 120 returned the old top as
-        converged, cold starts none. With k = 1 the check costs more than a cold start
-        saves (training run of the tests: 131 products warm and checked, 93 cold), so
-        k = 1 starts cold."""
+        (``find_copies=False``); see the class docstring."""
         if self.vectors is None:
             return False
         choice = self.options.get("find_copies")

@@ -210,9 +210,10 @@ def _module_of(name: str) -> str:
 
 def _block_eigenvalues(op: Operator, owner: Tensor, params: Tree, members: Dict[str, int], count: int, k: int,
                        tol: float, generator: torch.Generator, chunk_size: ChunkSize, find_copies: bool):
-    """Top-k eigenvalues of each block: all blocks by lockstep Lanczos, then thick-restart
-    Lanczos (with its copy check) on the restriction of any block the lockstep steps did
-    not settle; (values, converged, products)."""
+    """Top-k eigenvalues of each block: thick-restart Lanczos (with its copy check for
+    k ≥ 2) on each block's restriction, or, where products are batched and no check
+    follows, lockstep Lanczos first and thick restarts for the blocks it did not settle;
+    (values, converged, products)."""
     top = torch.full((count, k), math.nan, dtype=torch.float64)
     converged = torch.zeros(count, k, dtype=torch.bool)
     if not k:
@@ -234,7 +235,7 @@ def _block_eigenvalues(op: Operator, owner: Tensor, params: Tree, members: Dict[
         runs = [(torch.full((1,), math.nan, dtype=torch.float64), torch.zeros(1, dtype=torch.bool), start[idx], False)
                 for idx in index]
     else:
-        runs = _lockstep(op, index, sizes, k, tol, generator, chunk_size, find_copies)
+        runs = _lockstep(op, index, sizes, k, tol, generator, chunk_size)
     products = op.num_matvecs - before
     leaves, spec = leaves_with_paths(params)
     for g, (values, ok, start, final) in enumerate(runs):
@@ -263,7 +264,7 @@ def _block_eigenvalues(op: Operator, owner: Tensor, params: Tree, members: Dict[
 
 
 def _lockstep(op: Operator, index: List[Tensor], sizes: List[int], k: int, tol: float,
-              generator: torch.Generator, chunk_size: ChunkSize, find_copies: bool) -> List[tuple]:
+              generator: torch.Generator, chunk_size: ChunkSize) -> List[tuple]:
     """Plain Lanczos with partial reorthogonalization on every block H_bb at once.
 
     The blocks advance together: each step's products, one per unfinished block (its
@@ -273,7 +274,8 @@ def _lockstep(op: Operator, index: List[Tensor], sizes: List[int], k: int, tol: 
     rounding level 100 ε |θ_max|, as in :func:`hvpfunc.lanczos`), when its Krylov space is
     invariant, or after its step budget; the basis is then dropped. Returns per block
     (top values descending, converged flags, the sum of the top Ritz vectors as a warm
-    start, whether the values are final: see the comment at the stop). ``sizes``: the blocks' dimensions (over all
+    start, whether the values are final). No copy check follows it: a block converged
+    here may miss a copy of its eigenvalues. ``sizes``: the blocks' dimensions (over all
     ranks); ``index``: each block's entries of the (this rank's) flat vector. Each block's
     basis is kept semi-orthogonal as in :func:`hvpfunc.spectral_density` (Simon's
     estimate; the whole basis is read only where it nears √ε).
@@ -342,14 +344,11 @@ def _lockstep(op: Operator, index: List[Tensor], sizes: List[int], k: int, tol: 
             invariant = beta <= floor
             found = values.numel() == kk and bool(ok.all())
             if found or invariant or j + 1 == limits[g]:
-                # Final only where nothing can have been missed: the basis spans the
-                # block, or one eigenvalue was asked for (a copy of it changes no value)
-                # and the Krylov space is not invariant (an invariant one saw only part
-                # of the block). Otherwise thick-restart Lanczos takes over from the Ritz
-                # vectors: its copy check finds what one sequence cannot (a repeated top
-                # eigenvalue came back as the next distinct one, "converged").
+                # A Krylov space that closed before spanning the block saw only part of
+                # it (a scalar block closes after one step, with k >= 2 asked for):
+                # thick-restart Lanczos goes on from the Ritz vectors with fresh directions.
                 spanned = j + 1 == sizes[g]  # T's eigenvalues are the block's
-                final = spanned or (found and not invariant and (kk == 1 or not find_copies))
+                final = spanned or (found and not invariant)
                 padded = torch.full((kk,), math.nan, dtype=torch.float64)
                 padded[: values.numel()] = values
                 ritz = (S[:, wanted].to(op.dtype).to(op.device).sum(dim=1)) @ V
