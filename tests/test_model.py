@@ -687,3 +687,24 @@ def test_autos_memory_tells_models_apart_by_their_modules_not_their_parameter_sh
     other, _ = hf.model_hvp_fn(relu, nn.CrossEntropyLoss(), (x, y))
     assert again.chunk_trials is first.chunk_trials
     assert other.chunk_trials is not first.chunk_trials
+
+
+@pytest.mark.parametrize("data", ["one batch", "batches", "loader"])
+def test_built_inside_inference_mode_gives_the_same_products(data):
+    # an evaluation loop under torch.inference_mode(): the parameters' copies were
+    # inference tensors and model_hvp_fn raised "Inference tensors do not track version
+    # counter"; data made there too
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = mlp([4, 6, 2])
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 4, generator=gen, dtype=DT), torch.randint(0, 2, (16,), generator=gen)
+    matvec, params = hf.model_hvp_fn(model, nn.CrossEntropyLoss(), (x, y))
+    want = dense_matrix(matvec, params)
+    with torch.inference_mode():
+        xi, yi = x.clone(), y.clone()
+        source = {"one batch": (xi, yi), "batches": [(xi[:8], yi[:8]), (xi[8:], yi[8:])],
+                  "loader": DataLoader(TensorDataset(xi, yi), batch_size=8)}[data]
+        inside, inside_params = hf.model_hvp_fn(model, nn.CrossEntropyLoss(), source)
+        got = dense_matrix(inside, inside_params)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

@@ -16,7 +16,7 @@ from torch.nn.modules.dropout import _DropoutNd
 from .._types import Mode, Tree
 from ..tree import axpy, scale
 from . import difference, sharded
-from .api import Fixed, Matvec, build, usable
+from .api import Fixed, Matvec, build, outside_inference_mode, usable
 from .checks import FUSED_ATTENTION_REMEDY, inspect, memory_light_mode, refuse_fused_attention
 from .modes import BUILDERS, differentiable_kernels, scalar_fn
 
@@ -133,6 +133,16 @@ def model_hvp_fn(
         raise ValueError(f"dropout must be 'error' or 'off', got {dropout!r}")
     if reduction not in (None, "mean", "sum"):
         raise ValueError(f"reduction must be 'mean', 'sum' or None, got {reduction!r}")
+    # Called under torch.inference_mode() (an evaluation loop), the copies of the
+    # parameters would be inference tensors, which autograd refuses and which keep no
+    # version counter: it raised "Inference tensors do not track version counter".
+    with outside_inference_mode():
+        return _model_hvp_fn(model, loss_fn, data, mode, reduction, dropout, select, unpack_inputs, batch_size,
+                             check_data, at)
+
+
+def _model_hvp_fn(model, loss_fn, data, mode, reduction, dropout, select, unpack_inputs, batch_size, check_data, at):
+    """:func:`model_hvp_fn` outside inference mode, its arguments checked."""
     single, batches, stream = _source(data)
     dropouts = _active_dropout(model)
     if dropouts and dropout == "error":
