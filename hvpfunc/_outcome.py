@@ -7,26 +7,25 @@ import warnings
 from types import MappingProxyType
 from typing import Any, Mapping, Sequence, Tuple, TypeVar
 
+from ._precision import user_stacklevel
 from .results import ConvergenceWarning, SolveResult, Status
 
 R = TypeVar("R")
 
 
 def finish(result: R, solver: str) -> R:
-    """``result``, after a warning unless its status is ``"converged"``.
-
-    Call it from the public function's own body: the warning points two frames up, at
-    the user's call.
-    """
+    """``result``, after a warning unless its status is ``"converged"``, pointing at
+    the user's call (the first frame outside hvpfunc)."""
     status = Status(result.status)  # type: ignore[attr-defined]
     if status is not Status.CONVERGED:
-        warnings.warn(f"{solver} did not converge ({status}): {result.message}", ConvergenceWarning, stacklevel=3)  # type: ignore[attr-defined]
+        warnings.warn(f"{solver} did not converge ({status}): {result.message}", ConvergenceWarning,  # type: ignore[attr-defined]
+                      stacklevel=user_stacklevel())
     return result
 
 
 def finish_all(results: Sequence[SolveResult], solver: str) -> list:
     """The results of several systems, after one warning listing those that did not
-    converge (as :func:`finish`, called from the public function's body)."""
+    converge (as :func:`finish`)."""
     failed = [(i, r) for i, r in enumerate(results) if r.status is not Status.CONVERGED]
     if failed:
         summary = ", ".join(f"{i}: {r.status}" for i, r in failed[:10])
@@ -35,7 +34,7 @@ def finish_all(results: Sequence[SolveResult], solver: str) -> list:
             f"{solver}: {len(failed)} of {len(results)} systems did not converge ({summary}{more}); "
             f"each result's message says why",
             ConvergenceWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
     return list(results)
 

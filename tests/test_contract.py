@@ -12,6 +12,7 @@ import warnings
 import pytest
 import torch
 from references import DT, flat
+from torch import nn
 
 import hvpfunc as hf
 
@@ -253,3 +254,38 @@ def test_a_count_that_is_not_an_integer_is_a_clear_error(call, name):
         warnings.simplefilter("ignore", hf.ConvergenceWarning)
         res = hf.power_iteration(matvec, _ones(like), max_iters=np.int64(3))  # numpy's integers are integers
     assert res.num_matvecs <= 6
+
+
+def test_under_autocast_products_and_solvers_keep_the_parameters_precision():
+    # In a mixed-precision training loop: under CPU bfloat16 autocast the stored graph
+    # and every product were bfloat16 (Lanczos at tol 1e-6: eigenvalues 7e-4 off), and
+    # with the products fixed the solver's own orthogonalization was (1e-4 off), both
+    # marked converged.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 30), nn.Tanh(), nn.Linear(30, 5))
+    x, y = torch.randn(64, 20), torch.randint(0, 5, (64,))
+    matvec, params = hf.model_hvp_fn(model, nn.CrossEntropyLoss(), (x, y))
+    v = hf.tree.random_like(params, generator=torch.Generator().manual_seed(0))
+    want = hf.lanczos(matvec, v, k=3, tol=1e-6)
+    want_x = hf.cg(matvec, v, damping=1.0, tol=1e-6).x
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside, _ = hf.model_hvp_fn(model, nn.CrossEntropyLoss(), (x, y))
+        product = inside(v)
+        got = hf.lanczos(inside, v, k=3, tol=1e-6)
+        got_x = hf.cg(inside, v, damping=1.0, tol=1e-6).x
+    assert all(t.dtype == torch.float32 for t in product.values())
+    # (the basis grows by measured step costs, so the counts may differ by a product or two; bfloat16 took 199-364)
+    assert got.status == "converged" and got.num_matvecs <= want.num_matvecs + 10
+    torch.testing.assert_close(got.eigenvalues, want.eigenvalues, rtol=1e-6, atol=0)
+    for name in want_x:
+        torch.testing.assert_close(got_x[name], want_x[name], rtol=1e-5, atol=1e-6)
+
+
+def test_a_solver_called_by_another_warns_at_the_users_line():
+    # EigenTracker.update calls lanczos: with a fixed stacklevel the warning pointed into
+    # hvpfunc's tracking.py; it now points at the first frame outside hvpfunc
+    lam = torch.linspace(0.0, 1.0, 50, dtype=DT)
+    tracker = hf.EigenTracker(k=2, tol=1e-12, max_iters=3)
+    with pytest.warns(hf.ConvergenceWarning) as caught:
+        tracker.update(lambda v: lam * v, torch.zeros(50, dtype=DT))
+    assert [w.filename for w in caught] == [__file__]

@@ -12,7 +12,7 @@ import hvpfunc as hf
 PUBLIC_MODULES = {"tree", "results", "testing", "distributed", "cli"}
 PACKAGE = Path(hf.__file__).parent
 # layer of each top-level private package or module: imports may point down or sideways
-LAYERS = {"_types": 0, "_sharding": 0, "_plotting": 0, "tree": 1, "results": 1, "_outcome": 1, "_progress": 1, "_operator": 1, "_krylov": 1,
+LAYERS = {"_types": 0, "_sharding": 0, "_plotting": 0, "_precision": 0, "tree": 1, "results": 1, "_outcome": 1, "_progress": 1, "_operator": 1, "_krylov": 1,
           "_products": 2, "_eigen": 3, "_stochastic": 3, "_solve": 3,
           "_interop": 4, "testing": 4, "distributed": 4, "cli": 4, "__main__": 4}
 

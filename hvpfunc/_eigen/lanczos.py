@@ -27,6 +27,7 @@ from .._krylov import (
 )
 from .._operator import Operator, check_count, check_start, norm, total
 from .._outcome import finish
+from .._precision import in_plain_autograd
 from .._progress import Progress
 from .._sharding import rank_generator
 from .._types import MatvecFn, ProgressArg, Tree, Which
@@ -37,6 +38,7 @@ from .ritz import eigh, eigvalsh, select
 _WHICH = get_args(Which)
 
 
+@in_plain_autograd
 def lanczos(
     matvec: MatvecFn,
     v0: Tree,
@@ -247,7 +249,7 @@ def lanczos(
         rounding=STEP_ROUNDING * max(eps, op.layout.product_eps), allsum=op.allsum,
     )
     find_copies = k > 1 if find_copies is None else bool(find_copies)
-    if block_size != 1:  # finish warns at the caller's line: called here, as below
+    if block_size != 1:
         return finish(_blocked(op, x0, k, n, ctx, max_basis=max_basis, progress=progress, block_size=block_size,
                                find_copies=find_copies,
                                held_elsewhere=basis_device is not None or basis_dtype is not None),

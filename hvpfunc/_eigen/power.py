@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .._operator import Operator, check_count, check_start, isfinite, norm
 from .._outcome import finish
+from .._precision import in_plain_autograd
 from .._progress import Progress
 from .._types import MatvecFn, ProgressArg, Tree, Which
 from ..results import EigResult, Status
@@ -35,6 +36,7 @@ class _Run(NamedTuple):
         return self.status is Status.CONVERGED
 
 
+@in_plain_autograd
 def power_iteration(
     matvec: MatvecFn,
     v0: Tree,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from types import MappingProxyType
 from typing import Any, Callable, Dict, Hashable, Mapping, Optional, get_args
 
@@ -10,6 +9,7 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
+from .._precision import plain_autograd
 from .._types import MatvecFn, Mode, Tree
 from ..tree import check_like, check_tree
 from . import difference
@@ -122,7 +122,7 @@ class Matvec:
 
     def __call__(self, v: Tree) -> Tree:
         check_like(v, self.params, name="v")
-        with outside_inference_mode():
+        with plain_autograd():
             if _has_inference(v):
                 v = pytree.tree_map(_usable, v)
             with self._product.routing():
@@ -146,11 +146,6 @@ class Fixed:
         return self._fn(v)
 
 
-def outside_inference_mode():
-    """Autograd does not run in inference mode; products compute outside it."""
-    return torch.inference_mode(False) if torch.is_inference_mode_enabled() else contextlib.nullcontext()
-
-
 def _has_inference(tree: Tree) -> bool:
     return any(isinstance(t, Tensor) and t.is_inference() for t in pytree.tree_leaves(tree))
 
@@ -168,7 +163,7 @@ def _usable(x: Any) -> Any:
 
 def usable(tree: Tree) -> Tree:
     """:func:`_usable` on every leaf; call it outside inference mode."""
-    with outside_inference_mode():
+    with plain_autograd():
         return pytree.tree_map(_usable, tree)
 
 
@@ -278,7 +273,7 @@ def build(f, params, args, kwargs, *, mode: str, cache: Optional[dict] = None,
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     check_tree(params, name="params")
-    with outside_inference_mode():
+    with plain_autograd():
         params, args, kwargs = usable(params), usable(args), usable(kwargs)
         f = scalar_fn(f)
         inspection = inspect(f, params, args, kwargs, again=mode != "auto")

@@ -13,10 +13,11 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 
+from .._precision import plain_autograd
 from .._types import Mode, Tree
 from ..tree import axpy, scale
 from . import difference, sharded
-from .api import Fixed, Matvec, build, outside_inference_mode, usable
+from .api import Fixed, Matvec, build, usable
 from .checks import FUSED_ATTENTION_REMEDY, inspect, memory_light_mode, refuse_fused_attention
 from .modes import BUILDERS, differentiable_kernels, scalar_fn
 
@@ -135,8 +136,9 @@ def model_hvp_fn(
         raise ValueError(f"reduction must be 'mean', 'sum' or None, got {reduction!r}")
     # Called under torch.inference_mode() (an evaluation loop), the copies of the
     # parameters would be inference tensors, which autograd refuses and which keep no
-    # version counter: it raised "Inference tensors do not track version counter".
-    with outside_inference_mode():
+    # version counter: it raised "Inference tensors do not track version counter". Under
+    # autocast the stored graph would be a low-precision one.
+    with plain_autograd():
         return _model_hvp_fn(model, loss_fn, data, mode, reduction, dropout, select, unpack_inputs, batch_size,
                              check_data, at)
 

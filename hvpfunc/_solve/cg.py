@@ -12,6 +12,7 @@ from torch.utils import _pytree as pytree
 
 from .._operator import Operator, norm, rowdot, total
 from .._outcome import finish, finish_all, solve_result
+from .._precision import in_plain_autograd
 from .._progress import Progress
 from .._types import ChunkSize, MatvecFn, ProgressArg, Tree
 from ..results import SolveResult, Status
@@ -29,6 +30,7 @@ from .system import (
 _CURVATURE_FLOOR = 10.0
 
 
+@in_plain_autograd
 def cg(
     matvec: MatvecFn,
     b: Tree,
@@ -136,6 +138,7 @@ def _negative_curvature_message(curvature: float) -> str:
     )
 
 
+@in_plain_autograd
 def cg_batched(
     matvec: MatvecFn,
     b: Tree,

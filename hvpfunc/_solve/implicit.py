@@ -13,7 +13,8 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from .._outcome import finish
-from .._products.api import hvp_fn, outside_inference_mode, usable
+from .._precision import plain_autograd, user_stacklevel
+from .._products.api import hvp_fn, usable
 from .._sharding import is_dtensor, whole
 from .._types import Mode, Solver, Tree
 from ..results import ConvergenceWarning, SolveResult, Status
@@ -111,13 +112,13 @@ def hypergradient(
         raise ValueError(f"solver must be one of {tuple(_SOLVERS)}, got {solver!r}")
     check_tree(params, name="params")
     check_tree(hparams, name="hparams")
-    # the solver's warning would point inside hypergradient: raise a tolerance the
-    # parameters' precision cannot meet here, warning at the caller
+    # raise a tolerance the parameters' precision cannot meet here, so that the warning
+    # names hypergradient rather than the solver inside it
     eps = max(torch.finfo(leaf.dtype).eps for leaf in pytree.tree_leaves(params) if leaf.is_floating_point())
     default_tol = inspect.signature(_SOLVERS[solver]).parameters["tol"].default
     solver_options = {**solver_options, "tol": attainable_tol(solver_options.get("tol", default_tol), eps,
                                                               f"hypergradient(solver={solver!r})")}
-    with outside_inference_mode():  # autograd refuses inference tensors; clone them out
+    with plain_autograd():  # autograd refuses inference tensors (cloned out); no autocast
         params, hparams = usable(params), usable(hparams)
         grad, result = _hypergradient(inner_loss, outer_loss, params, hparams, solver, mode, stationarity_tol,
                                       solver_options)
@@ -143,7 +144,7 @@ def _hypergradient(inner_loss, outer_loss, params, hparams, solver, mode, statio
         )
     matvec = hvp_fn(inner_loss, params, hparams, mode=mode)
     with warnings.catch_warnings():
-        # the solver's warning would point here; hypergradient's own points at the caller
+        # hypergradient warns once, with its own message, for the solve's outcome
         warnings.simplefilter("ignore", ConvergenceWarning)
         result = _SOLVERS[solver](matvec, grad_out_w, **solver_options)
     if held:
@@ -215,7 +216,7 @@ def _check_stationary(g: Tree, matvec, params: Tree, tol: float, result: SolveRe
             "derivative of the outer loss through the inner optimum. Train the inner problem further, "
             "or raise stationarity_tol if an approximate hypergradient is what you want.",
             ConvergenceWarning,
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )
     return result
 

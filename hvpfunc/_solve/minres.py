@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from .._outcome import finish
+from .._precision import in_plain_autograd
 from .._progress import Progress
 from .._types import MatvecFn, ProgressArg, Tree
 from ..results import SolveResult, Status
@@ -20,6 +21,7 @@ _INCONSISTENT = (
 )
 
 
+@in_plain_autograd
 def minres(
     matvec: MatvecFn,
     b: Tree,

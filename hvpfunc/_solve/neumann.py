@@ -12,6 +12,7 @@ from torch import Tensor
 from .._eigen.power import power_iteration
 from .._operator import check_count
 from .._outcome import finish
+from .._precision import in_plain_autograd
 from .._progress import Progress
 from .._types import MatvecFn, ProgressArg, Tree
 from ..results import ConvergenceWarning, SolveResult, Status
@@ -24,6 +25,7 @@ _NEUMANN_GROWTH = 1.01
 _LISSA_GROWTH = 10.0
 
 
+@in_plain_autograd
 def neumann(
     matvec: MatvecFn,
     b: Tree,
@@ -127,6 +129,7 @@ def neumann(
     return finish(result, "neumann")
 
 
+@in_plain_autograd
 def lissa(
     matvecs: Union[MatvecFn, Iterable[MatvecFn]],
     b: Tree,

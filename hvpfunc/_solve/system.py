@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .._operator import Operator, check_count, norm
 from .._outcome import solve_result
+from .._precision import user_stacklevel
 from .._types import MatvecFn, Tree
 from ..results import SolveResult, Status
 
@@ -30,7 +31,7 @@ def check_tol_damping(tol: float, damping: float) -> None:
 _TOL_FLOOR = 2.0
 
 
-def attainable_tol(tol: float, eps: float, solver: str, *, stacklevel: int = 3) -> float:
+def attainable_tol(tol: float, eps: float, solver: str) -> float:
     """``tol``, or ``2 ε`` with a warning when ``tol`` is below it (ε the unit roundoff
     of the products): a solver asked for more than the precision holds would iterate to
     its budget, or worse, chase rounding noise. Warns at the public function's caller."""
@@ -42,7 +43,7 @@ def attainable_tol(tol: float, eps: float, solver: str, *, stacklevel: int = 3) 
         f"solving to tol={floor:.3g} ({_TOL_FLOOR:g} ε) instead. Give float64 vectors (and a float64 matvec) "
         "for a tighter solve.",
         UserWarning,
-        stacklevel=stacklevel,
+        stacklevel=user_stacklevel(),
     )
     return floor
 

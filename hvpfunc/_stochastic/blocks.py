@@ -25,6 +25,7 @@ from .._krylov import (
 )
 from .._operator import Operator, check_count, norm
 from .._outcome import finish, probes_outcome
+from .._precision import in_plain_autograd
 from .._progress import Progress
 from .._types import ChunkSize, MatvecFn, ProgressArg, Tree
 from ..results import BlockSpectra, ConvergenceWarning, Status
@@ -38,6 +39,7 @@ Groups = Union[None, Callable[[str], str], Mapping]
 _LOCKSTEP_STEPS = 60
 
 
+@in_plain_autograd
 def block_spectra(
     matvec: MatvecFn,
     params: Tree,

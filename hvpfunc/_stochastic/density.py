@@ -21,11 +21,13 @@ from .._krylov import (
 )
 from .._operator import Operator, check_count, norm
 from .._outcome import finish, probes_outcome
+from .._precision import in_plain_autograd
 from .._progress import Progress
 from .._types import ChunkSize, MatvecFn, ProgressArg, Tree
 from ..results import SpectralDensity
 
 
+@in_plain_autograd
 def spectral_density(
     matvec: MatvecFn,
     like: Tree,

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from .._operator import Operator, check_count, rowdot
 from .._outcome import finish, probes_outcome
+from .._precision import in_plain_autograd
 from .._progress import Progress
 from .._types import ChunkSize, DiagonalMethod, MatvecFn, ProgressArg, TraceMethod, Tree
 from ..results import DiagonalResult, Status, TraceResult
@@ -17,6 +18,7 @@ from ..results import DiagonalResult, Status, TraceResult
 _METHODS = get_args(TraceMethod)
 
 
+@in_plain_autograd
 def trace(
     matvec: MatvecFn,
     like: Tree,
@@ -298,6 +300,7 @@ def _predicted_variances(op: Operator, S: Tensor, HS: Tensor, count: int) -> Opt
     return float(remainder), float(2 * (frobenius - diagonal_mass).clamp(min=0) / count)
 
 
+@in_plain_autograd
 def squared_frobenius_norm(
     matvec: MatvecFn,
     like: Tree,
@@ -550,6 +553,7 @@ def _quadratic_forms(
     return torch.cat(samples), True
 
 
+@in_plain_autograd
 def diagonal(
     matvec: MatvecFn,
     like: Tree,
@@ -620,7 +624,7 @@ def diagonal(
         result = _diagonal(op, num_probes, method, generator, chunk_size, bar)
     finally:
         bar.close()
-    return finish(result, "diagonal")  # here: it warns at the caller's line, a fixed number of frames up
+    return finish(result, "diagonal")
 
 
 def _diagonal(op: Operator, num_probes: int, method: str, generator: Optional[torch.Generator],
