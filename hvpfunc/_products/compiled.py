@@ -35,9 +35,16 @@ class CompiledProduct:
     def matvec(self, params: Tree, args: tuple, kwargs: dict) -> MatvecFn:
         """The matvec at one point, after one compiled product there agreed with the eager one."""
         probe = random_like(params, generator=torch.Generator().manual_seed(0), kind="gaussian")
+        hooks_were_enabled = _saved_tensor_hooks_enabled()
         try:
             got = self.compiled(params, probe, args, kwargs)
         except Exception as err:  # Dynamo and Inductor raise many types; all mean "cannot compile"
+            if hooks_were_enabled and not _saved_tensor_hooks_enabled():
+                # A failed compile of torch.func over saved-tensor hooks (activation
+                # checkpointing, use_reentrant=False; torch 2.13) leaves them disabled
+                # for the whole process: every later product through a checkpoint
+                # raised "torch.func... don't yet support saved tensor hooks".
+                torch._C._autograd._saved_tensors_hooks_enable()
             first = str(err).strip().splitlines()[0] if str(err).strip() else ""
             raise RuntimeError(
                 f"mode='compiled': torch.compile could not compile the product "
@@ -76,3 +83,9 @@ def _own_code(fn: Callable) -> Callable:
     recompilations, per code object: matvecs compiled from one definition would share
     its 8 cache slots, and from the ninth on run eagerly with only a logged warning."""
     return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+def _saved_tensor_hooks_enabled() -> bool:
+    """Whether saved-tensor hooks are enabled (True where torch does not say)."""
+    check = getattr(torch._C._autograd, "_saved_tensors_hooks_is_enabled", None)
+    return True if check is None else bool(check())

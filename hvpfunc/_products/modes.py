@@ -114,10 +114,10 @@ def forward_over_reverse(f, params, args, kwargs, *, mode: str = "forward-over-r
         try:
             return torch.func.jvp(lambda p: grad_f(p, *args, **kwargs), (params,), (v,))[1]
         except RuntimeError as err:
-            if is_forward_ad_gap(err):
+            if is_forward_ad_gap(err) or is_transform_gap(err):
                 raise RuntimeError(
                     f"mode={mode!r}: an operation in f has no working forward-mode "
-                    f"derivative ({err}). Use mode='reverse-over-reverse' or mode='auto'."
+                    f"derivative under torch.func ({err}). Use mode='reverse-over-reverse' or mode='auto'."
                 ) from err
             raise
 
@@ -125,11 +125,12 @@ def forward_over_reverse(f, params, args, kwargs, *, mode: str = "forward-over-r
 
 
 def reverse_over_reverse_recomputed(f, params, args, kwargs):
-    """``vjp(grad(f))``, recomputed every call. Kernels that read their inputs' data
-    pointers (RNNs on a PackedSequence, torch 2.13) cannot run under torch.func's
-    transforms: the first such failure switches this matvec to the same product through
-    plain ``torch.autograd`` (double backward on a fresh graph per call), which they
-    support but ``vmap`` does not."""
+    """``vjp(grad(f))``, recomputed every call. What torch.func's transforms cannot run,
+    plain ``torch.autograd`` can (double backward on a fresh graph per call, which
+    ``vmap`` cannot batch): kernels that read their inputs' data pointers (RNNs on a
+    PackedSequence, torch 2.13), an ``autograd.Function`` without ``setup_context``, and
+    saved-tensor hooks (activation checkpointing with ``use_reentrant=False``); the
+    first such failure switches this matvec to it."""
     grad_f = torch.func.grad(f)
     plain = False
 
@@ -139,7 +140,7 @@ def reverse_over_reverse_recomputed(f, params, args, kwargs):
             try:
                 return torch.func.vjp(lambda p: grad_f(p, *args, **kwargs), params)[1](v)[0]
             except RuntimeError as err:
-                if _NO_STORAGE not in str(err).lower():
+                if not is_transform_gap(err):
                     raise
                 plain = True
         return reverse_over_reverse(f, params, args, kwargs)(v)
@@ -152,6 +153,8 @@ def reverse_over_reverse(f, params, args, kwargs):
     inputs = [leaf.detach().requires_grad_(True) for leaf in leaves]
     with torch.enable_grad():
         out = f(pytree.tree_unflatten(inputs, spec), *args, **kwargs)
+        if reentrant_checkpoint(out):
+            raise ValueError(REENTRANT_CHECKPOINT_REMEDY)
         grads = torch.autograd.grad(
             out, inputs, create_graph=True, allow_unused=True, materialize_grads=True
         )
@@ -168,6 +171,35 @@ def reverse_over_reverse(f, params, args, kwargs):
 
     matvec.value = out.detach()  # f at the point: auto's second look at f (determinism)
     return matvec
+
+
+# Reentrant activation checkpointing recomputes its segment inside the backward pass, in
+# a graph of its own that create_graph does not connect: a double backward through it
+# drops the segment's second-order terms without an error (a two-layer net's Hessian came
+# out 0.19 off with torch.utils.checkpoint(..., use_reentrant=True); the other modes
+# raise on its autograd.Function).
+REENTRANT_CHECKPOINT_REMEDY = (
+    "f runs activation checkpointing with use_reentrant=True (torch.utils.checkpoint's "
+    "CheckpointFunction), whose backward cannot be differentiated again: Hessian-vector "
+    "products through it would silently miss the checkpointed layers' second-order terms. "
+    "Pass use_reentrant=False to torch.utils.checkpoint (Hugging Face: "
+    "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})), "
+    "turn checkpointing off, or use mode='gradient-difference', whose products need only gradients."
+)
+
+
+def reentrant_checkpoint(out: Tensor) -> bool:
+    """Whether ``out``'s autograd graph passes through a reentrant checkpoint."""
+    seen, stack = set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        if type(node).__name__ == "CheckpointFunctionBackward":
+            return True
+        seen.add(node)
+        stack.extend(child for child, _ in node.next_functions)
+    return False
 
 
 def _retained_vjp(outputs: list, inputs: list, cotangents: list) -> list:
@@ -215,6 +247,8 @@ BUILDERS = {
 # kernel that reads a dual tensor's data pointer (packed-sequence RNNs, _VF.gru/lstm/rnn
 # on a PackedSequence, under torch.func.jvp in torch 2.13).
 _NO_STORAGE = "cannot access data pointer of tensor that doesn't have storage"
+# what torch.func refuses and plain autograd runs (reverse_over_reverse_recomputed)
+_TRANSFORM_GAPS = (_NO_STORAGE, "must override the setup_context staticmethod", "support saved tensor hooks")
 FORWARD_AD_GAPS = ("forward ad", "forward-mode", "forward mode", "zerotensor", "jvp", _NO_STORAGE)
 
 
@@ -222,3 +256,10 @@ def is_forward_ad_gap(err: BaseException) -> bool:
     """Whether an error says that some operation lacks a usable forward-mode derivative."""
     text = str(err).lower()
     return any(pattern in text for pattern in FORWARD_AD_GAPS)
+
+
+def is_transform_gap(err: BaseException) -> bool:
+    """Whether an error says that torch.func's transforms cannot run f, which plain
+    autograd can (:func:`reverse_over_reverse_recomputed`)."""
+    text = str(err).lower()
+    return any(pattern in text for pattern in _TRANSFORM_GAPS)
