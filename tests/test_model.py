@@ -774,3 +774,23 @@ def test_a_failed_compile_over_checkpointing_leaves_later_products_working():
         hf.model_hvp_fn(model, nn.CrossEntropyLoss(), (x, y), mode="compiled")
     matvec, params = hf.model_hvp_fn(model, nn.CrossEntropyLoss(), (x, y), mode="reverse-over-reverse")
     torch.testing.assert_close(dense_matrix(matvec, params), want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["auto", "reverse-over-reverse", "forward-over-reverse", "gradient-difference"])
+def test_sparse_embeddings_give_the_dense_embeddings_hessian_and_stay_sparse(mode):
+    # a sparse weight gradient has no double backward: products raised "Could not run
+    # 'aten::view' with arguments from the 'SparseCPU' backend"
+    def make(sparse):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Embedding(10, 4, sparse=sparse), nn.Flatten(), nn.Tanh(), nn.Linear(8, 3)).double()
+
+    gen = torch.Generator().manual_seed(0)
+    tokens, y = torch.randint(0, 10, (16, 2), generator=gen), torch.randint(0, 3, (16,), generator=gen)
+    matvec, params = hf.model_hvp_fn(make(False), nn.CrossEntropyLoss(), (tokens, y))
+    want = dense_matrix(matvec, params)
+    model = make(True)
+    for data in ((tokens, y), [(tokens[:8], y[:8]), (tokens[8:], y[8:])]):
+        matvec, params = hf.model_hvp_fn(model, nn.CrossEntropyLoss(), data, mode=mode)
+        tol = 1e-7 if mode == "gradient-difference" else 1e-12
+        torch.testing.assert_close(dense_matrix(matvec, params, chunk_size=1), want, rtol=tol, atol=tol)
+    assert model[0].sparse  # the module is as it was

@@ -61,7 +61,9 @@ def model_hvp_fn(
     training mode normalizes with the batch's statistics, as in training, while its
     running statistics stay untouched; in eval mode it uses the running statistics.
     Parameters with ``requires_grad=False`` are constants; a parameter shared by two
-    modules (tied weights) is one entry, differentiated through both uses.
+    modules (tied weights) is one entry, differentiated through both uses. Embeddings
+    with ``sparse=True`` are evaluated with dense gradients (the same values: a sparse
+    gradient has no second derivative in torch), their flag restored after each call.
 
     Args:
         model: the network.
@@ -155,6 +157,9 @@ def _model_hvp_fn(model, loss_fn, data, mode, reduction, dropout, select, unpack
             "solvers would not converge. Call model.eval() (BatchNorm then uses running "
             "statistics), or pass dropout='off' to switch only dropout off."
         )
+    # modules switched for the loss evaluations: dropout (with dropout="off"), and sparse
+    # embeddings made dense (a sparse gradient has no double backward; same values)
+    switches = dropouts + _sparse_embeddings(model)
     fused = _fused_attention(model)
     if fused is not None and mode != "gradient-difference":
         raise ValueError(f"the model uses {fused}, a fused attention kernel without second derivatives that "
@@ -178,7 +183,7 @@ def _model_hvp_fn(model, loss_fn, data, mode, reduction, dropout, select, unpack
     versions = {k: t._version for k, t in {**params, **frozen, **buffers}.items() if t is not None}
 
     def forward(p: Dict[str, Tensor], x: Any) -> Any:
-        with _dropout_off(dropouts):
+        with _switched_off(switches):
             return torch.func.functional_call(model, (p, frozen, buffers), *_as_call(x, unpack_inputs))
 
     # One loss with the batch as arguments: matvecs of the batches can then share one
@@ -188,10 +193,10 @@ def _model_hvp_fn(model, loss_fn, data, mode, reduction, dropout, select, unpack
 
     if mode == "gradient-difference":
         return _gradient_difference(model, loss_fn, single, batches, stream, named, params, reduction, forward,
-                                    batch_size, dropouts, unpack_inputs), params
+                                    batch_size, switches, unpack_inputs), params
     if sharded.is_sharded(named):
         return _sharded(model, loss_fn, single, batches, stream, params, frozen, buffers, reduction, batch_size,
-                        dropouts, unpack_inputs, mode), params
+                        switches, unpack_inputs, mode), params
     cache: dict = {}
     if single is not None:
         # auto's memory: this model (its type and its modules as printed: two Sequentials
@@ -230,7 +235,7 @@ def _model_hvp_fn(model, loss_fn, data, mode, reduction, dropout, select, unpack
 def _gradient_difference(model: nn.Module, loss_fn: Any, single: Optional[Batch], batches: List[Batch],
                          stream: Optional[Iterable], named: Dict[str, Tensor], params: Dict[str, Tensor],
                          reduction: Optional[str], forward: Callable, batch_size: Optional[Callable[[Batch], int]],
-                         dropouts: List[Tuple[str, nn.Module, float]], unpack_inputs: bool) -> Matvec:
+                         switches: List[Tuple[str, nn.Module, Any]], unpack_inputs: bool) -> Matvec:
     """``mode="gradient-difference"``: gradients from the module's own forward and
     backward at θ ± hv (:func:`difference.live_module`), the batches weighted as the
     other modes weigh them."""
@@ -259,14 +264,14 @@ def _gradient_difference(model: nn.Module, loss_fn: Any, single: Optional[Batch]
                     yield w, thunk(batch)
 
     base = {name: value.detach().clone() for name, value in named.items()}
-    fn = difference.live_module(model, list(params), base, passes, lambda: _dropout_off(dropouts))
+    fn = difference.live_module(model, list(params), base, passes, lambda: _switched_off(switches))
     return Matvec(Fixed(fn, "gradient-difference"), params)
 
 
 def _sharded(model: nn.Module, loss_fn: Any, single: Optional[Batch], batches: List[Batch],
              stream: Optional[Iterable], params: Dict[str, Tensor], frozen: Dict[str, Any], buffers: Dict[str, Any],
              reduction: Optional[str], batch_size: Optional[Callable[[Batch], int]],
-             dropouts: List[Tuple[str, nn.Module, float]], unpack_inputs: bool, mode: str) -> Matvec:
+             switches: List[Tuple[str, nn.Module, Any]], unpack_inputs: bool, mode: str) -> Matvec:
     """Exact products of a model with sharded (DTensor) parameters (:mod:`.sharded`):
     this rank's batches, weighted as in the other modes, hooks off, parameters gathered
     for the product."""
@@ -279,7 +284,7 @@ def _sharded(model: nn.Module, loss_fn: Any, single: Optional[Batch], batches: L
     constants = {k: sharded.gathered(t).detach() for k, t in frozen.items()}
 
     def forward(p: Dict[str, Tensor], x: Any) -> Any:
-        with _dropout_off(dropouts):
+        with _switched_off(switches):
             return torch.func.functional_call(model, (p, constants, buffers), *_as_call(x, unpack_inputs))
 
     if single is not None:
@@ -555,6 +560,14 @@ def _read_only_buffers(model: nn.Module) -> Dict[str, Any]:
     return buffers
 
 
+def _sparse_embeddings(model: nn.Module) -> List[Tuple[str, nn.Module, None]]:
+    """Embeddings with ``sparse=True``, whose sparse weight gradients torch cannot
+    differentiate again (products raised "Could not run 'aten::view' with arguments from
+    the 'SparseCPU' backend")."""
+    return [(name, module, None) for name, module in model.named_modules()
+            if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse]
+
+
 def _active_dropout(model: nn.Module) -> List[Tuple[str, nn.Module, float]]:
     found = []
     for name, module in model.named_modules():
@@ -568,12 +581,16 @@ def _active_dropout(model: nn.Module) -> List[Tuple[str, nn.Module, float]]:
 
 
 @contextlib.contextmanager
-def _dropout_off(dropouts: List[Tuple[str, nn.Module, float]]) -> Iterator[None]:
-    """Switch the given dropout modules off for the duration of one loss evaluation
-    (recurrent layers and attention by their ``dropout`` attribute)."""
+def _switched_off(switches: List[Tuple[str, nn.Module, Any]]) -> Iterator[None]:
+    """Switch the given modules for the duration of one loss evaluation: dropout off
+    (recurrent layers and attention by their ``dropout`` attribute), sparse embeddings
+    to dense gradients."""
     saved = []
-    for _, module, _ in dropouts:
-        if isinstance(module, (nn.MultiheadAttention, nn.RNNBase)):
+    for _, module, _ in switches:
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            saved.append((module, "sparse", module.sparse))
+            module.sparse = False
+        elif isinstance(module, (nn.MultiheadAttention, nn.RNNBase)):
             saved.append((module, "dropout", module.dropout))
             module.dropout = 0.0
         else:
