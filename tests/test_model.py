@@ -620,6 +620,24 @@ def test_a_forward_that_writes_in_place_never_touches_the_module():
     assert all(torch.equal(model.state_dict()[k], t) for k, t in before.items())  # bit for bit
 
 
+@pytest.mark.parametrize("batches", [False, True])
+def test_spectral_norm_in_training_mode_is_refused_for_its_writes_not_called_random(batches):
+    # its power iteration updates u and v in every forward pass, so two evaluations
+    # differ: the error blamed randomness (dropout, sampling) instead of the writes
+    torch.manual_seed(0)
+    model = mlp([4, 6, 3])
+    nn.utils.parametrizations.spectral_norm(model[0])
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 4, generator=gen, dtype=DT), torch.randint(0, 3, (16,), generator=gen)
+    data = [(x[:8], y[:8]), (x[8:], y[8:])] if batches else (x, y)
+    with pytest.raises(ValueError, match="writes to '0.parametrizations.weight.0._u' in place.*model.eval()"):
+        hf.model_hvp_fn(model, nn.CrossEntropyLoss(), data)
+    model.eval()  # u and v then stay fixed
+    matvec, params = hf.model_hvp_fn(model, nn.CrossEntropyLoss(), data)
+    H = dense_matrix(matvec, params)
+    torch.testing.assert_close(H, H.T, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("cls", [nn.GRU, nn.LSTM])
 def test_packed_sequences_over_several_batches_in_the_default_mode(cls):
     # Kernels on a PackedSequence read their inputs' data pointers, which torch.func's

@@ -182,6 +182,11 @@ def _model_hvp_fn(model, loss_fn, data, mode, reduction, dropout, select, unpack
     buffers = _copies(_read_only_buffers(model))
     versions = {k: t._version for k, t in {**params, **frozen, **buffers}.items() if t is not None}
 
+    def written() -> Optional[str]:
+        """The first copy the forward passes so far wrote to in place, if any."""
+        tensors = {**params, **frozen, **buffers}
+        return next((k for k, version in versions.items() if tensors[k]._version != version), None)
+
     def forward(p: Dict[str, Tensor], x: Any) -> Any:
         with _switched_off(switches):
             return torch.func.functional_call(model, (p, frozen, buffers), *_as_call(x, unpack_inputs))
@@ -206,29 +211,21 @@ def _model_hvp_fn(model, loss_fn, data, mode, reduction, dropout, select, unpack
                getattr(loss_fn, "__code__", None) or type(loss_fn), repr(getattr(loss_fn, "reduction", None)),
                tuple((tuple(t.shape), t.dtype) for t in torch.utils._pytree.tree_leaves(single)
                      if isinstance(t, Tensor)))
-        with _explained_randomness(dropouts):
+        with _explained_randomness(dropouts, written):
             matvec = build(loss, params, single, {}, mode=mode, cache=cache, key=key)
     else:
         kind = _reduction(loss_fn, reduction)
         weigh = _weigher(kind, loss_fn, forward, params, batch_size)
         if stream is None:
-            with _explained_randomness(dropouts):
+            with _explained_randomness(dropouts, written):
                 per_batch = memory_light_mode(loss, params, batches[0], {}) if mode == "auto" else mode
                 parts = [(weigh(batch), build(loss, params, batch, {}, mode=per_batch, cache=cache))
                          for batch in batches]
             shares = _shares([m for m, _ in parts], kind)
             matvec = Matvec(Fixed(_summed([(w, mv) for w, (_, mv) in zip(shares, parts)]), per_batch), params)
         else:
-            matvec = _streamed(stream, loss, params, mode, weigh, kind, check_data, dropouts)
-    for name, t in {**params, **frozen, **buffers}.items():
-        if t is not None and t._version != versions[name]:
-            raise ValueError(
-                f"the forward pass writes to '{name}' in place (e.g. Embedding(max_norm=...) renormalizes "
-                "its rows, spectral_norm updates its vectors, a counter in a buffer): the point of the "
-                "Hessian would move with every product. Apply the update once and evaluate a forward "
-                "that does not write (max_norm=None, torch.nn.utils.parametrize.remove_parametrizations). "
-                "The module itself was not modified: hvpfunc works on copies."
-            )
+            matvec = _streamed(stream, loss, params, mode, weigh, kind, check_data, dropouts, written)
+    _refuse_writes(written())
     return matvec, params
 
 
@@ -409,7 +406,8 @@ def _fingerprint(batch: Batch) -> tuple:
 
 
 def _streamed(stream: Iterable, loss: Callable, params: Dict[str, Tensor], mode: str,
-              weigh: Callable[[Batch], float], kind: str, check_data: bool, dropouts) -> Matvec:
+              weigh: Callable[[Batch], float], kind: str, check_data: bool, dropouts,
+              written: Callable[[], Optional[str]]) -> Matvec:
     """A matvec that reads the data once per product, one batch alive at a time."""
     if mode not in ("auto", "forward-over-reverse", "reverse-over-reverse-recomputed"):
         raise ValueError(
@@ -418,7 +416,7 @@ def _streamed(stream: Iterable, loss: Callable, params: Dict[str, Tensor], mode:
             "the batches as a list to keep stored products in memory"
         )
     weights, prints, per_batch = [], [], mode
-    with _explained_randomness(dropouts):
+    with _explained_randomness(dropouts, written):
         for i, batch in enumerate(stream):
             batch = usable(_checked(batch, i))
             if i == 0:
@@ -462,13 +460,17 @@ def _streamed(stream: Iterable, loss: Callable, params: Dict[str, Tensor], mode:
 
 
 @contextlib.contextmanager
-def _explained_randomness(dropouts: List[Tuple[str, nn.Module, float]]) -> Iterator[None]:
-    """Say where randomness the dropout switch cannot reach may come from."""
+def _explained_randomness(dropouts: List[Tuple[str, nn.Module, float]],
+                          written: Callable[[], Optional[str]] = lambda: None) -> Iterator[None]:
+    """Say why two evaluations of the loss differed: a forward pass that writes to the
+    model's tensors (spectral_norm's vectors in training mode), or randomness the dropout
+    switch cannot reach."""
     try:
         yield
     except ValueError as err:
         if "not deterministic" not in str(err):
             raise
+        _refuse_writes(written())
         switched = ", ".join(f"'{name}'" for name, _, _ in dropouts)
         raise ValueError(
             "the loss is not deterministic"
@@ -477,6 +479,19 @@ def _explained_randomness(dropouts: List[Tuple[str, nn.Module, float]]) -> Itera
             "torch.nn.functional.dropout(..., training=True) or sampling in forward(). Call "
             f"model.eval() or make forward() deterministic. ({err})"
         ) from None
+
+
+def _refuse_writes(name: Optional[str]) -> None:
+    """Raise ``ValueError`` if the forward pass wrote to the copy ``name`` in place."""
+    if name is not None:
+        raise ValueError(
+            f"the forward pass writes to '{name}' in place (e.g. Embedding(max_norm=...) renormalizes "
+            "its rows, spectral_norm updates its vectors in training mode, a counter in a buffer): the "
+            "point of the Hessian would move with every product. Apply the update once and evaluate a "
+            "forward that does not write (model.eval() for spectral_norm, max_norm=None, "
+            "torch.nn.utils.parametrize.remove_parametrizations). The module itself was not modified: "
+            "hvpfunc works on copies."
+        )
 
 
 def _outside_transforms(stream: Iterable) -> Iterator[Any]:
