@@ -461,7 +461,7 @@ def _streamed(stream: Iterable, loss: Callable, params: Dict[str, Tensor], mode:
 
 @contextlib.contextmanager
 def _explained_randomness(dropouts: List[Tuple[str, nn.Module, float]],
-                          written: Callable[[], Optional[str]] = lambda: None) -> Iterator[None]:
+                          written: Callable[[], Optional[str]]) -> Iterator[None]:
     """Say why two evaluations of the loss differed: a forward pass that writes to the
     model's tensors (spectral_norm's vectors in training mode), or randomness the dropout
     switch cannot reach."""
