@@ -743,24 +743,26 @@ class _Checkpointed(nn.Module):
         return self.out(h)
 
 
-def _checkpoint_case():
+def _checkpoint_case(reentrant: bool, batches: bool):
+    """A checkpointed model, its data (one batch or two) and, as the reference, the dense
+    Hessian of the same network without checkpointing."""
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(16, 4, generator=gen, dtype=DT), torch.randint(0, 3, (16,), generator=gen)
     torch.manual_seed(0)
     plain = _Checkpointed(False).double()
     plain.forward = lambda x: plain.out(torch.tanh(plain.mid(torch.tanh(plain.pre(x)))))  # no checkpoint
     matvec, params = hf.model_hvp_fn(plain, nn.CrossEntropyLoss(), (x, y))
-    return plain, x, y, dense_matrix(matvec, params)
+    model = _Checkpointed(reentrant).double()
+    model.load_state_dict(plain.state_dict())
+    data = [(x[:8], y[:8]), (x[8:], y[8:])] if batches else (x, y)
+    return model, data, dense_matrix(matvec, params)
 
 
 @pytest.mark.parametrize("batches", [False, True])
 def test_activation_checkpointing_without_reentrancy_gives_the_hessian(batches):
     # torch.func refuses its saved-tensor hooks: several batches raised that error from
     # auto's memory-light probe; they now take plain double backward per product
-    plain, x, y, want = _checkpoint_case()
-    model = _Checkpointed(False).double()
-    model.load_state_dict(plain.state_dict())
-    data = [(x[:8], y[:8]), (x[8:], y[8:])] if batches else (x, y)
+    model, data, want = _checkpoint_case(False, batches)
     matvec, params = hf.model_hvp_fn(model, nn.CrossEntropyLoss(), data)
     # (plain double backward per product: vmap cannot batch it)
     torch.testing.assert_close(dense_matrix(matvec, params, chunk_size=1), want, rtol=1e-9, atol=1e-12)
@@ -771,10 +773,7 @@ def test_activation_checkpointing_without_reentrancy_gives_the_hessian(batches):
 def test_reentrant_activation_checkpointing_is_refused_not_differentiated_wrongly(batches):
     # its backward recomputes the segment in a graph of its own: the double backward
     # of mode "auto" dropped the checkpointed layer's second-order terms (0.19 off)
-    plain, x, y, want = _checkpoint_case()
-    model = _Checkpointed(True).double()
-    model.load_state_dict(plain.state_dict())
-    data = [(x[:8], y[:8]), (x[8:], y[8:])] if batches else (x, y)
+    model, data, want = _checkpoint_case(True, batches)
     with pytest.raises(ValueError, match="use_reentrant=False"):
         matvec, params = hf.model_hvp_fn(model, nn.CrossEntropyLoss(), data)
         matvec(random_tree(params, 0))  # several batches: their first product finds it
@@ -785,12 +784,10 @@ def test_reentrant_activation_checkpointing_is_refused_not_differentiated_wrongl
 def test_a_failed_compile_over_checkpointing_leaves_later_products_working():
     # torch 2.13: a failed torch.compile of torch.func over saved-tensor hooks left them
     # disabled for the process; every later product through a checkpoint then raised
-    plain, x, y, want = _checkpoint_case()
-    model = _Checkpointed(False).double()
-    model.load_state_dict(plain.state_dict())
+    model, data, want = _checkpoint_case(False, False)
     with pytest.raises(RuntimeError, match="mode='compiled'"):
-        hf.model_hvp_fn(model, nn.CrossEntropyLoss(), (x, y), mode="compiled")
-    matvec, params = hf.model_hvp_fn(model, nn.CrossEntropyLoss(), (x, y), mode="reverse-over-reverse")
+        hf.model_hvp_fn(model, nn.CrossEntropyLoss(), data, mode="compiled")
+    matvec, params = hf.model_hvp_fn(model, nn.CrossEntropyLoss(), data, mode="reverse-over-reverse")
     torch.testing.assert_close(dense_matrix(matvec, params), want, rtol=1e-9, atol=1e-12)
 
 
