@@ -69,8 +69,9 @@ def model_hvp_fn(
         model: the network.
         loss_fn: ``loss_fn(model(inputs), targets)`` returning a 0-dim tensor.
         data: one batch ``(inputs, targets)``; a list or tuple of batches, held in
-            memory; or any other iterable of batches (a ``DataLoader``), streamed: read
-            once here and once per product, so memory holds one batch at a time.
+            memory; or any other re-iterable of batches (a ``DataLoader``; not an
+            iterator or generator, which reads only once), streamed: read once here and
+            once per product, so memory holds one batch at a time.
         mode: as in :func:`hvpfunc.hvp_fn`. With one batch, ``"auto"`` starts with the
             reused graph. With several it uses a mode that stores nothing, so memory
             stays at one batch's: ``"forward-over-reverse"``, or
@@ -112,7 +113,7 @@ def model_hvp_fn(
         its vectors.
 
     Raises:
-        ValueError: empty data, a batch that is not ``(inputs, targets)``, several batches
+        ValueError: empty data, an iterator as data, a batch that is not ``(inputs, targets)``, several batches
             with a loss whose reduction is unknown (or ``"none"``, or contradicting
             ``reduction=``), active dropout with ``dropout="error"``, no parameter to
             differentiate, a stored mode with streamed data, a forward pass that wrote
@@ -521,12 +522,18 @@ def _source(data: Any) -> Tuple[Optional[Batch], List[Batch], Optional[Iterable]
         batches = [_checked(batch, i) for i, batch in enumerate(data)]
         return (batches[0] if len(batches) == 1 else None), batches, None
     try:
-        iter(data)
+        it = iter(data)
     except TypeError as err:
         raise ValueError(
             "data must be an (inputs, targets) batch or an iterable of such batches, got "
             f"{type(data).__name__}"
         ) from err
+    if it is data:  # an iterator (a generator): read here, it would be empty at the first product
+        raise ValueError(
+            f"data is an iterator ({type(data).__name__}), which can be read only once, but every "
+            "product reads the data again: pass a list of batches (held in memory) or a re-iterable "
+            "such as a DataLoader (streamed)"
+        )
     return None, [], data
 
 
