@@ -113,13 +113,15 @@ def model_hvp_fn(
         its vectors.
 
     Raises:
-        ValueError: empty data, an iterator as data, a batch that is not ``(inputs, targets)``, several batches
-            with a loss whose reduction is unknown (or ``"none"``, or contradicting
-            ``reduction=``), active dropout with ``dropout="error"``, no parameter to
-            differentiate, a stored mode with streamed data, a forward pass that wrote
-            to a buffer, or third-party fused attention (the ``flash_attn`` or
+        ValueError: empty data, an iterator as data, a batch that is not ``(inputs,
+            targets)``, several batches with a loss whose reduction is unknown (or
+            ``"none"``, or contradicting ``reduction=``), active dropout with
+            ``dropout="error"``, no parameter to differentiate, a stored mode with
+            streamed data, a forward pass that wrote to a buffer, or, in any mode but
+            ``"gradient-difference"``, third-party fused attention (the ``flash_attn`` or
             ``xformers`` packages, Hugging Face's ``attn_implementation=
-            "flash_attention_2"``) in any mode but ``"gradient-difference"``.
+            "flash_attention_2"``) or activation checkpointing with
+            ``use_reentrant=True`` (with several batches: at the first product).
         RuntimeError: (when a product runs) streamed data that cannot be re-iterated or
             that changed between passes.
 
