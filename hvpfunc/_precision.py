@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
@@ -14,7 +15,8 @@ import torch
 F = TypeVar("F", bound=Callable[..., Any])
 
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
-_PACKAGE = str(Path(__file__).resolve().parent)
+# the package's folder as imported and as resolved (frames carry the path they were loaded by)
+_PACKAGE = tuple({str(Path(__file__).parent) + os.sep, str(Path(__file__).resolve().parent) + os.sep})
 
 
 @contextlib.contextmanager
