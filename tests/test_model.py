@@ -597,8 +597,33 @@ def test_at_given_parameters_tied_weights_frozen_parameters_and_buffers():
 
     assert torch.allclose(dense_matrix(mv, params), dense_hessian(f, point), rtol=1e-10, atol=1e-12)
     assert all(torch.equal(model.state_dict()[k], t) for k, t in before.items())  # the module is untouched
-    with pytest.raises(ValueError, match=r"at names no parameter of the model: \['nope'\]"):
+    with pytest.raises(ValueError, match=r"at names no parameter or buffer of the model: \['nope'\]"):
         hf.model_hvp_fn(model, nn.MSELoss(), (x, y), at={"nope": torch.zeros(1)})
+
+
+@pytest.mark.parametrize("mode", ["auto", "forward-over-reverse", "gradient-difference"])
+def test_at_a_checkpoints_state_dict_with_batchnorm_statistics(mode):
+    # a state dict holds buffers too: at=other.state_dict() raised "at names no parameter
+    # of the model: ['1.running_mean', ...]", though eval-mode BatchNorm's statistics
+    # are part of the point
+    def make(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).double().eval()
+
+    model, checkpoint = make(0), make(1)
+    with torch.no_grad():
+        checkpoint[1].running_mean.add_(0.5)
+        checkpoint[1].running_var.mul_(2.0)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 4, generator=gen, dtype=DT), torch.randint(0, 3, (16,), generator=gen)
+    matvec, params = hf.model_hvp_fn(checkpoint, nn.CrossEntropyLoss(), (x, y))
+    want = dense_matrix(matvec, params)
+    before = {k: t.clone() for k, t in model.state_dict().items()}
+    for data in ((x, y), [(x[:8], y[:8]), (x[8:], y[8:])]):
+        matvec, params = hf.model_hvp_fn(model, nn.CrossEntropyLoss(), data, at=checkpoint.state_dict(), mode=mode)
+        tol = 1e-8 if mode == "gradient-difference" else 1e-12
+        torch.testing.assert_close(dense_matrix(matvec, params, chunk_size=1), want, rtol=tol, atol=tol)
+    assert all(torch.equal(model.state_dict()[k], t) for k, t in before.items())
 
 
 def test_a_forward_that_writes_in_place_never_touches_the_module():

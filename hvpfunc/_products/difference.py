@@ -89,6 +89,7 @@ def live_module(
     around: Callable[[], Any],
     *,
     richardson: Optional[bool] = None,
+    buffers_at: Optional[Dict[str, Tensor]] = None,
 ) -> Callable[[Tree], Tree]:
     """The matvec of ``mode="gradient-difference"`` on a live module.
 
@@ -98,7 +99,8 @@ def live_module(
     (weight, loss thunk) per batch and ``around()`` is a context for each loss (dropout
     off). Before returning, the module's parameters, their ``.grad`` and its buffers are
     put back from copies taken first (bit for bit, not by subtracting the step), also
-    when the loss raises. ``richardson`` defaults to :func:`richardson_by_dtype`.
+    when the loss raises. ``richardson`` defaults to :func:`richardson_by_dtype`;
+    ``buffers_at`` gives buffers' values for every pass in place of the module's.
     """
     live = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
@@ -129,6 +131,7 @@ def live_module(
         saved = {n: p.detach().clone() for n, p in live.items()}
         grads = {n: p.grad for n, p in live.items()}
         saved_buffers = {n: b.detach().clone() for n, b in buffers.items() if b is not None}
+        start_buffers = {**saved_buffers, **(buffers_at or {})}
         try:
             # a number, not a tensor: a plain 0-dim tensor does not mix with DTensor parameters
             h = float(step_size({n: base[n] for n in names}, v, richardson=richardson))
@@ -137,7 +140,7 @@ def live_module(
                 point = dict(base)
                 for n in names:
                     point[n] = base[n] + s * v[n]
-                return gradient(point, saved_buffers)
+                return gradient(point, start_buffers)
 
             return quotient(at, h, richardson=richardson)
         finally:

@@ -103,9 +103,10 @@ def model_hvp_fn(
             ones read first (a fingerprint of each): shuffling, random augmentation or a
             sampler that changes the set would otherwise mix different Hessians. Turn it
             off only for data known to repeat (it costs a read of each batch's tensors).
-        at: the point, by parameter name (e.g. a checkpoint's state dict, or iterates of
-            an optimizer): those values replace the module's own, which are left
-            untouched; names not given take the module's values.
+        at: the point, by parameter or buffer name (e.g. a checkpoint's state dict, whose
+            BatchNorm running statistics count in eval mode, or iterates of an
+            optimizer): those values replace the module's own, which are left untouched;
+            names not given take the module's values.
 
     Returns:
         ``(matvec, params)``: the matvec (a :class:`hvpfunc.Matvec`) and the dict
@@ -168,8 +169,9 @@ def _model_hvp_fn(model, loss_fn, data, mode, reduction, dropout, select, unpack
         raise ValueError(f"the model uses {fused}, a fused attention kernel without second derivatives that "
                          f"hvpfunc cannot reroute. {FUSED_ATTENTION_REMEDY}")
     named = dict(model.named_parameters())
+    buffer_values: Dict[str, Any] = dict(model.named_buffers())
     if at is not None:
-        named = _at(named, at)
+        named, buffer_values = _at(named, buffer_values, at)
     chosen = {k for k, p in named.items() if p.requires_grad and (select is None or select(k))}
     if not chosen:
         if select is None:
@@ -182,7 +184,7 @@ def _model_hvp_fn(model, loss_fn, data, mode, reduction, dropout, select, unpack
     # spectral_norm updates u and v, a call counter) must not touch the user's module.
     params = _copies({k: p for k, p in named.items() if k in chosen})
     frozen = _copies({k: p for k, p in named.items() if k not in chosen})
-    buffers = _copies(_read_only_buffers(model))
+    buffers = _copies(_read_only_buffers(model, buffer_values))
     versions = {k: t._version for k, t in {**params, **frozen, **buffers}.items() if t is not None}
 
     def written() -> Optional[str]:
@@ -201,7 +203,8 @@ def _model_hvp_fn(model, loss_fn, data, mode, reduction, dropout, select, unpack
 
     if mode == "gradient-difference":
         return _gradient_difference(model, loss_fn, single, batches, stream, named, params, reduction, forward,
-                                    batch_size, switches, unpack_inputs), params
+                                    batch_size, switches, unpack_inputs,
+                                    {k: at[k] for k in at if k in buffer_values} if at is not None else {}), params
     if sharded.is_sharded(named):
         return _sharded(model, loss_fn, single, batches, stream, params, frozen, buffers, reduction, batch_size,
                         switches, unpack_inputs, mode), params
@@ -235,10 +238,11 @@ def _model_hvp_fn(model, loss_fn, data, mode, reduction, dropout, select, unpack
 def _gradient_difference(model: nn.Module, loss_fn: Any, single: Optional[Batch], batches: List[Batch],
                          stream: Optional[Iterable], named: Dict[str, Tensor], params: Dict[str, Tensor],
                          reduction: Optional[str], forward: Callable, batch_size: Optional[Callable[[Batch], int]],
-                         switches: List[Tuple[str, nn.Module, Any]], unpack_inputs: bool) -> Matvec:
+                         switches: List[Tuple[str, nn.Module, Any]], unpack_inputs: bool,
+                         buffers_at: Dict[str, Tensor]) -> Matvec:
     """``mode="gradient-difference"``: gradients from the module's own forward and
-    backward at θ ± hv (:func:`difference.live_module`), the batches weighted as the
-    other modes weigh them."""
+    backward at θ ± hv (:func:`difference.live_module`, its buffers at ``buffers_at``
+    where given), the batches weighted as the other modes weigh them."""
 
     def thunk(batch: Batch) -> Callable[[], Tensor]:
         x, y = batch
@@ -264,7 +268,8 @@ def _gradient_difference(model: nn.Module, loss_fn: Any, single: Optional[Batch]
                     yield w, thunk(batch)
 
     base = {name: value.detach().clone() for name, value in named.items()}
-    fn = difference.live_module(model, list(params), base, passes, lambda: _switched_off(switches))
+    fn = difference.live_module(model, list(params), base, passes, lambda: _switched_off(switches),
+                                buffers_at=buffers_at)
     return Matvec(Fixed(fn, "gradient-difference"), params)
 
 
@@ -307,21 +312,28 @@ def _copies(tensors: Dict[str, Any]) -> Dict[str, Any]:
     return {k: (t.clone() if isinstance(t, Tensor) else t) for k, t in usable(tensors).items()}
 
 
-def _at(named: Dict[str, Tensor], at: Mapping) -> Dict[str, Tensor]:
-    """The module's parameters with the values of ``at`` in their place (requires_grad
-    kept from the module's)."""
-    unknown = [k for k in at if k not in named]
+def _at(named: Dict[str, Tensor], buffers: Dict[str, Any], at: Mapping) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
+    """The module's parameters and buffers with the values of ``at`` in their place
+    (requires_grad kept from the module's): a checkpoint's state dict holds both, and
+    eval-mode BatchNorm's running statistics are part of the point."""
+    unknown = [k for k in at if k not in named and k not in buffers]
     if unknown:
-        raise ValueError(f"at names no parameter of the model: {unknown}; its parameters: {list(named)}")
-    out = dict(named)
+        raise ValueError(f"at names no parameter or buffer of the model: {unknown}; its parameters: {list(named)}, "
+                         f"its buffers: {list(buffers)}")
+    params, values = dict(named), dict(buffers)
     for k, value in at.items():
-        if tuple(value.shape) != tuple(named[k].shape) or value.dtype != named[k].dtype:
+        own = named[k] if k in named else buffers[k]
+        what = "parameter" if k in named else "buffer"
+        if own is None or tuple(value.shape) != tuple(own.shape) or value.dtype != own.dtype:
             raise ValueError(
-                f"at[{k!r}] has shape {tuple(value.shape)} and dtype {value.dtype}, but the parameter has "
-                f"shape {tuple(named[k].shape)} and dtype {named[k].dtype}"
+                f"at[{k!r}] has shape {tuple(value.shape)} and dtype {value.dtype}, but the {what} has "
+                + ("no value" if own is None else f"shape {tuple(own.shape)} and dtype {own.dtype}")
             )
-        out[k] = value.detach().requires_grad_(named[k].requires_grad) if value.is_leaf else value
-    return out
+        if k in named:
+            params[k] = value.detach().requires_grad_(own.requires_grad) if value.is_leaf else value
+        else:
+            values[k] = value.detach()
+    return params, values
 
 
 def _summed(parts: List[Tuple[float, Callable[[Tree], Tree]]]) -> Callable[[Tree], Tree]:
@@ -571,10 +583,11 @@ def _fused_attention(model: nn.Module) -> Optional[str]:
     return None
 
 
-def _read_only_buffers(model: nn.Module) -> Dict[str, Any]:
-    """Buffers to pass to functional_call: normalization layers in training mode get no
-    running statistics, so they normalize with the batch's and update nothing."""
-    buffers: Dict[str, Any] = dict(model.named_buffers())
+def _read_only_buffers(model: nn.Module, values: Dict[str, Any]) -> Dict[str, Any]:
+    """Buffers to pass to functional_call (``values``, by name): normalization layers in
+    training mode get no running statistics, so they normalize with the batch's and
+    update nothing."""
+    buffers: Dict[str, Any] = dict(values)
     for prefix, module in model.named_modules():
         if isinstance(module, _NormBase) and module.training and module.track_running_stats:
             for name in ("running_mean", "running_var", "num_batches_tracked"):
