@@ -11,12 +11,14 @@ from __future__ import annotations
 import math
 import numbers
 import time
+import warnings
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
+from ._precision import user_stacklevel
 from ._sharding import Sharding, is_dtensor, local, rank_generator
 from ._types import ChunkSize, MatvecFn, Tree
 from .tree import check_like, check_tree, leaves_with_paths
@@ -337,3 +339,39 @@ def norm(x: Tensor, allsum: Optional[Callable[[Tensor], Tensor]], dim: int = -1,
 
 def isfinite(*values: float) -> bool:
     return all(math.isfinite(v) for v in values)
+
+
+# A relative residual below this many rounding units of the products' precision is out
+# of reach: rounding H·v alone leaves about ε·‖b‖ at the solution, and the iterates'
+# rounding adds up to ε·κ·‖b‖ (the solvers then say that they stall).
+_TOL_FLOOR = 2.0
+
+
+def attainable_tol(tol: float, eps: float, solver: str) -> float:
+    """``tol``, or ``2 ε`` with a warning when ``tol`` is below it (ε the unit roundoff
+    of the products): a solver asked for more than the precision holds would iterate to
+    its budget, or worse, chase rounding noise; an eigensolver's residual estimates would
+    fall below the products' own rounding and pass. Warns at the public function's caller."""
+    floor = _TOL_FLOOR * eps
+    if tol >= floor:
+        return tol
+    warnings.warn(
+        f"{solver}: tol={tol:.3g} is below what products with unit roundoff {eps:.3g} can resolve; "
+        f"solving to tol={floor:.3g} ({_TOL_FLOOR:g} ε) instead. Give float64 vectors (and a float64 matvec) "
+        "for a tighter solve.",
+        UserWarning,
+        stacklevel=user_stacklevel(),
+    )
+    return floor
+
+
+def eigen_tol(tol: float, op: Operator, solver: str) -> float:
+    """An eigensolver's ``tol``, raised by :func:`attainable_tol` where the products are
+    less precise than the solver's arithmetic (half-precision parameters; the solver
+    computes in float32 at least). Its residuals then come from a recurrence that
+    assumes exact products: with bfloat16 products, Lanczos at tol 1e-6 reported
+    residuals of 3e-6·|θ| for eigenvalues 2e-4 off, marked converged. In float32 and
+    float64 the rounding floor of the residual test covers this."""
+    if op.layout.product_eps > torch.finfo(op.dtype).eps:
+        return attainable_tol(tol, op.layout.product_eps, solver)
+    return tol

@@ -289,3 +289,31 @@ def test_a_solver_called_by_another_warns_at_the_users_line():
     with pytest.warns(hf.ConvergenceWarning) as caught:
         tracker.update(lambda v: lam * v, torch.zeros(50, dtype=DT))
     assert [w.filename for w in caught] == [__file__]
+
+
+@pytest.mark.parametrize("name", ["lanczos", "power_iteration", "block_spectra"])
+def test_eigensolvers_raise_a_tolerance_below_half_precision_products_with_a_warning(name):
+    # Their residuals come from a recurrence that assumes exact products: with bfloat16
+    # products Lanczos at tol 1e-6 reported residuals of 3e-6·|θ| for eigenvalues 2e-4
+    # off, marked converged. In float32 the residual test's rounding floor covers it.
+    lam = torch.linspace(0.1, 1.0, 40)
+    lam[-1] = 2.0
+    for dtype, warned in ((torch.bfloat16, True), (torch.float32, False)):
+        d = lam.to(dtype)
+        like = {"a": torch.zeros(20, dtype=dtype), "b": torch.zeros(20, dtype=dtype)}
+        v0 = {"a": torch.ones(20, dtype=dtype), "b": torch.ones(20, dtype=dtype)}
+
+        def matvec(v, d=d):
+            return {"a": d[:20] * v["a"], "b": d[20:] * v["b"]}
+
+        run = {"lanczos": lambda: hf.lanczos(matvec, v0, k=1, tol=1e-6),
+               "power_iteration": lambda: hf.power_iteration(matvec, v0, which="LA", tol=1e-6),
+               "block_spectra": lambda: hf.block_spectra(matvec, like, {"all": "*"}, num_probes=2, k=1, tol=1e-6)}[name]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = run()
+        raised = [w for w in caught if "below what products" in str(w.message)]
+        assert len(raised) == int(warned) and all(w.filename == __file__ for w in raised), dtype
+        top = float(res.top[0, 0]) if name == "block_spectra" else float(res.eigenvalues[0])
+        eps = torch.finfo(dtype).eps
+        assert abs(top - 2.0) <= 2 * eps * 2.0 * (10 if warned else 100), (dtype, top)

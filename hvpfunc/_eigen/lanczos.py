@@ -25,7 +25,7 @@ from .._krylov import (
     symmetry_slack,
     three_term,
 )
-from .._operator import Operator, check_count, check_start, norm, total
+from .._operator import Operator, check_count, check_start, eigen_tol, norm, total
 from .._outcome import finish
 from .._precision import in_plain_autograd
 from .._progress import Progress
@@ -211,6 +211,7 @@ def lanczos(
     if not tol > 0:
         raise ValueError(f"tol must be positive, got {tol}")
     op = Operator(matvec, v0, name="v0")
+    tol = eigen_tol(tol, op, "lanczos")
     n = op.n
     if isinstance(k, numbers.Integral) and not isinstance(k, bool):
         k = int(k)  # numpy integers too

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._operator import Operator, check_count, check_start, isfinite, norm
+from .._operator import Operator, check_count, check_start, eigen_tol, isfinite, norm
 from .._outcome import finish
 from .._precision import in_plain_autograd
 from .._progress import Progress
@@ -109,6 +109,7 @@ def power_iteration(
     if max_iters < 1:
         raise ValueError(f"max_iters must be at least 1, got {max_iters}")
     op = Operator(matvec, v0, name="v0")
+    tol = eigen_tol(tol, op, "power_iteration")
     x0 = op.layout.flatten(v0)
     check_start(x0, name="v0", allsum=op.allsum)
     bar = Progress(progress, total=max_iters, desc=f"power iteration ({which})")

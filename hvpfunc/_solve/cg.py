@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from .._operator import Operator, norm, rowdot, total
+from .._operator import Operator, attainable_tol, norm, rowdot, total
 from .._outcome import finish, finish_all, solve_result
 from .._precision import in_plain_autograd
 from .._progress import Progress
@@ -18,7 +18,6 @@ from .._types import ChunkSize, MatvecFn, ProgressArg, Tree
 from ..results import SolveResult, Status
 from .system import (
     LinearSystem,
-    attainable_tol,
     check_tol_damping,
     finite_rhs,
     iteration_limit,

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
+from .._operator import attainable_tol
 from .._outcome import finish
 from .._precision import plain_autograd, user_stacklevel
 from .._products.api import hvp_fn, usable
@@ -22,7 +23,6 @@ from ..tree import check_tree, dot, leaves_with_paths, norm, sub
 from .cg import cg
 from .minres import minres
 from .neumann import neumann
-from .system import attainable_tol
 
 _SOLVERS = {"cg": cg, "minres": minres, "neumann": neumann}
 

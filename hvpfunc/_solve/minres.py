@@ -7,12 +7,13 @@ from typing import Optional
 
 import torch
 
+from .._operator import attainable_tol
 from .._outcome import finish
 from .._precision import in_plain_autograd
 from .._progress import Progress
 from .._types import MatvecFn, ProgressArg, Tree
 from ..results import SolveResult, Status
-from .system import LinearSystem, attainable_tol, non_finite_message, stall_message
+from .system import LinearSystem, non_finite_message, stall_message
 
 _INCONSISTENT = (
     "b is not in the range of H + δI to the tolerance (a singular or numerically singular, "

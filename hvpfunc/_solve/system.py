@@ -3,7 +3,6 @@ and the products with A = H + δI and with M⁻¹."""
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
@@ -11,7 +10,6 @@ from torch import Tensor
 
 from .._operator import Operator, check_count, norm
 from .._outcome import solve_result
-from .._precision import user_stacklevel
 from .._types import MatvecFn, Tree
 from ..results import SolveResult, Status
 
@@ -23,29 +21,6 @@ def check_tol_damping(tol: float, damping: float) -> None:
         raise ValueError(f"tol must be positive, got {tol}")
     if not damping >= 0:
         raise ValueError(f"damping must be non-negative, got {damping}")
-
-
-# A relative residual below this many rounding units of the products' precision is out
-# of reach: rounding H·v alone leaves about ε·‖b‖ at the solution, and the iterates'
-# rounding adds up to ε·κ·‖b‖ (the solvers then say that they stall).
-_TOL_FLOOR = 2.0
-
-
-def attainable_tol(tol: float, eps: float, solver: str) -> float:
-    """``tol``, or ``2 ε`` with a warning when ``tol`` is below it (ε the unit roundoff
-    of the products): a solver asked for more than the precision holds would iterate to
-    its budget, or worse, chase rounding noise. Warns at the public function's caller."""
-    floor = _TOL_FLOOR * eps
-    if tol >= floor:
-        return tol
-    warnings.warn(
-        f"{solver}: tol={tol:.3g} is below what products with unit roundoff {eps:.3g} can resolve; "
-        f"solving to tol={floor:.3g} ({_TOL_FLOOR:g} ε) instead. Give float64 vectors (and a float64 matvec) "
-        "for a tighter solve.",
-        UserWarning,
-        stacklevel=user_stacklevel(),
-    )
-    return floor
 
 
 def stall_message(norm: float, target: float, estimate: str) -> str:

@@ -23,7 +23,7 @@ from .._krylov import (
     symmetry_slack,
     three_term,
 )
-from .._operator import Operator, check_count, norm
+from .._operator import Operator, check_count, eigen_tol, norm
 from .._outcome import finish, probes_outcome
 from .._precision import in_plain_autograd
 from .._progress import Progress
@@ -112,6 +112,7 @@ def block_spectra(
     if k < 0:
         raise ValueError(f"k must be at least 0, got {k}")
     op = Operator(matvec, params, name="params")
+    tol = eigen_tol(tol, op, "block_spectra")
     names, members = _groups(op.layout.paths, groups)
     if generator is None:
         generator = torch.Generator().manual_seed(0)
