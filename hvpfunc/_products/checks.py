@@ -4,8 +4,10 @@ replays bit for bit and agrees with an independent mode."""
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Callable, FrozenSet, Optional
+import warnings
+from typing import Any, Callable, FrozenSet, Iterator, Optional
 
 import torch
 from torch.utils import _pytree as pytree
@@ -85,10 +87,20 @@ class Inspection:
         )
 
 
+@contextlib.contextmanager
+def without_gradients() -> Iterator[None]:
+    """``torch.no_grad()`` for hvpfunc's own evaluations of f, without the warning a
+    reentrant checkpoint issues there ("None of the inputs have requires_grad=True"),
+    which is about training and would puzzle a user who never asked for no_grad."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="None of the inputs have requires_grad=True")
+        yield
+
+
 def record(f: Callable[..., Any], params: Tree, args: tuple, kwargs: dict) -> Inspection:
     """One evaluation of f, without gradients, recording what it dispatches."""
     recorder = _OpRecorder()
-    with torch.no_grad(), differentiable_kernels(), recorder:
+    with without_gradients(), differentiable_kernels(), recorder:
         f(params, *args, **kwargs)
     return Inspection(frozenset(recorder.names), frozenset(recorder.forward_wrong))
 
@@ -125,7 +137,7 @@ def inspect(f: Callable[..., Any], params: Tree, args: tuple, kwargs: dict, *, a
     that builds its graph instead of paying for one more.
     """
     recorder = _OpRecorder()
-    with torch.no_grad(), differentiable_kernels(), recorder:
+    with without_gradients(), differentiable_kernels(), recorder:
         value = f(params, *args, **kwargs)
     a = float(value)
     if not math.isfinite(a):
@@ -142,7 +154,7 @@ def inspect(f: Callable[..., Any], params: Tree, args: tuple, kwargs: dict, *, a
 def evaluate(f: Callable[..., Any], params: Tree, args: tuple, kwargs: dict) -> float:
     """f at the point as the checks see it: without gradients, through the kernels the
     products differentiate."""
-    with torch.no_grad(), differentiable_kernels():
+    with without_gradients(), differentiable_kernels():
         return float(f(params, *args, **kwargs))
 
 

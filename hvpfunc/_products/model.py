@@ -18,7 +18,7 @@ from .._types import Mode, Tree
 from ..tree import axpy, scale
 from . import difference, sharded
 from .api import Fixed, Matvec, build, usable
-from .checks import FUSED_ATTENTION_REMEDY, inspect, memory_light_mode, refuse_fused_attention
+from .checks import FUSED_ATTENTION_REMEDY, inspect, memory_light_mode, refuse_fused_attention, without_gradients
 from .modes import BUILDERS, differentiable_kernels, scalar_fn
 
 Batch = Tuple[Any, Tensor]
@@ -389,7 +389,7 @@ def _weigher(kind: str, loss_fn: Any, forward: Callable, params: Dict[str, Tenso
 
         def elements(batch: Batch) -> float:
             x, y = batch
-            with torch.no_grad():
+            with without_gradients():
                 out = forward(params, x)
                 mean, total = float(loss_fn(out, y)), float(summed(out, y))
             if mean != 0.0 and math.isfinite(total / mean):
