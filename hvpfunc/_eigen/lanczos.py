@@ -707,7 +707,7 @@ def _merge(
     value, u = float(found.values[0]), found.vectors[0]
     r = norm(_product(op, u) - value * u, ctx.allsum)
     residual = float(r.to("cpu", torch.float64))
-    error = min(residual, residual**2 / gap) if gap > 0 else residual
+    error = float(_error_bounds(np.array([residual]), np.array([gap]))[0])
     measure = residual if ctx.stop == "residual" else error
     # Hu − θu gains a part U g with g_i = r_iᵀu from each deflated pair's own residual
     # r_i, which the deflated run cannot see and no longer run could reduce: a pair
@@ -848,8 +848,8 @@ def _ritz(state: _State, k: int, ctx: _Options) -> _Ritz:
     if ctx.stop == "residual":
         measure, asked = residuals, threshold
     else:  # min(r, r²/gap) ≤ threshold holds once r ≤ √(threshold · gap)
-        measure = _error_bounds(theta, wanted, every)
         gaps = _gaps(theta, wanted, every)
+        measure = _error_bounds(residuals, gaps)
         asked = np.maximum(threshold, np.sqrt(threshold * np.where(np.isfinite(gaps), gaps, 0)))
     ok = measure <= threshold
     if state.norm_estimate > 0:
@@ -862,11 +862,9 @@ def _ritz(state: _State, k: int, ctx: _Options) -> _Ritz:
     return _Ritz(theta, Y, wanted, residuals, ok)
 
 
-def _error_bounds(theta: np.ndarray, wanted: np.ndarray, every: np.ndarray) -> np.ndarray:
-    """min(r, r²/gap) per wanted Ritz value (Parlett §11.7), from every Ritz pair's
-    residual ``every`` and the gap of :func:`_gaps`."""
-    residuals = every[wanted]
-    gap = _gaps(theta, wanted, every)
+def _error_bounds(residuals: np.ndarray, gap: np.ndarray) -> np.ndarray:
+    """min(r, r²/gap) per Ritz value (Parlett §11.7), from its residual and its gap
+    (:func:`_gaps`); r where the gap is zero or unknown (infinite)."""
     with np.errstate(divide="ignore", invalid="ignore"):
         quadratic = np.where((gap > 0) & np.isfinite(gap), residuals**2 / gap, np.inf)
     return np.minimum(residuals, quadratic)
@@ -1112,7 +1110,7 @@ def _extract(state: _State, k: int, ctx: _Options) -> _Pairs:
     values = np.concatenate([theta[wanted], np.full(pad, np.nan)])
     every = np.abs(coupling @ Y)
     residuals = np.concatenate([every[wanted], np.full(pad, np.inf)])
-    errors = np.concatenate([_error_bounds(theta, wanted, every), np.full(pad, np.inf)])
+    errors = np.concatenate([_error_bounds(every[wanted], _gaps(theta, wanted, every)), np.full(pad, np.inf)])
     measure = residuals if ctx.stop == "residual" else errors
     converged = measure <= _threshold(values, ctx.tol, ctx.eps, state.norm_estimate)
     V = state.V
