@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .._types import MatvecFn, Tree
 from ..tree import norm, random_like, sub
-from .modes import differentiable_kernels, forward_over_reverse, is_forward_ad_gap, is_transform_gap, scalar_fn
+from .modes import differentiable_kernels, forward_over_reverse, is_forward_ad_gap, scalar_fn
 
 # Operations for which torch.func.linearize takes the process down (segmentation fault in
 # torch 2.13; every reduction of aten.mse_loss, found by tracing each torch.nn loss in a
@@ -121,7 +121,7 @@ def memory_light_mode(f: Callable[..., Any], params: Tree, args: tuple, kwargs: 
             forward_over_reverse(scalar_fn(f), params, args, kwargs)(probe)
         return "forward-over-reverse"
     except RuntimeError as err:
-        if is_forward_ad_gap(err) or is_transform_gap(err):
+        if is_forward_ad_gap(err):
             return "reverse-over-reverse-recomputed"
         raise
 

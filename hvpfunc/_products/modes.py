@@ -114,7 +114,7 @@ def forward_over_reverse(f, params, args, kwargs, *, mode: str = "forward-over-r
         try:
             return torch.func.jvp(lambda p: grad_f(p, *args, **kwargs), (params,), (v,))[1]
         except RuntimeError as err:
-            if is_forward_ad_gap(err) or is_transform_gap(err):
+            if is_forward_ad_gap(err):
                 raise RuntimeError(
                     f"mode={mode!r}: an operation in f has no working forward-mode "
                     f"derivative under torch.func ({err}). Use mode='reverse-over-reverse' or mode='auto'."
@@ -153,8 +153,8 @@ def reverse_over_reverse(f, params, args, kwargs):
     inputs = [leaf.detach().requires_grad_(True) for leaf in leaves]
     with torch.enable_grad():
         out = f(pytree.tree_unflatten(inputs, spec), *args, **kwargs)
-        if reentrant_checkpoint(out):
-            raise ValueError(REENTRANT_CHECKPOINT_REMEDY)
+        if _reentrant_checkpoint(out):
+            raise ValueError(_REENTRANT_CHECKPOINT_REMEDY)
         grads = torch.autograd.grad(
             out, inputs, create_graph=True, allow_unused=True, materialize_grads=True
         )
@@ -178,7 +178,7 @@ def reverse_over_reverse(f, params, args, kwargs):
 # drops the segment's second-order terms without an error (a two-layer net's Hessian came
 # out 0.19 off with torch.utils.checkpoint(..., use_reentrant=True); the other modes
 # raise on its autograd.Function).
-REENTRANT_CHECKPOINT_REMEDY = (
+_REENTRANT_CHECKPOINT_REMEDY = (
     "f runs activation checkpointing with use_reentrant=True (torch.utils.checkpoint's "
     "CheckpointFunction), whose backward cannot be differentiated again: Hessian-vector "
     "products through it would silently miss the checkpointed layers' second-order terms. "
@@ -188,7 +188,7 @@ REENTRANT_CHECKPOINT_REMEDY = (
 )
 
 
-def reentrant_checkpoint(out: Tensor) -> bool:
+def _reentrant_checkpoint(out: Tensor) -> bool:
     """Whether ``out``'s autograd graph passes through a reentrant checkpoint."""
     seen, stack = set(), [out.grad_fn]
     while stack:
@@ -249,11 +249,13 @@ BUILDERS = {
 _NO_STORAGE = "cannot access data pointer of tensor that doesn't have storage"
 # what torch.func refuses and plain autograd runs (reverse_over_reverse_recomputed)
 _TRANSFORM_GAPS = (_NO_STORAGE, "must override the setup_context staticmethod", "support saved tensor hooks")
-FORWARD_AD_GAPS = ("forward ad", "forward-mode", "forward mode", "zerotensor", "jvp", _NO_STORAGE)
+# forward-over-reverse runs under torch.func too: its gaps include those
+FORWARD_AD_GAPS = ("forward ad", "forward-mode", "forward mode", "zerotensor", "jvp") + _TRANSFORM_GAPS
 
 
 def is_forward_ad_gap(err: BaseException) -> bool:
-    """Whether an error says that some operation lacks a usable forward-mode derivative."""
+    """Whether an error says that some operation lacks a usable forward-mode derivative
+    (or that torch.func, which forward-over-reverse runs under, cannot run f)."""
     text = str(err).lower()
     return any(pattern in text for pattern in FORWARD_AD_GAPS)
 
