@@ -86,8 +86,8 @@ class EigenTracker:
 
     def update(self, matvec: MatvecFn, params: Tree, *, step: Any = None) -> EigResult:
         """The top eigenpairs of ``matvec`` (at ``params``, which gives the vectors'
-        shape), started from the previous call's eigenvectors; recorded with ``step``
-        (default: the call's index)."""
+        shape), started from the previous call's eigenvectors where :meth:`_warm` says so;
+        recorded with ``step`` (default: the call's index)."""
         warm = self._warm()
         result = lanczos(matvec, self._start(params, warm), k=self.k, which=self.which, tol=self.tol,
                          stop=self.stop, generator=self.generator, **self.options)
@@ -104,18 +104,15 @@ class EigenTracker:
         """Whether this call starts from the last eigenvectors: only where the copy check
         runs after it (k ≥ 2, or ``find_copies=True``), or the user waived it
         (``find_copies=False``); see the class docstring."""
-        if self.vectors is None:
-            return False
-        choice = self.options.get("find_copies")
-        return self.k > 1 if choice is None else True
+        return self.vectors is not None and (self.k > 1 or self.options.get("find_copies") is not None)
 
     def _start(self, params: Tree, warm: bool) -> Tree:
         noise = random_like(params, generator=self.generator, kind="gaussian")
         if not warm:
             return noise
-        warm = pytree.tree_map(lambda stacked: stacked.sum(dim=0), self.vectors)
-        scale = self.random_share * float(norm(warm)) / float(norm(noise))
-        return pytree.tree_map(lambda w, z: w.to(z.dtype) + scale * z, warm, noise)
+        previous = pytree.tree_map(lambda stacked: stacked.sum(dim=0), self.vectors)
+        scale = self.random_share * float(norm(previous)) / float(norm(noise))
+        return pytree.tree_map(lambda w, z: w.to(z.dtype) + scale * z, previous, noise)
 
     def plot(self, ax: Any = None, **kwargs: Any) -> Any:
         """The tracked eigenvalues against the steps; returns the figure.
