@@ -355,8 +355,8 @@ def _lockstep(op: Operator, index: List[Tensor], sizes: List[int], k: int, tol: 
                 padded = torch.full((kk,), math.nan, dtype=torch.float64)
                 padded[: values.numel()] = values
                 ritz = (S[:, wanted].to(op.dtype).to(op.device).sum(dim=1)) @ V
-                done = ok | spanned if found or spanned else torch.zeros(kk, dtype=torch.bool)
-                results[g] = (padded, done, ritz, final)
+                # final values have converged (or are exact); the others are replaced
+                results[g] = (padded, torch.full((kk,), final), ritz, final)
                 continue
             betas[g].append(beta)
             q[g] = w / beta
