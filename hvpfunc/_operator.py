@@ -317,6 +317,16 @@ def total(t: Tensor, allsum: Optional[Callable[[Tensor], Tensor]]) -> Tensor:
     return t if allsum is None else allsum(t)
 
 
+def finite_rows(samples: Tensor) -> Tuple[Tensor, bool]:
+    """The rows of ``samples`` (per-probe values, one row each) before the first with a
+    non-finite entry, and whether there was none: an estimator keeps the probes before
+    the first non-finite product and spends no more."""
+    ok = torch.isfinite(samples) if samples.dim() == 1 else torch.isfinite(samples).all(dim=1)
+    if bool(ok.all()):
+        return samples, True
+    return samples[: int(ok.to(torch.int8).argmin())], False
+
+
 def rowdot(A: Tensor, B: Tensor) -> Tensor:
     """⟨A_i, B_i⟩ for every row of two ``(b, n)`` tensors (this rank's part for sharded
     vectors: complete it with :func:`total`). On a CPU one dot product per row:

@@ -66,6 +66,12 @@ SOLVERS = {
     "diagonal/xdiag": (
         lambda mv, like, g, tol: hf.diagonal(mv, like, num_probes=16, method="xdiag", generator=g, chunk_size=1),
         lambda r: flat(r.estimate), torch.tensor(LAM)),
+    "squared_frobenius_norm": (
+        lambda mv, like, g, tol: hf.squared_frobenius_norm(mv, like, num_probes=6, generator=g, chunk_size=1),
+        lambda r: r.estimate, torch.tensor(sum(x * x for x in LAM))),
+    "block_spectra": (
+        lambda mv, like, g, tol: hf.block_spectra(mv, like, num_probes=6, k=1, tol=1e-8, generator=g, chunk_size=1),
+        lambda r: r.traces.sum(), torch.tensor(sum(LAM))),
     "spectral_density": (
         lambda mv, like, g, tol: hf.spectral_density(mv, like, num_probes=3, num_iters=4, generator=g, chunk_size=1),
         lambda r: (r.nodes * r.weights).sum(dim=1).mean(), torch.tensor(sum(LAM) / 8)),

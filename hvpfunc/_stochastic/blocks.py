@@ -23,7 +23,7 @@ from .._krylov import (
     symmetry_slack,
     three_term,
 )
-from .._operator import Operator, check_count, eigen_tol, norm
+from .._operator import Operator, check_count, eigen_tol, finite_rows, norm
 from .._outcome import finish, probes_outcome
 from .._precision import in_plain_autograd
 from .._progress import Progress
@@ -128,13 +128,10 @@ def block_spectra(
             forms = op.batch(Z, chunk_size=chunk_size, bar=bar, out=HZ).mul_(Z)
             per_group = torch.zeros(Z.shape[0], len(names), dtype=op.dtype, device=op.device)
             per_group.index_add_(1, owner, forms)
-            per_group = op.total(per_group)
-            ok = torch.isfinite(per_group).all(dim=1)
-            if not bool(ok.all()):
-                samples.append(per_group[: int(ok.to(torch.int8).argmin())])
-                finite = False
-                break
+            per_group, finite = finite_rows(op.total(per_group))
             samples.append(per_group)
+            if not finite:
+                break
     finally:
         bar.close()
     values = torch.cat(samples)

@@ -8,7 +8,7 @@ from typing import Callable, NamedTuple, Optional, Tuple, get_args
 import torch
 from torch import Tensor
 
-from .._operator import Operator, check_count, rowdot
+from .._operator import Operator, check_count, finite_rows, rowdot
 from .._outcome import finish, probes_outcome
 from .._precision import in_plain_autograd
 from .._progress import Progress
@@ -351,13 +351,11 @@ def squared_frobenius_norm(
     bar = Progress(progress, total=num_probes, desc="squared Frobenius norm")
     try:
         for Z, HZ in op.probe_blocks(num_probes, generator, chunk_size):
-            norms = op.total(op.batch(Z, chunk_size=chunk_size, bar=bar, out=HZ).square().sum(dim=1))
-            ok = torch.isfinite(norms)
-            if not bool(ok.all()):
-                samples.append(norms[: int(ok.to(torch.int8).argmin())])
-                finite = False
-                break
+            products = op.batch(Z, chunk_size=chunk_size, bar=bar, out=HZ)
+            norms, finite = finite_rows(op.total(products.square().sum(dim=1)))
             samples.append(norms)
+            if not finite:
+                break
     finally:
         bar.close()
     values = torch.cat(samples)
@@ -544,12 +542,10 @@ def _quadratic_forms(
     for Z, HZ in op.probe_blocks(count, generator, chunk_size):
         if deflate is not None:
             Z = Z - op.total(Z @ deflate.T) @ deflate
-        forms = op.total(rowdot(Z, op.batch(Z, chunk_size=chunk_size, bar=bar, out=HZ)))
-        finite = torch.isfinite(forms)
-        if not bool(finite.all()):
-            samples.append(forms[: int(finite.to(torch.int8).argmin())])
-            return torch.cat(samples), False
+        forms, finite = finite_rows(op.total(rowdot(Z, op.batch(Z, chunk_size=chunk_size, bar=bar, out=HZ))))
         samples.append(forms)
+        if not finite:
+            return torch.cat(samples), False
     return torch.cat(samples), True
 
 
@@ -639,11 +635,8 @@ def _diagonal(op: Operator, num_probes: int, method: str, generator: Optional[to
     count, mean, m2 = 0, torch.zeros(sum(op.layout.sizes), dtype=op.dtype, device=op.device), None
     all_finite = True
     for Z, HZ in op.probe_blocks(num_probes, generator, chunk_size):
-        samples = op.batch(Z, chunk_size=chunk_size, bar=bar, out=HZ).mul_(Z)
-        finite = torch.isfinite(samples).all(dim=1)
-        if not bool(finite.all()):
-            samples = samples[: int(finite.to(torch.int8).argmin())]
-            all_finite = False
+        samples, finite = finite_rows(op.batch(Z, chunk_size=chunk_size, bar=bar, out=HZ).mul_(Z))
+        all_finite = all_finite and finite
         c = samples.shape[0]
         if c == 0:
             break
