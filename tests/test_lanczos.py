@@ -681,3 +681,122 @@ def test_find_copies_true_checks_one_eigenvalue_from_a_start_that_is_not_random(
     assert float(unchecked.eigenvalues[0]) < 1.0  # what the default (no check for k = 1) returns here
     checked = hf.lanczos(lambda x: H @ x, v, k=1, tol=1e-3, find_copies=True)
     assert checked.status == "converged" and abs(float(checked.eigenvalues[0]) - 1.05) <= 1e-3 * 1.05
+
+
+# scipy's ARPACK tests (scipy/sparse/linalg/_eigen/arpack/tests/test_arpack.py), their
+# symmetric standard-problem cases ported as data: the matrices as that file generates
+# them, its tolerances, k and start vectors. eigsh's "BE", "SM" and shift-invert modes
+# have no counterpart here.
+def _arpack_std_symmetric():
+    import numpy as np
+
+    rng = np.random.RandomState(2300)
+    M = rng.random((6, 6))
+    return torch.as_tensor((M @ M.T).astype("f").astype("d"))  # exact in float32 too
+
+
+_ARPACK_RTOL = {torch.float32: 3000 * torch.finfo(torch.float32).eps, torch.float64: 2000 * torch.finfo(DT).eps}
+
+
+def _wanted(eigenvalues, which, k):
+    key = {"LA": -eigenvalues, "SA": eigenvalues, "LM": -eigenvalues.abs()}[which]
+    return eigenvalues[torch.argsort(key, stable=True)[:k]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("which", ["LA", "SA", "LM"])
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5])
+def test_arpack_std_symmetric_cases(dtype, which, k):
+    import numpy as np
+
+    A = _arpack_std_symmetric().to(dtype)
+    exact = torch.linalg.eigvalsh(A.double())
+    v0 = torch.as_tensor(np.random.default_rng(1749532110418901).uniform(size=6), dtype=dtype)
+    # as the file's case of a float32 linear operator: tol 30 ε, outputs to 5× rtol
+    rtol = _ARPACK_RTOL[dtype] * (5 if dtype == torch.float32 else 1)
+    res = hf.lanczos(lambda v: A @ v, v0, k=k, which=which, tol=30 * torch.finfo(dtype).eps)
+    assert res.status == "converged", res.message
+    torch.testing.assert_close(res.eigenvalues.double(), _wanted(exact, which, k), rtol=rtol, atol=rtol)
+    Q = res.eigenvectors
+    torch.testing.assert_close(Q @ A.T, res.eigenvalues[:, None] * Q, rtol=rtol, atol=rtol)
+
+
+def test_arpack_no_convergence_returns_its_converged_pairs_accurate():
+    # eigsh(m, 4, which="LM", v0=m[:, 0], maxiter=5, ncv=9) raises ArpackNoConvergence
+    # carrying the pairs it has; here the result says max_iters and flags them
+    import numpy as np
+
+    rng = np.random.RandomState(1234)
+    M = rng.random((30, 30))
+    A = torch.as_tensor(M @ M.T)
+    with pytest.warns(hf.ConvergenceWarning, match="max_iters"):
+        res = hf.lanczos(lambda v: A @ v, A[:, 0].clone(), k=4, which="LM", tol=2000 * torch.finfo(DT).eps,
+                         max_iters=9, max_basis=9)
+    assert res.status == "max_iters" and 1 <= int(res.converged.sum()) < 4
+    done = res.converged
+    Q, lam = res.eigenvectors[done], res.eigenvalues[done]
+    torch.testing.assert_close(Q @ A, lam[:, None] * Q, rtol=0, atol=1e-9 * float(lam.abs().max()))
+    torch.testing.assert_close(lam, _wanted(torch.linalg.eigvalsh(A), "LM", len(lam)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("which", ["LA", "SA", "LM"])
+def test_arpack_every_k_from_a_start_of_ones(dtype, which):
+    # test_real_eigs_real_k_subset: a sparse symmetric 10 × 10 with entries in [−2, 2],
+    # k = 1 … 8 from v0 = ones (not random), the residuals at √ε
+    import numpy as np
+
+    rng = np.random.default_rng(2)
+    dense = rng.random((10, 10)) * (rng.random((10, 10)) < 0.5)
+    dense = np.where(dense != 0, 2 * dense - 1, 0.0)
+    A = torch.as_tensor(dense + dense.T, dtype=dtype)
+    exact = torch.linalg.eigvalsh(A.double())
+    eps = torch.finfo(dtype).eps
+    for k in range(1, 9):
+        res = hf.lanczos(lambda v: A @ v, torch.ones(10, dtype=dtype), k=k, which=which, tol=100 * eps)
+        assert res.status == "converged", (k, res.message)
+        torch.testing.assert_close(res.eigenvalues.double(), _wanted(exact, which, k), rtol=0, atol=eps**0.5)
+        Q = res.eigenvectors
+        assert float((Q @ A - res.eigenvalues[:, None] * Q).norm(dim=1).max()) <= eps**0.5
+
+
+def test_arpack_ng_bug_1315_with_no_more_products_than_arpack():
+    # arpack-ng's TESTS/bug_1315_single.c as scipy runs it: k = 9 largest magnitude of
+    # diag(1, …, 1000), ncv = 19. With 20 vectors the restart kept the fixed k + (m − k)/2
+    # for "LM" and took 357–367 products against ARPACK's 290–311; the top of a positive
+    # spectrum now restarts as "LA" does (265–269).
+    import numpy as np
+    scipy_linalg = pytest.importorskip("scipy.sparse.linalg")
+
+    d = torch.arange(1.0, 1001.0, dtype=DT)
+    v0 = torch.as_tensor(np.random.RandomState(1234).rand(1000))
+    res = hf.lanczos(lambda v: d * v, v0, k=9, which="LM", tol=1e-6, max_basis=20, find_copies=False)
+    assert res.status == "converged"
+    torch.testing.assert_close(res.eigenvalues, d[-9:].flip(0), rtol=1e-4, atol=0)
+    calls = {"n": 0}
+
+    def counted(x):
+        calls["n"] += 1
+        return d.numpy() * x
+
+    A = scipy_linalg.LinearOperator((1000, 1000), matvec=counted, dtype=np.float64)
+    scipy_linalg.eigsh(A, k=9, which="LM", ncv=19, tol=1e-6, v0=v0.numpy())
+    assert res.num_matvecs <= calls["n"]
+    float32 = hf.lanczos(lambda v: d.float() * v, v0.float(), k=9, which="LM", max_basis=20)
+    torch.testing.assert_close(float32.eigenvalues.double(), d[-9:].flip(0), rtol=1e-4, atol=0)
+
+
+def test_a_matvec_may_call_lanczos_itself():
+    # test_reentering: nothing in a run is global state a nested run could disturb
+    T = torch.diag(torch.full((50,), -2.0, dtype=DT)) + torch.diag(torch.ones(49, dtype=DT), 1) \
+        + torch.diag(torch.ones(49, dtype=DT), -1)
+
+    def nested(v):
+        inner = hf.lanczos(lambda u: T @ u, torch.ones(50, dtype=DT), k=1, which="LM", progress=True)
+        assert inner.status == "converged"
+        return T @ v
+
+    res = hf.lanczos(nested, torch.ones(50, dtype=DT) + torch.arange(50, dtype=DT) / 50, k=2, which="LM",
+                     tol=1e-8, progress=True)
+    assert res.status == "converged"
+    torch.testing.assert_close(res.eigenvalues, _wanted(torch.linalg.eigvalsh(T), "LM", 2))
