@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from ._precision import user_stacklevel
+from ._precision import deterministic, user_stacklevel
 from ._sharding import Sharding, is_dtensor, local, rank_generator
 from ._types import ChunkSize, MatvecFn, Tree
 from .tree import check_like, check_tree, leaves_with_paths
@@ -223,7 +223,8 @@ class Operator:
         while start < b:
             step = self._auto_chunk() if auto else max(b if fixed is None else fixed, 1)
             rows = X[start : start + (_AUTO_CHUNK if auto else step)]
-            trial = auto and self._batched is None and self.device.type != "cuda" and step not in self._seconds_per_row
+            trial = (auto and self._batched is None and self.device.type != "cuda" and not deterministic()
+                     and step not in self._seconds_per_row)
             if trial and step == 1 and self.num_matvecs == 0 and rows.shape[0] > 1:
                 self._rows(rows[:1], 1, result[start : start + 1])  # the first product pays one-off costs
                 done, rows = 1, rows[1:]
@@ -253,6 +254,8 @@ class Operator:
             return 1
         if self.device.type == "cuda" or self._batched is not None:
             return _AUTO_CHUNK
+        if deterministic():  # no trial: its timing would pick the products' kernels
+            return 1
         loop = self._seconds_per_row.get(1)
         if loop is None or loop >= _VMAP_TRIAL_SECONDS:
             return 1

@@ -1,5 +1,6 @@
 """Where hvpfunc computes: plain autograd, in the parameters' dtype, whatever the caller's
-context (``torch.inference_mode()``, ``torch.autocast``), and where its warnings point."""
+context (``torch.inference_mode()``, ``torch.autocast``); what the caller's
+``torch.use_deterministic_algorithms`` fixes; and where its warnings point."""
 
 from __future__ import annotations
 
@@ -45,6 +46,17 @@ def in_plain_autograd(fn: F) -> F:
             return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+def deterministic() -> bool:
+    """Whether the caller asked PyTorch for deterministic algorithms
+    (``torch.use_deterministic_algorithms(True)``, also with ``warn_only``). hvpfunc then
+    makes no choice from timings or free memory, each of which changes the products a
+    run spends and the last bits of its answer from one run to the next: the Lanczos
+    basis grows whenever full up to a share of the device's total memory,
+    ``chunk_size="auto"`` computes products one at a time on CPUs, and ``mode="auto"``
+    keeps its first mode."""
+    return torch.are_deterministic_algorithms_enabled()
 
 
 def user_stacklevel() -> int:

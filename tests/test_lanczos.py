@@ -417,9 +417,9 @@ def test_on_the_host_the_basis_grows_into_reserved_rows_without_a_copy(monkeypat
 def test_the_basis_stays_within_the_memory_budget(monkeypatch):
     from hvpfunc._eigen import lanczos as module
 
-    monkeypatch.setattr(module, "_free_memory", lambda device: 30 * 300 * 8 / module._MEMORY_SHARE)
+    monkeypatch.setattr(module, "_memory", lambda device, total: 30 * 300 * 8 / module._MEMORY_SHARE)
     assert module.default_basis(300, 5, DT, torch.device("cpu")) == 29  # 30 vectors fit: basis + next
-    monkeypatch.setattr(module, "_free_memory", lambda device: 1.0)
+    monkeypatch.setattr(module, "_memory", lambda device, total: 1.0)
     assert module.default_basis(300, 5, DT, torch.device("cpu")) == 20  # never below max(2k + 1, 20)
     assert module.default_basis(300, 30, DT, torch.device("cpu")) == 61
 
@@ -564,7 +564,7 @@ def test_the_copy_check_stays_within_the_memory_budget(monkeypatch):
     lam = _clustered()
     v0 = torch.randn(300, generator=torch.Generator().manual_seed(0), dtype=DT)
     for vectors in (45, 120):  # too few to hold the space explored beside the check's basis, and enough
-        monkeypatch.setattr(module, "_free_memory", lambda device, v=vectors: v * 300 * 8 / module._MEMORY_SHARE)
+        monkeypatch.setattr(module, "_memory", lambda device, total, v=vectors: v * 300 * 8 / module._MEMORY_SHARE)
         res = hf.lanczos(lambda v: lam * v, v0, k=5, which="SA", tol=1e-10)
         assert res.basis_size <= vectors
         torch.testing.assert_close(res.eigenvalues, lam.sort().values[:5], rtol=1e-9, atol=1e-9)

@@ -27,7 +27,7 @@ from .._krylov import (
 )
 from .._operator import Operator, check_count, check_start, eigen_tol, norm, total
 from .._outcome import finish
-from .._precision import in_plain_autograd
+from .._precision import deterministic, in_plain_autograd
 from .._progress import Progress
 from .._sharding import rank_generator
 from .._types import MatvecFn, ProgressArg, Tree, Which
@@ -135,12 +135,17 @@ def lanczos(
             ``"LM"`` largest magnitude.
         tol: relative residual tolerance.
         max_iters: most products; default ``max(1000, 20 k)``.
-        max_basis: basis size before a restart; default: as many vectors as fit in 10%
-            of the device's free memory, at least ``max(2k + 1, 20)`` (ARPACK's ``ncv``
-            in scipy), at most ``max(100, 2k + 1)`` and the dimension (a larger basis
-            restarts less, but orthogonalizing against it costs more per step); at
-            least ``k + 2`` unless it equals the dimension. ``EigResult.basis_size``
-            says how many vectors were held.
+        max_basis: basis size before a restart; default: ``max(2k + 1, 20)``
+            (ARPACK's ``ncv`` in scipy), doubled when full while a step's cost beyond
+            its product stays under half a product's, up to as many vectors as fit in
+            10% of the device's free memory, at most ``max(100, 2k + 1)`` and the
+            dimension (a larger basis restarts less, but orthogonalizing against it
+            costs more per step). As timings and free memory vary from run to run, so
+            may the products spent and the last bits of the answer, except under
+            ``torch.use_deterministic_algorithms(True)``: the basis then doubles
+            whenever full, up to 10% of the device's total memory (pass ``max_basis``
+            where less is free). At least ``k + 2`` unless it equals the dimension.
+            ``EigResult.basis_size`` says how many vectors were held.
         generator: draws the fresh vectors of the copy check and of continuations after
             an invariant subspace; default a CPU generator seeded with 0, so results
             are reproducible.
@@ -383,25 +388,27 @@ _BASIS_CAP = 100
 
 def default_basis(n: int, k: int, dtype: torch.dtype, device: torch.device) -> int:
     """The default ``max_basis``: as many vectors as fit in ``_MEMORY_SHARE`` of the free
-    memory of ``device``, at least max(2k + 1, 20) (ARPACK's ``ncv`` in scipy), at most
-    max(``_BASIS_CAP``, 2k + 1) and the dimension n."""
+    memory of ``device`` (of its total memory under ``torch.use_deterministic_algorithms``,
+    which a run does not change), at least max(2k + 1, 20) (ARPACK's ``ncv`` in scipy),
+    at most max(``_BASIS_CAP``, 2k + 1) and the dimension n."""
     floor = max(2 * k + 1, 20)
     return min(n, max(floor, min(_fitting(n, dtype, device) - 1, max(_BASIS_CAP, 2 * k + 1))))
 
 
 def _fitting(n: int, dtype: torch.dtype, device: torch.device) -> int:
-    """How many vectors of n numbers of ``dtype`` fit in ``_MEMORY_SHARE`` of the free
-    memory of ``device``."""
-    return int(_MEMORY_SHARE * _free_memory(device) / (n * torch.finfo(dtype).bits / 8))
+    """How many vectors of n numbers of ``dtype`` fit in ``_MEMORY_SHARE`` of the
+    memory of ``device`` that :func:`default_basis` counts."""
+    return int(_MEMORY_SHARE * _memory(device, total=deterministic()) / (n * torch.finfo(dtype).bits / 8))
 
 
-def _free_memory(device: torch.device) -> float:
-    """Bytes free on ``device``: the CUDA allocator's view, or the host's available memory."""
+def _memory(device: torch.device, *, total: bool) -> float:
+    """Bytes free (or in all, with ``total``) on ``device``: the CUDA allocator's view, or
+    the host's memory."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return float(free)
+        free, everything = torch.cuda.mem_get_info(device)
+        return float(everything if total else free)
     try:
-        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        return float(os.sysconf("SC_PHYS_PAGES" if total else "SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):  # no sysconf (Windows) or no such name (macOS)
         return float(2**30)
 
@@ -951,6 +958,8 @@ def _grown(state: _State) -> int:
     small eigenproblems faster), stays within the allowance; else unchanged."""
     m = state.V.shape[0] - 1
     target = min(2 * m, state.cap)
+    if deterministic():  # no timing decides: always
+        return target
     growing = max(0.0, state.step_seconds - state.fixed_seconds) * (target / m) ** 2
     allowed = max(_ORTHOGONALIZATION_SHARE * state.product_seconds, _NEGLIGIBLE_SECONDS)
     if target > m and growing <= allowed:

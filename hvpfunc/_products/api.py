@@ -196,7 +196,9 @@ def hvp_fn(
       checks it, and keeps whichever is faster per product (ski rental: never much more
       than twice the best fixed choice). The outcome is remembered per process for f and
       its input signature, so a later matvec does not repeat a trace that lost.
-      ``Matvec.switches`` records every decision. For one product use :func:`hvp`.
+      ``Matvec.switches`` records every decision. Under
+      ``torch.use_deterministic_algorithms(True)`` it keeps its first mode, as timings
+      would decide the trace. For one product use :func:`hvp`.
     * ``"gradient-difference"`` (opt-in): (∇f(θ + hv) − ∇f(θ − hv)) / 2h from
       gradients only, no second derivative, with h = ε^{1/3} max(1, ‖θ‖)/‖v‖: two
       gradients a product in float64 (relative error about 1e-10); below float64 one

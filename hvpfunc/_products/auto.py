@@ -11,6 +11,7 @@ from typing import Any, Callable, ContextManager, Dict, Hashable, List, NamedTup
 import torch
 from torch.utils import _pytree as pytree
 
+from .._precision import deterministic
 from .._types import MatvecFn, Tree
 from .checks import Inspection, check_deterministic, check_product, evaluate
 from .modes import BUILDERS, differentiable_kernels, routing
@@ -152,7 +153,8 @@ class AutoProduct:
         self.build_seconds = time.perf_counter() - start
         self._pending = False  # whether the linearize experiment may still run
         self._expected: Optional[int] = None  # the products the caller said will come, in all
-        if inspection.linearize_hazard is None and (memory is None or memory.winner == "linearize"):
+        fixed = deterministic()  # no switch that a timing decides
+        if inspection.linearize_hazard is None and not fixed and (memory is None or memory.winner == "linearize"):
             self._pending = True
             if memory is not None and memory.trace_seconds is not None and memory.saving:
                 self._trace_seconds, self._saving = memory.trace_seconds, memory.saving
@@ -163,6 +165,8 @@ class AutoProduct:
             reason += "; " + "; ".join(f"{m} failed: {type(e).__name__}: {e}" for m, e in errors.items())
         if inspection.linearize_hazard is not None:
             reason += f"; never linearize: {inspection.linearize_hazard}"
+        elif fixed:
+            reason += "; kept: torch.use_deterministic_algorithms is on and tracing is decided by timings"
         elif memory is not None and memory.winner != "linearize":
             reason += f"; an earlier matvec of this f found {memory.winner!r} best"
         self.switches.append(Switch(0, "", self.mode, reason))

@@ -90,7 +90,8 @@ def trace(
             unless a looped product takes under 5 ms and a ``vmap`` of 16 proved faster
             on the first probes (for a matvec of mode ``"auto"`` the trial's outcome is
             kept per f and input signature, :attr:`Matvec.chunk_trials`, and later calls
-            skip it). The chunking never changes the numbers drawn, only rounding.
+            skip it; under ``torch.use_deterministic_algorithms`` no trial: a loop). The
+            chunking never changes the numbers drawn, only rounding.
         progress: ``True`` for a progress bar, or a callable ``progress(products_done)``
             called after every chunk.
         tol: ``None`` (default): spend ``num_probes`` products. A number: stop as soon
