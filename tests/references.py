@@ -93,6 +93,34 @@ def solve_ill_conditioned_float32(solver: Callable[..., Any], kappa: float, *, t
 
 
 # A hung collective raises after this instead of hanging the test.
+def scipy_iterative_cases() -> dict:
+    """The symmetric real systems of scipy's iterative-solver tests
+    (scipy/sparse/linalg/_isolve/tests/test_iterative.py, IterativeParams), as data:
+    name -> (A, b, definite), float64; b = arange(n) unless the case gives one."""
+    import numpy as np
+
+    n = 40
+    poisson1d = 2 * np.eye(n) - np.eye(n, k=1) - np.eye(n, k=-1)
+    poisson2d = np.kron(poisson1d, np.eye(n)) + np.kron(np.eye(n), poisson1d)
+    symmetric = np.random.RandomState(1234).rand(4, 4)
+    pd = np.random.RandomState(1234).rand(9, 9)  # the file seeds numpy's global state alike
+    saddle = np.zeros((11, 11))
+    saddle[5, :5] = saddle[:5, 5] = [1, 2, 2, 2, 1]
+    saddle[6:, :5] = saddle[:5, 6:] = -np.eye(5)
+    saddle[6:, 6:] = -np.eye(5)
+    cases = {
+        "poisson1d": (poisson1d, None, True),
+        "neg-poisson1d": (-poisson1d, None, False),
+        "poisson2d": (poisson2d, None, True),
+        "rand-diag": (np.diag([6.0, -5, 2, 7, -1, 10, 4, -3, -8, 9]), None, False),
+        "rand-sym": (symmetric + symmetric.T, None, False),
+        "rand-sym-pd": (pd @ pd.T, None, True),
+        "sym-nonpd": (saddle, np.eye(11)[5], False),
+    }
+    return {name: (torch.as_tensor(A), torch.arange(A.shape[0], dtype=DT) if b is None else torch.as_tensor(b), pos)
+            for name, (A, b, pos) in cases.items()}
+
+
 COLLECTIVE_TIMEOUT = timedelta(seconds=60)
 
 

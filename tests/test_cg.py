@@ -1,8 +1,10 @@
+import contextlib
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from references import DT, flat, mlp_loss, random_tree, spectrum_operator
+from references import DT, flat, mlp_loss, random_tree, scipy_iterative_cases, spectrum_operator
 
 import hvpfunc as hf
 from hvpfunc.testing import dense_hessian
@@ -189,3 +191,21 @@ def test_float32_at_kappa_1000_converges_or_says_it_stalls():
     assert res.num_matvecs < 400
     assert true < 3e-5
     assert res.converged or "stalls" in res.message
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", list(scipy_iterative_cases()))
+def test_scipy_iterative_cases(name, dtype):
+    # scipy runs CG on its definite systems only; on the others hvpfunc's must say why it
+    # stops. On the consistent saddle-point system "sym-nonpd" (b = e₆, whose curvature
+    # is zero while A b ≠ 0) CG called b "not in the range of a singular H".
+    A, b, definite = scipy_iterative_cases()[name]
+    A, b, tol = A.to(dtype), b.to(dtype), {torch.float64: 1e-8, torch.float32: 1e-2}[dtype]
+    with pytest.warns(hf.ConvergenceWarning) if not definite else contextlib.nullcontext():
+        res = hf.cg(lambda v: A @ v, b, tol=tol)
+    if definite:
+        assert res.status is hf.Status.CONVERGED, res.message
+        assert float((A.double() @ res.x.double() - b.double()).norm()) <= 1.01 * tol * float(b.double().norm())
+    else:
+        assert res.status is hf.Status.NEGATIVE_CURVATURE, res.message
+        assert "minres" in res.message
