@@ -139,13 +139,19 @@ def test_in_place_updates_leave_the_callers_tensors_alone():
         outputs.append((out, {k: t.clone() for k, t in out.items()}))
         return out
 
-    for options in ({"damping": 0.5}, {"preconditioner": lambda r: r}):
+    # x0 too, and a single-leaf x0 (updated in place, it must be a copy)
+    x0 = {"a": torch.ones(5, dtype=DT), "b": torch.ones(7, dtype=DT)}
+    for options in ({"damping": 0.5}, {"preconditioner": lambda r: r}, {"x0": x0}):
         res = hf.minres(matvec, b, tol=1e-10, **options)
         assert res.converged
         want = torch.linalg.solve(H + options.get("damping", 0.0) * torch.eye(12, dtype=DT),
                                   torch.cat([b["a"], b["b"]]))
         torch.testing.assert_close(torch.cat([res.x["a"], res.x["b"]]), want, rtol=1e-8, atol=1e-10)
     assert all(torch.equal(b[k], before[k]) for k in b)
+    assert all(torch.equal(leaf, torch.ones_like(leaf)) for leaf in x0.values())
+    single = torch.ones(12, dtype=DT)
+    assert hf.minres(lambda v: H @ v, torch.arange(12.0, dtype=DT), tol=1e-10, x0=single).converged
+    assert torch.equal(single, torch.ones(12, dtype=DT))
     assert all(torch.equal(out[k], copy[k]) for out, copy in outputs for k in out)
 
 

@@ -100,10 +100,7 @@ def cg(
         return system.zero_solution()
     x = None
     if x0 is not None:
-        x = system.op.flatten_input(x0, name="x0")
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError("x0 has non-finite entries (nan or inf)")
-        x = x[None]
+        x = system.start(x0)[None]
 
     def A(rows: Tensor) -> Tensor:
         return system.A(rows[0])[None]

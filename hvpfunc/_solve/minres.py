@@ -117,9 +117,7 @@ def minres(
     if x0 is None:
         x, r1, start_norm = torch.zeros_like(bf), bf.clone(), b_norm
     else:
-        x = op.flatten_input(x0, name="x0").clone()
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError("x0 has non-finite entries (nan or inf)")
+        x = system.start(x0)
         r1 = bf - A(x)
         start_norm = system.norm(r1)
         if start_norm <= goal:

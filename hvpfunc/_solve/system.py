@@ -72,6 +72,14 @@ class LinearSystem:
         self.damping = damping
         self.preconditioner = preconditioner
 
+    def start(self, x0: Tree) -> Tensor:
+        """The flat start ``x0`` (a copy, the solver's to update), refused if any entry is
+        nan or inf, or if its structure is not b's (naming the leaf)."""
+        x = self.op.flatten_input(x0, name="x0")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("x0 has non-finite entries (nan or inf)")
+        return x
+
     def dot(self, a: Tensor, b: Tensor) -> float:
         """⟨a, b⟩ over every rank's shards."""
         return float(self.op.total(torch.dot(a, b)))
