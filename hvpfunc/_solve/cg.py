@@ -376,11 +376,11 @@ def _step(state: _State, A, M) -> None:
     idx = _rows(state.active, K)
     P = _take(state.P, idx)
     AP = A(P)
-    both = state.total(torch.stack([rowdot(P, AP), rowdot(P, P), rowdot(AP, AP)]))  # one collective
+    both = state.total(torch.stack([rowdot(P, AP), rowdot(P, P)]))  # one collective
     curvature = both[0]
     keep = []
     host = both.tolist()  # one transfer
-    for row, (i, c, pp, apap) in enumerate(zip(state.active, *host)):
+    for row, (i, c, pp) in enumerate(zip(state.active, *host)):
         state.products[i] += 1
         if not math.isfinite(c):
             state.status[i], state.messages[i] = Status.NON_FINITE, non_finite_message()
@@ -388,20 +388,23 @@ def _step(state: _State, A, M) -> None:
         before = state.norm_estimates[i]  # ‖A‖ as the earlier directions showed it
         state.norm_estimates[i] = max(before, abs(c) / pp)
         zero = state.floor * state.norm_estimates[i] * pp
-        # pᵀAp ≈ 0 with Ap ≠ 0: a positive semi-definite A has ‖Ap‖² ≤ ‖A‖ pᵀAp, at
-        # rounding level here, so A is indefinite (b = e₆ of scipy's 11 × 11 saddle-point
-        # system "sym-nonpd", consistent, was called inconsistent). The bar lies midway,
-        # in orders of magnitude, between that level and ‖A‖²‖p‖², ‖A‖ estimated from
-        # the earlier directions; at the first, where none was, any Ap ≠ 0.
-        indefinite = apap > math.sqrt(state.floor) * before**2 * pp
         if c < -zero:
             state.status[i], state.messages[i] = Status.NEGATIVE_CURVATURE, _negative_curvature_message(c)
-        elif c <= zero and indefinite:
-            state.status[i], state.messages[i] = Status.NEGATIVE_CURVATURE, _zero_curvature_message(c, apap, pp)
         elif c <= zero:
-            # pᵀAp ≈ 0 and Ap ≈ 0: p lies in the null space of a positive semi-definite
-            # A, which CG only reaches when b has a component there. The step would be 1/ε.
-            state.status[i], state.messages[i] = Status.INCONSISTENT, _singular_message(c, pp, state.norm_estimates[i])
+            # pᵀAp ≈ 0 with Ap ≠ 0: a positive semi-definite A has ‖Ap‖² ≤ ‖A‖ pᵀAp, at
+            # rounding level here, so A is indefinite (b = e₆ of scipy's 11 × 11
+            # saddle-point system "sym-nonpd", consistent, was called inconsistent). The
+            # bar lies midway, in orders of magnitude, between that level and ‖A‖²‖p‖²,
+            # ‖A‖ estimated from the earlier directions; at the first, where none was,
+            # any Ap ≠ 0. ‖Ap‖² only here (every rank takes this branch alike).
+            apap = float(state.total(rowdot(AP[row : row + 1], AP[row : row + 1]))[0])
+            if apap > math.sqrt(state.floor) * before**2 * pp:
+                state.status[i], state.messages[i] = Status.NEGATIVE_CURVATURE, _zero_curvature_message(c, apap, pp)
+            else:
+                # and Ap ≈ 0: p lies in the null space of a positive semi-definite A,
+                # which CG only reaches when b has a component there. The step would be 1/ε.
+                state.status[i], state.messages[i] = (Status.INCONSISTENT,
+                                                      _singular_message(c, pp, state.norm_estimates[i]))
         else:
             keep.append(row)
     state.active = [state.active[row] for row in keep]
