@@ -21,3 +21,15 @@ def _fresh_auto_memory():
     auto._OUTCOMES.clear()
     yield
     auto._OUTCOMES.clear()
+
+
+@pytest.fixture
+def deterministic():
+    """torch.use_deterministic_algorithms(True) for one test: no timing or free memory
+    chooses a basis size, a chunk size or a mode, so a run's products are fixed."""
+    import torch
+
+    before, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before, warn_only=warn_only)

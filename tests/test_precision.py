@@ -7,19 +7,10 @@ of the answer from run to run. Under the flag none of them is consulted."""
 import threading
 import time
 
-import pytest
 import torch
 from references import DT, flat, mlp_loss, random_tree
 
 import hvpfunc as hf
-
-
-@pytest.fixture
-def deterministic():
-    before, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(before, warn_only=warn_only)
 
 
 def _clustered():
