@@ -171,7 +171,9 @@ def lanczos(
             eigenvalue are found by the block itself (``find_copies`` runs the copy
             check after it for more). It does not reduce products (it usually takes
             more), so it pays only where a batched product costs much less than
-            ``block_size`` single ones.
+            ``block_size`` single ones. Its default basis holds at least ``block_size``
+            times the single-vector floor, max(2k + 1, 20), even where memory binds
+            (with fewer it restarts after a few blocks and takes up to 7x the products).
             Not with ``stop="eigenvalue"``, ``basis_device``/``basis_dtype`` or sharded
             vectors.
         basis_dtype: the basis' precision (default: the vectors'), at least theirs:
@@ -351,10 +353,15 @@ def _blocked(op: Operator, x0: Tensor, k: int, n: int, ctx: _Options, *, max_bas
     if k + 3 * block_size > n:
         raise ValueError(f"block_size={block_size} with k={k} needs a dimension of at least k + 3·block_size = "
                          f"{k + 3 * block_size}, got {n}: use a smaller block_size (or block_size=1)")
-    # a large basis by default (memory's share, as lanczos grows to): restarts cost a block
+    # A large basis by default (memory's share, as lanczos grows to): restarts cost a block
     # method more products than a single-vector one (measured k = 5 on ARPACK's clustered
-    # spectrum, block of 4: 304 products with a basis of 60, 244 with 100)
-    basis = max_basis if max_basis is not None else max(default_basis(n, k, op.dtype, op.device), k + 2 * block_size)
+    # spectrum, block of 4: 304 products with a basis of 60, 244 with 100). Where memory
+    # binds, at least block_size times the single-vector floor: a restart keeps about k +
+    # (m - k)/2 vectors and builds the rest in blocks, so the single-vector floor (20)
+    # left block Lanczos polynomials of degree 2-4 between restarts (block of 4: 2,400-2,600
+    # products on that spectrum, 353-357 with 60 vectors; block of 2: 761-857, 342-356 with 40).
+    floor = block_size * max(2 * k + 1, 20)
+    basis = max_basis if max_basis is not None else max(default_basis(n, k, op.dtype, op.device), floor)
     basis = min(basis, n - block_size)
     if basis < k + 2 * block_size:
         raise ValueError(f"max_basis={max_basis} is too small for k={k} and block_size={block_size}: it must be "
