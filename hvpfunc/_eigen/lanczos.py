@@ -150,7 +150,8 @@ def lanczos(
             ``EigResult.basis_size`` says how many vectors were held.
         generator: draws the fresh vectors of the copy check and of continuations after
             an invariant subspace; default a CPU generator seeded with 0, so results
-            are reproducible.
+            are reproducible. A draw within 60° of the start vector (a start drawn
+            from the same seed) is drawn again.
         progress: ``True`` for a progress bar, or a callable
             ``progress(step, largest_unconverged_residual)``.
         stop: ``"residual"`` (default) or ``"eigenvalue"``: what ``tol`` bounds (above).
@@ -256,7 +257,7 @@ def lanczos(
     ctx = _Options(
         which=which, tol=tol, stop=stop, eps=eps, budget=budget, generator=generator,
         slack=symmetry_slack(op.layout.product_eps),
-        rounding=STEP_ROUNDING * max(eps, op.layout.product_eps), allsum=op.allsum,
+        rounding=STEP_ROUNDING * max(eps, op.layout.product_eps), allsum=op.allsum, start=x0,
     )
     find_copies = k > 1 if find_copies is None else bool(find_copies)
     if block_size != 1:
@@ -433,6 +434,7 @@ class _Options:
     slack: float  # of the symmetry check
     rounding: float  # the loss of orthogonality one step's rounding may cause, times β/‖H‖
     allsum: Optional[Callable[[Tensor], Tensor]] = None  # completes sums over sharded vectors
+    start: Optional[Tensor] = None  # the start vector, which no fresh vector may repeat (_fresh_direction)
 
 
 @dataclass
@@ -550,7 +552,7 @@ def _run(
         if op.num_matvecs >= ctx.budget:
             return state, Status.MAX_ITERS, f"max_iters={ctx.budget} products reached"
         _advance(state, w, ritz, invariant=invariant, k=k, which=ctx.which, generator=ctx.generator,
-                 allsum=ctx.allsum)
+                 allsum=ctx.allsum, avoid=ctx.start)
 
 
 class _Carried(NamedTuple):
@@ -629,7 +631,7 @@ def _check_copies(
         # inside a cluster of the top five (relative error 7e-3 at tol 1e-3).
         run_ctx = replace(ctx, stop="residual")
         if polish is None:
-            start = _fresh_direction(U, ctx.generator, ctx.allsum)
+            start = _fresh_direction(U, ctx.generator, ctx.allsum, avoid=ctx.start)
         else:  # not random: only convergence may stop this run
             start, _ = orthogonalize(U, polish.clone(), ctx.allsum)
             start = start / norm(start, ctx.allsum)
@@ -940,6 +942,7 @@ def _gaps(theta: np.ndarray, wanted: np.ndarray, every: np.ndarray) -> np.ndarra
 def _advance(
     state: _State, w: Tensor, ritz: _Ritz, *, invariant: bool, k: int, which: str,
     generator: torch.Generator, allsum: Optional[Callable[[Tensor], Tensor]] = None,
+    avoid: Optional[Tensor] = None,
 ) -> None:
     """Put the next basis vector in place: w/β, or a fresh random direction after an
     invariant subspace. When the basis is full it grows if :func:`_grown` allows, else
@@ -965,7 +968,7 @@ def _advance(
             relation[: m + 1] = state.relation
             state.V, state.T, state.omega, state.relation, m = V, T, omega, relation, grown
     if invariant:
-        nxt = _fresh_direction(state.V[:j], generator, allsum)
+        nxt = _fresh_direction(state.V[:j], generator, allsum, avoid=avoid)
         state.omega[j, :j] = state.omega[:j, j] = 0.0
         state.krylov = False
     else:
@@ -1200,9 +1203,25 @@ def _threshold(theta: np.ndarray, tol: float, eps: float, norm_estimate: float) 
     return np.maximum(tol * np.abs(theta), 100 * eps * norm_estimate)
 
 
-def _fresh_direction(V: Tensor, generator: torch.Generator,
-                     allsum: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
-    """A random unit vector orthogonal to the rows of V."""
-    z = torch.randn(V.shape[1], generator=generator, dtype=torch.float64)
-    z, _ = orthogonalize(V, z.to(V.device, V.dtype), allsum)
+# A fresh draw within this cosine of the start vector is the start vector drawn again.
+_SAME_DRAW = 0.5
+
+
+def _fresh_direction(V: Tensor, generator: torch.Generator, allsum: Optional[Callable[[Tensor], Tensor]] = None,
+                     avoid: Optional[Tensor] = None) -> Tensor:
+    """A random unit vector orthogonal to the rows of V, drawn again while it lies within
+    60° of ``avoid`` (the start vector). A generator seeded as the start vector's was
+    (the default seeds 0; ``torch.randn(n, dtype=torch.float64)`` after
+    ``torch.manual_seed(0)`` is such a start) draws the start vector itself, whose part
+    outside the pairs found has no component along the copies the first run missed: the
+    copy check then returned [5, 4] for [5, 5] as converged."""
+    while True:
+        z = torch.randn(V.shape[1], generator=generator, dtype=torch.float64).to(V.device, V.dtype)
+        if avoid is None:
+            break
+        a = avoid.to(V.device, V.dtype)
+        cosine = total(torch.dot(z, a)[None], allsum) / (norm(z, allsum) * norm(a, allsum))
+        if abs(float(cosine[0])) < _SAME_DRAW:
+            break
+    z, _ = orthogonalize(V, z, allsum)
     return z / norm(z, allsum)
