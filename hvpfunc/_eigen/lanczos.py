@@ -119,7 +119,7 @@ def lanczos(
     pair converged short of it does not end the check). Deflating the
     resolved neighbours of the k-th eigenvalue makes the check short (on ARPACK's
     clustered spectrum, k = 5 smallest, at the miss probability 10⁻³: 37 products where
-    deflating the 5 pairs alone took 95; 29 now). The check also finds eigenvalues the first run reached but had not
+    deflating the 5 pairs alone took 95; 27–29 now). The check also finds eigenvalues the first run reached but had not
     resolved (inside a cluster, at a loose ``tol``). A better pair found takes the place
     of the k-th, its residual measured in H with one product, and the check runs
     again. The same check runs for any k when the start vector lay in an invariant
