@@ -573,12 +573,12 @@ def test_a_start_vector_drawn_as_the_fresh_vectors_are_leaves_the_copy_check_its
     torch.testing.assert_close(res.eigenvalues, d[:k], rtol=1e-6, atol=0)
 
 
-def _hidden_beyond_the_third(tol):
-    """An eigenvalue 2.2 tol beyond the third, over a bulk whose edge is 1.5 tol below
-    it, and a start vector that cannot see it: (diagonal, v0, the hidden eigenvalue)."""
+def _hidden_beyond_the_third(tol, edge=1.5):
+    """An eigenvalue 2.2 tol beyond the third, over a bulk whose edge is ``edge`` tol
+    below it, and a start vector that cannot see it: (diagonal, v0, the hidden one)."""
     hidden = 2.0 * (1 + 2.2 * tol)
     lam = torch.cat([torch.tensor([3.0, 2.5, 2.0, hidden], dtype=DT),
-                     torch.linspace(-1.0, 2.0 * (1 - 1.5 * tol), 96, dtype=DT)])
+                     torch.linspace(-1.0, 2.0 * (1 - edge * tol), 96, dtype=DT)])
     v0 = torch.ones(100, dtype=DT)
     v0[3] = 0.0
     return lam, v0, hidden
@@ -592,6 +592,18 @@ def test_the_copy_check_does_not_stop_on_a_pair_converged_below_the_kth(determin
     # (1-2% of fresh vectors). Only its bound, or a pair better than the third or a
     # copy of it, may end the check.
     lam, v0, hidden = _hidden_beyond_the_third(tol)
+    res = hf.lanczos(lambda v: lam * v, v0, k=3, tol=tol, generator=torch.Generator().manual_seed(seed))
+    assert res.status == "converged"
+    torch.testing.assert_close(res.eigenvalues, torch.tensor([3.0, 2.5, hidden], dtype=DT), rtol=tol, atol=0)
+
+
+@pytest.mark.parametrize("tol, seed", [(1e-1, 102), (1e-1, 181), (1e-3, 12), (1e-3, 16), (1e-3, 41)])
+def test_a_check_ended_by_a_copy_of_the_kth_looks_again_from_another_fresh_vector(deterministic, tol, seed):
+    # The bulk's edge lies inside the third's tolerance: a copy of it as far as tol can
+    # tell, which no short run tells from the hidden eigenvalue 2.7 tol above it. With
+    # these fresh vectors the copy converged first and ended the check (7% of fresh
+    # vectors at tol 1e-3); a second fresh vector after such an end finds the hidden one.
+    lam, v0, hidden = _hidden_beyond_the_third(tol, edge=0.5)
     res = hf.lanczos(lambda v: lam * v, v0, k=3, tol=tol, generator=torch.Generator().manual_seed(seed))
     assert res.status == "converged"
     torch.testing.assert_close(res.eigenvalues, torch.tensor([3.0, 2.5, hidden], dtype=DT), rtol=tol, atol=0)
