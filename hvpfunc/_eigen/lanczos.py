@@ -116,7 +116,8 @@ def lanczos(
     the tolerance), or a probabilistic bound (Hochstenbach 2013, from the Lanczos
     polynomial) shows that, with probability at least 1 − 10⁻² over the fresh vector,
     that operator has nothing beyond the k-th eigenvalue by more than the tolerance (a
-    pair converged short of it does not end the check). Deflating the
+    pair converged short of it does not end the check; one that ends it as a copy of the
+    k-th is followed, once, by a run from another fresh vector). Deflating the
     resolved neighbours of the k-th eigenvalue makes the check short (on ARPACK's
     clustered spectrum, k = 5 smallest, at the miss probability 10⁻³: 37 products where
     deflating the 5 pairs alone took 95; 27–29 now). The check also finds eigenvalues the first run reached but had not
