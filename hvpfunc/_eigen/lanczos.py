@@ -7,7 +7,7 @@ import numbers
 import os
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, List, Literal, NamedTuple, Optional, Tuple, Union, get_args
+from typing import Callable, Literal, NamedTuple, Optional, Tuple, Union, get_args
 
 import numpy as np
 import torch
@@ -120,8 +120,9 @@ def lanczos(
     k-th is followed, once, by a run from another fresh vector). Deflating the
     resolved neighbours of the k-th eigenvalue makes the check short (on ARPACK's
     clustered spectrum, k = 5 smallest, at the miss probability 10⁻³: 37 products where
-    deflating the 5 pairs alone took 95; 27–29 now). The check also finds eigenvalues the first run reached but had not
-    resolved (inside a cluster, at a loose ``tol``). A better pair found takes the place
+    deflating the 5 pairs alone took 95; 27–29 now). The check also finds eigenvalues
+    the first run reached but had not resolved (inside a cluster, at a loose ``tol``).
+    A better pair found takes the place
     of the k-th, its residual measured in H with one product, and the check runs
     again. The same check runs for any k when the start vector lay in an invariant
     subspace (an eigenvector, say); the pairs found are then what is deflated. With
@@ -602,6 +603,7 @@ def _check_copies(
         kth = float(pairs.values[-1])
         floor = float(_threshold(np.array([kth]), ctx.tol, ctx.eps, norm_estimate)[0])
         beyond = {"LA": kth + floor, "SA": kth - floor, "LM": abs(kth) + floor}[ctx.which]
+        tied = False  # whether this run ended on a copy of the k-th
 
         def done(state: _State, ritz: _Ritz, invariant: bool) -> bool:
             # An invariant Krylov space of a random vector holds every distinct eigenvalue.
@@ -628,11 +630,10 @@ def _check_copies(
             if ritz.ok[0] and (_better(value, kth, floor, ctx.which) or not state.krylov):
                 return True
             if _tied(value, residual, kth, floor, ctx.which):
-                ended.append("tie")
+                nonlocal tied
+                tied = True
                 return True
             return _nothing_beyond(state, beyond, ctx.which, dim)
-
-        ended: List[str] = []
 
         # The check's best pair must meet the tolerance by its residual: the eigenvalue
         # bound's gap, from the few Ritz values of a short run whose start has not yet
@@ -660,7 +661,7 @@ def _check_copies(
         best = select(theta, ctx.which, 1)
         value = float(theta[best[0]])
         if not _better(value, kth, floor, ctx.which):
-            if polish is None and ended and not looked_twice:
+            if polish is None and tied and not looked_twice:
                 looked_twice = True
                 continue
             if polish is None:
@@ -1228,12 +1229,13 @@ def _fresh_direction(V: Tensor, generator: torch.Generator, allsum: Optional[Cal
     ``torch.manual_seed(0)`` is such a start) draws the start vector itself, whose part
     outside the pairs found has no component along the copies the first run missed: the
     copy check then returned [5, 4] for [5, 5] as converged."""
+    start = None if avoid is None else avoid.to(V.device, V.dtype)
+    start_norm = None if start is None else norm(start, allsum)
     while True:
         z = torch.randn(V.shape[1], generator=generator, dtype=torch.float64).to(V.device, V.dtype)
-        if avoid is None:
+        if start is None:
             break
-        a = avoid.to(V.device, V.dtype)
-        cosine = total(torch.dot(z, a)[None], allsum) / (norm(z, allsum) * norm(a, allsum))
+        cosine = total(torch.dot(z, start)[None], allsum) / (norm(z, allsum) * start_norm)
         if abs(float(cosine[0])) < _SAME_DRAW:
             break
     z, _ = orthogonalize(V, z, allsum)
