@@ -240,7 +240,7 @@ def lanczos(
     if max_basis is not None:
         m = cap = min(check_count(max_basis, "max_basis"), n)
     else:  # start small; grow toward what memory allows while orthogonalizing stays cheap
-        m, cap = min(max(2 * k + 1, 20), n), default_basis(n, k, held_as, held_on)
+        m, cap = min(_arpack_ncv(k), n), default_basis(n, k, held_as, held_on)
     if m < n and m < k + 2:
         raise ValueError(
             f"max_basis={max_basis} is too small for k={k}: it must be at least k + 2 = "
@@ -363,7 +363,7 @@ def _blocked(op: Operator, x0: Tensor, k: int, n: int, ctx: _Options, *, max_bas
     # (m - k)/2 vectors and builds the rest in blocks, so the single-vector floor (20)
     # left block Lanczos polynomials of degree 2-4 between restarts (block of 4: 2,400-2,600
     # products on that spectrum, 353-357 with 60 vectors; block of 2: 761-857, 342-356 with 40).
-    floor = block_size * max(2 * k + 1, 20)
+    floor = block_size * _arpack_ncv(k)
     basis = max_basis if max_basis is not None else max(default_basis(n, k, op.dtype, op.device), floor)
     basis = min(basis, n - block_size)
     if basis < k + 2 * block_size:
@@ -398,12 +398,18 @@ _MEMORY_SHARE = 0.1
 _BASIS_CAP = 100
 
 
+def _arpack_ncv(k: int) -> int:
+    """ARPACK's basis size for k eigenpairs as scipy's ``eigsh`` sets it, max(2k + 1, 20):
+    the fewest vectors a default basis holds (per vector of a block)."""
+    return max(2 * k + 1, 20)
+
+
 def default_basis(n: int, k: int, dtype: torch.dtype, device: torch.device) -> int:
     """The default ``max_basis``: as many vectors as fit in ``_MEMORY_SHARE`` of the free
     memory of ``device`` (of its total memory under ``torch.use_deterministic_algorithms``,
     which a run does not change), at least max(2k + 1, 20) (ARPACK's ``ncv`` in scipy),
     at most max(``_BASIS_CAP``, 2k + 1) and the dimension n."""
-    floor = max(2 * k + 1, 20)
+    floor = _arpack_ncv(k)
     return min(n, max(floor, min(_fitting(n, dtype, device) - 1, max(_BASIS_CAP, 2 * k + 1))))
 
 
