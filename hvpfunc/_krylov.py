@@ -17,34 +17,22 @@ from torch import Tensor
 
 from ._operator import norm, total
 
-# Alignment of a host basis' first row: what torch's own CPU allocator gives (AVX-512).
-_ALIGNMENT = 64
-
 
 def empty_basis(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Uninitialized rows for a Krylov basis, on the host in memory Linux may back with
-    transparent huge pages.
+    """Uninitialized rows for a Krylov basis, from torch's allocator in its default pages.
 
-    A basis is written one row per step into memory that is mapped afresh on every call
-    (glibc maps each allocation over 32 MB anew and returns it on free), so each of its
-    4 kB pages is faulted in (and zeroed by the kernel) on first touch: 12.9k faults, 5%
-    of the 400k-parameter MLP's top-eigenvalue job (``python -m benchmarks --only jobs``).
-    numpy's allocator advises huge pages for allocations of 4 MB and more
-    (``madvise(MADV_HUGEPAGE)``, where the system's setting is ``madvise``, Debian's and
-    Ubuntu's default), 2 MB per fault; torch's does so only with ``THP_MEM_ALLOC_ENABLE=1``
-    set before the process starts. The rows are numpy's bytes seen as ``dtype`` (any, a
-    numpy-less bfloat16 included), their start aligned as torch's allocator aligns.
-    Accelerators' memory comes from torch. On a virtual machine a huge page's first touch
-    is now and then slow (the hypervisor backing fresh guest memory): on that MLP job the
-    time beyond the products fell 23% at the median and 9% on average, and rose 31% at
-    the 90th percentile.
+    Not transparent huge pages (numpy's allocator advises them for 4 MB and more, where
+    an earlier version took host bases from): a basis is written a row per step into
+    memory glibc maps afresh for each call, and on the virtual machines the benchmarks
+    run on a 2 MB page's first touch often waits for the hypervisor to back it. Writing
+    28 rows of the 400k-parameter MLP's basis took 71-82 ms in a fresh process and
+    28-30 ms on average after it in huge pages, 12-15 ms and 15-16 ms in 4 kB ones; that
+    MLP's top-eigenvalue job (tol 1e-2) 178-213 ms against 166-197 ms at the median and
+    194-236 ms against 170-201 ms on average (16 rounds, alternating in one process). On
+    the host where huge pages were first measured they saved 5-7% of that job at the
+    median and cost 31% at the 90th percentile.
     """
-    if torch.device(device).type != "cpu":
-        return torch.empty(tuple(shape), dtype=dtype, device=device)
-    size = math.prod(shape) * dtype.itemsize
-    raw = torch.from_numpy(np.empty(size + _ALIGNMENT, dtype=np.uint8))
-    offset = -raw.data_ptr() % _ALIGNMENT
-    return raw[offset : offset + size].view(dtype).view(tuple(shape))
+    return torch.empty(tuple(shape), dtype=dtype, device=device)
 
 
 def orthogonalize(V: Tensor, w: Tensor, allsum: Optional[Callable[[Tensor], Tensor]] = None) -> Tuple[Tensor, Tensor]:

@@ -59,32 +59,3 @@ def test_empty_basis_gives_aligned_writable_rows_of_any_dtype(dtype):
     V.fill_(2)
     assert torch.equal(V[2, 4], torch.full((7,), 2, dtype=dtype))
     assert empty_basis((2, 3), dtype, torch.device("meta")).device.type == "meta"
-
-
-def _transparent_huge_pages() -> str:
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            return f.read()
-    except OSError:
-        return ""
-
-
-@pytest.mark.skipif("[never]" in _transparent_huge_pages() or not _transparent_huge_pages(),
-                    reason="no transparent huge pages on this system")
-def test_empty_basis_is_faulted_in_huge_pages_not_4kB_ones():
-    # The point of empty_basis: a 64 MB basis filled row by row takes 16k page faults in
-    # torch.empty's 4 kB pages (glibc maps it afresh), a few dozen in 2 MB ones.
-    import resource
-
-    rows, n = 40, 400_000
-
-    def faults() -> int:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        V = empty_basis((rows, n), torch.float32, torch.device("cpu"))
-        for j in range(rows):
-            V[j] = 1.0
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-
-    # the best of three: a kernel short of free 2 MB pages at one moment falls back to 4 kB
-    fewest = min(faults() for _ in range(3))
-    assert fewest < rows * n * 4 / 4096 / 4, fewest
