@@ -221,3 +221,17 @@ def test_a_scalar_block_with_more_than_one_eigenvalue_asked_for():
         for i, name in enumerate(("a", "b")):
             exact = torch.linalg.eigvalsh(blocks[name]).flip(0)[:k]
             assert torch.allclose(res.top[i], exact, rtol=1e-7), (name, k, chunk_size, find_copies, res.top[i], exact)
+
+
+@pytest.mark.parametrize("chunk_size", [1, None])
+def test_a_group_of_zero_size_leaves_has_no_eigenvalues_and_a_zero_trace(chunk_size):
+    # a group of empty leaves (nn.Linear(4, 0)'s parameters): Lanczos on it raised
+    # "k must be ... between 1 and the dimension 0, got 0", lockstep an IndexError
+    D = torch.tensor([3.0, -1.0, 2.0], dtype=DT)
+    like = {"a.w": torch.zeros(3, dtype=DT), "b.w": torch.zeros(0, 4, dtype=DT)}
+    matvec = lambda v: {"a.w": D * v["a.w"], "b.w": 2 * v["b.w"]}  # noqa: E731
+    for k in (1, 2):
+        res = hf.block_spectra(matvec, like, num_probes=4, k=k, chunk_size=chunk_size)
+        assert res.status == "converged" and bool(res.converged.all())
+        assert torch.equal(res.traces, torch.tensor([4.0, 0.0], dtype=DT)) and res.sizes.tolist() == [3, 0]
+        assert torch.allclose(res.top[0], torch.tensor([3.0, 2.0], dtype=DT)[:k]) and torch.isnan(res.top[1]).all()

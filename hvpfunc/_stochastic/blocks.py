@@ -240,7 +240,7 @@ def _block_eigenvalues(op: Operator, owner: Tensor, params: Tree, members: Dict[
     leaves, spec = leaves_with_paths(params)
     for g, (values, ok, start, final) in enumerate(runs):
         kk = min(k, sizes[g])
-        if not final:  # thick restarts, from the block's best Ritz vectors if lockstep ran
+        if not final and kk:  # thick restarts, from the block's best Ritz vectors if lockstep ran
             chosen = [i for i, (path, _) in enumerate(leaves) if members[path] == g]
 
             def block(v: Dict[str, Tensor], chosen=chosen) -> Dict[str, Tensor]:
@@ -294,8 +294,11 @@ def _lockstep(op: Operator, index: List[Tensor], sizes: List[int], k: int, tol: 
     estimates = [(np.zeros(limit + 1), np.zeros(limit + 1)) for limit in limits]
     scales, again = [0.0] * len(index), [False] * len(index)
     q = [start[idx] / op.total(start[idx] @ start[idx]).sqrt() for idx in index]
-    results: List[Optional[tuple]] = [None] * len(index)
-    active = list(range(len(index)))
+    # a block of no parameters (zero-size leaves only) has no eigenvalues to find
+    results: List[Optional[tuple]] = [
+        None if size else (torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.bool), start[idx], True)
+        for size, idx in zip(sizes, index)]
+    active = [g for g in range(len(index)) if sizes[g]]
     while active:
         Z = torch.zeros(len(active), local, dtype=op.dtype, device=op.device)
         for row, g in enumerate(active):
