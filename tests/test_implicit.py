@@ -220,3 +220,4 @@ def test_a_point_that_is_not_an_inner_optimum_is_flagged():
             _, res = hf.hypergradient(inner, outer, w, lam, tol=1e-12)
         assert caught[0].filename == __file__
         assert res.stats["inner_gradient_norm"] > 0.01
+        assert res.message.startswith("params is not a stationary point")  # the result says it too

@@ -68,8 +68,9 @@ def hypergradient(
         mode: how the matvec computes products, as in :func:`hvpfunc.hvp_fn`.
         stationarity_tol: params must be within ``stationarity_tol · ‖params‖`` of a
             stationary point of ``inner_loss`` (the Newton distance along its gradient,
-            one extra product); otherwise a :class:`~hvpfunc.ConvergenceWarning` says the
-            theorem does not apply, and ``stats`` holds ``inner_gradient_norm`` and
+            one extra product); otherwise the result's ``message`` and a
+            :class:`~hvpfunc.ConvergenceWarning` say the theorem does not apply (``status``
+            stays the solve's), and ``stats`` holds ``inner_gradient_norm`` and
             ``distance_to_stationary``.
         **solver_options: passed to the solver: ``tol``, ``damping``, ``max_iters`` for
             CG and MINRES; ``alpha``, ``num_terms``, ``tol``, ``damping`` for Neumann.
@@ -200,7 +201,7 @@ def _check_stationary(g: Tree, matvec, params: Tree, tol: float, result: SolveRe
     """The implicit function theorem holds at a stationary point only. The Newton
     distance along the inner gradient g, ‖g‖³ / gᵀHg (one product), says how far params
     is from one; beyond ``tol · ‖params‖`` the hypergradient is not the derivative of
-    anything, and the result says so (stats and a warning)."""
+    anything, and the result says so (its message, stats and a warning)."""
     g_norm = _number(norm(g))
     if g_norm == 0.0:
         return result
@@ -209,15 +210,17 @@ def _check_stationary(g: Tree, matvec, params: Tree, tol: float, result: SolveRe
     stats = {**result.stats, "inner_gradient_norm": g_norm, "distance_to_stationary": distance}
     result = result._replace(stats=MappingProxyType(stats))
     if distance > tol * _number(norm(params)):
-        warnings.warn(
-            f"hypergradient: params is not a stationary point of inner_loss (‖∇_w inner‖ = {g_norm:.3g}, "
+        said = (
+            f"params is not a stationary point of inner_loss (‖∇_w inner‖ = {g_norm:.3g}, "
             f"about {distance:.3g} from one along the gradient, against ‖params‖ = {_number(norm(params)):.3g}): "
             "the implicit function theorem does not apply there, so the hypergradient is not the "
             "derivative of the outer loss through the inner optimum. Train the inner problem further, "
-            "or raise stationarity_tol if an approximate hypergradient is what you want.",
-            ConvergenceWarning,
-            stacklevel=user_stacklevel(),
+            "or raise stationarity_tol if an approximate hypergradient is what you want."
         )
+        # in the result too: a caller that reads status and message, not warnings, must see it
+        result = result._replace(message=f"{said} {result.message}".strip())
+        if result.status is Status.CONVERGED:  # otherwise finish's warning carries the message
+            warnings.warn(f"hypergradient: {said}", ConvergenceWarning, stacklevel=user_stacklevel())
     return result
 
 
