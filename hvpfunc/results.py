@@ -108,7 +108,9 @@ class EigResult(NamedTuple):
             (Lanczos), or r (power iteration, which knows no gap). The eigenvalue is this
             accurate even when the eigenvector is only as accurate as ``residuals`` say.
             r is a bound; the gap is an estimate, which an eigenvalue the run has not
-            separated from θ's own voids (see :func:`hvpfunc.lanczos`, ``stop``).
+            separated from θ's own voids (see :func:`hvpfunc.lanczos`, ``stop``). Never
+            below the products' rounding, 10·ε·‖H‖ (ε of the less precise of the vectors
+            and the parameters), which no residual can see.
         basis_size: the most parameter-sized vectors the solver held at once, its
             memory (Lanczos: the basis plus the next vector; power iteration: 1).
     """

@@ -903,3 +903,20 @@ def test_a_matvec_may_call_lanczos_itself():
                      tol=1e-8, progress=True)
     assert res.status == "converged"
     torch.testing.assert_close(res.eigenvalues, _wanted(torch.linalg.eigvalsh(T), "LM", 2))
+
+
+@pytest.mark.parametrize("stop, block_size", [("residual", 1), ("eigenvalue", 1), ("residual", 2)])
+def test_error_bounds_hold_in_float32_below_the_products_rounding(stop, block_size):
+    # ‖H‖ = 1e6 in float32: a product's rounding (≈ 0.1) hides the eigenvalues 1e-3;
+    # the smallest came back 7e-4 with an error bound of 1e-10 (r²/gap, r = 0.01)
+    lam = torch.tensor([1e6] + [1e-3] * 29, dtype=DT)
+    gen = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(30, 30, generator=gen, dtype=DT))
+    H = ((Q * lam) @ Q.T).float()
+    v0 = {"w": torch.randn(30, generator=gen)}
+    for which, exact in (("SA", 1e-3), ("LA", 1e6)):
+        res = hf.lanczos(lambda v: {"w": H @ v["w"]}, v0, k=1, which=which, tol=1e-3, stop=stop,
+                         block_size=block_size, find_copies=False)
+        assert res.status == "converged"
+        assert abs(float(res.eigenvalues[0]) - exact) <= float(res.errors[0]), (which, res.eigenvalues, res.errors)
+        assert float(res.errors[0]) <= 20 * torch.finfo(torch.float32).eps * 1e6  # and no looser than rounding
