@@ -119,9 +119,10 @@ def cg(
 def _singular_message(curvature: float, pp: float, norm_estimate: float) -> str:
     return (
         f"found a direction p with pᵀ(H + δI)p = {curvature:.3g}, zero to rounding against "
-        f"‖H + δI‖‖p‖² ≈ {norm_estimate * pp:.3g}: H + δI is singular and b has a component in "
-        "its null space, so (H + δI)x = b has no solution; x is the last iterate. Add damping "
-        "(a regularized solution), or use hf.minres (a least-squares solution)."
+        f"‖H + δI‖‖p‖² ≈ {norm_estimate * pp:.3g}: H + δI is singular, or numerically singular in "
+        "this precision (condition number near 1/ε), and b has a component in its null space, so "
+        "(H + δI)x = b has no solution to rounding; x is the last iterate. Add damping (a "
+        "regularized solution), use hf.minres (a least-squares solution), or float64."
     )
 
 
