@@ -129,3 +129,17 @@ def test_max_iters_none_is_the_default():
     matvec, like, _ = spectrum_operator([1.0, 3.0, -0.5])
     res = hf.power_iteration(matvec, random_tree(like, 0), max_iters=None, tol=1e-10)
     assert res.converged and float(res.eigenvalues[0]) == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("which", ["LA", "SA", "LM"])
+def test_error_bound_holds_in_float32_against_the_exact_spectrum(which):
+    # ‖H‖ = 1e6 in float32: the products' rounding (≈ 0.1) is far above the eigenvalues
+    # 1e-3, which the bound must cover (to the nearest eigenvalue: power iteration's r)
+    lam = torch.tensor([1e6, 5e5] + [1e-3] * 28, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(1)
+    Q, _ = torch.linalg.qr(torch.randn(30, 30, generator=gen, dtype=torch.float64))
+    H = ((Q * lam) @ Q.T).float()
+    res = hf.power_iteration(lambda v: {"w": H @ v["w"]}, {"w": torch.randn(30, generator=gen)}, which=which, tol=1e-7)
+    assert res.status == "converged"
+    nearest = float((lam - float(res.eigenvalues[0])).abs().min())
+    assert nearest <= float(res.errors[0]) <= 100 * torch.finfo(torch.float32).eps * 2e6  # its stopping floor
