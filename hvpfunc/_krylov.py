@@ -108,15 +108,17 @@ def lanczos_step(
 
 def three_term(pair: Tensor, w: Tensor, allsum: Optional[Callable[[Tensor], Tensor]] = None) -> Tuple[Tensor, Tensor]:
     """w projected off the (at most two) rows of ``pair`` in one pass: the Lanczos
-    recurrence's step, with its coefficients ⟨v_{j-1}, w⟩, ⟨v_j, w⟩ (Paige's form)."""
+    recurrence's step, with its coefficients ⟨v_{j-1}, w⟩, ⟨v_j, w⟩ (Paige's form).
+    w (a product the caller owns) is projected in place: a fresh vector per step is
+    memory the allocator may map afresh, and page faults cost more than the step."""
     if pair.dim() == 3 and pair.shape[0] == 1:  # one probe: the matrix-vector kernels
-        w, c = three_term(pair[0], w[0], allsum)
-        return w[None], c[None]
+        w0, c = three_term(pair[0], w[0], allsum)
+        return w0[None], c[None]
     if pair.dim() == 2:
         c = total(torch.mv(pair, w), allsum)
-        return torch.addmv(w, pair.T, c, alpha=-1), c
+        return w.addmv_(pair.T, c, alpha=-1), c
     c = total((pair @ w.unsqueeze(-1)).squeeze(-1), allsum)
-    return w - (c.unsqueeze(-2) @ pair).squeeze(-2), c
+    return w.sub_((c.unsqueeze(-2) @ pair).squeeze(-2)), c
 
 
 def cancelled(coefficients: np.ndarray, beta: np.ndarray, eps: float, level: float) -> np.ndarray:
