@@ -152,3 +152,38 @@ def test_a_nearly_scalar_operator_has_its_nodes_inside_the_spectrum():
         res = hf.spectral_density(matvec, like, num_probes=2, num_iters=30, generator=torch.Generator().manual_seed(seed))
         nodes = res.nodes[res.weights > 1e-12]
         assert float(nodes.min()) >= float(lam.min()) - 1e-13 and float(nodes.max()) <= float(lam.max()) + 1e-13
+
+
+def test_probes_whose_krylov_spaces_close_at_different_steps():
+    # eigenvectors (1, -1, 0, ...)/√2 and (0, 0, 1, -1, 0, 0)/√2: a probe with z_0 = z_1
+    # or z_2 = z_3 never sees their eigenvalues, and its space closes a step or two before
+    # the others'; in lockstep it goes on with zero vectors, which must leave every
+    # probe's quadrature exact (nodes at the eigenvalues it sees), unchecked for symmetry
+    n = 6
+    lam = torch.tensor([9.0, 7.0, 2.0, 3.0, 4.0, 5.0], dtype=DT)
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.tensor([[1.0, -1.0, 0, 0, 0, 0], [0, 0, 1.0, -1.0, 0, 0]], dtype=DT).T / 2**0.5
+    Q, _ = torch.linalg.qr(torch.cat([hidden, torch.randn(n, n - 2, generator=gen, dtype=DT)], dim=1))
+    H = (Q * lam) @ Q.T
+    probes = []
+
+    def matvec(v):
+        probes.append(v.clone())
+        return H @ v
+
+    sd = hf.spectral_density(matvec, torch.zeros(n, dtype=DT), num_probes=8, num_iters=n,
+                             generator=torch.Generator().manual_seed(3), chunk_size=1)
+    starts = torch.stack(probes[::n])  # one probe after another, n steps each
+    seen = (starts @ hidden).abs() > 1e-12
+    assert len(set(seen.sum(dim=1).tolist())) > 1  # spaces that close at different steps
+    lockstep = hf.spectral_density(lambda v: H @ v, torch.zeros(n, dtype=DT), num_probes=8, num_iters=n,
+                                   generator=torch.Generator().manual_seed(3), chunk_size=None)
+    for res in (sd, lockstep):  # the same probes: one at a time, and all at once
+        assert res.status == "converged"
+        for i in range(8):
+            for p in range(6):
+                exact = float(starts[i] @ torch.linalg.matrix_power(H / 9, p) @ starts[i])
+                assert float((res.weights[i] * (res.nodes[i] / 9) ** p).sum()) == pytest.approx(exact, abs=1e-12)
+            heavy = res.nodes[i][res.weights[i] > 1e-12]
+            for value, sees in zip((9.0, 7.0), seen[i]):
+                assert bool((heavy - value).abs().min() < 1e-9) == bool(sees)
