@@ -597,3 +597,15 @@ def test_models_that_declare_third_party_fused_attention_are_refused():
         hf.model_hvp_fn(torch.nn.Sequential(torch.nn.Tanh(), MHA(3, 2)), torch.nn.MSELoss(), (x, y))
     hf_like.config = SimpleNamespace(_attn_implementation="sdpa")
     hf.model_hvp_fn(hf_like, torch.nn.MSELoss(), (x, y))
+
+
+def test_hvp_through_an_operation_without_a_second_derivative_says_which_and_what_to_use():
+    # torch 2.13 has no derivative for hardsigmoid_backward: the bare autograd error
+    # named neither hvpfunc's modes nor the one that needs no second derivative
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(0), dtype=DT)
+    params = {"w": torch.randn(3, 4, generator=torch.Generator().manual_seed(1), dtype=DT)}
+    f = lambda p: torch.nn.functional.hardsigmoid(x @ p["w"]).sum()  # noqa: E731
+    with pytest.raises(RuntimeError, match="no derivative for hardsigmoid_backward.*gradient-difference"):
+        hf.hvp(f, params, params)
+    exact = hf.hvp_fn(f, params, mode="gradient-difference")(params)  # piecewise linear: H = 0 off the kinks
+    assert torch.allclose(exact["w"], torch.zeros(3, 4, dtype=DT), atol=1e-8)

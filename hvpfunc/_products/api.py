@@ -16,7 +16,15 @@ from . import difference
 from .auto import AutoProduct, signature
 from .checks import check_product, inspect, record, refuse_fused_attention
 from .compiled import compiled_matvec
-from .modes import BUILDERS, differentiable_kernels, is_forward_ad_gap, routing, scalar_fn
+from .modes import (
+    BUILDERS,
+    differentiable_kernels,
+    is_forward_ad_gap,
+    missing_second_derivative,
+    no_second_derivative,
+    routing,
+    scalar_fn,
+)
 
 MODES = get_args(Mode)
 
@@ -47,6 +55,9 @@ def hvp(f: Callable[..., Tensor], params: Tree, v: Tree, *args: Any, **kwargs: A
         ValueError, TypeError: ``v`` differs from ``params`` in structure, shape, dtype or
             device (the message names the leaf), ``f`` does not return a scalar, or ``f``
             calls a third-party fused attention kernel.
+        RuntimeError: PyTorch has no derivative for the backward of an operation in f
+            (``nn.Hardsigmoid``, ``nn.MultiMarginLoss``, ``nn.EmbeddingBag`` in torch
+            2.13); ``hvp_fn(..., mode="gradient-difference")`` needs none.
 
     Example:
         >>> import torch, hvpfunc as hf
@@ -61,14 +72,18 @@ def hvp(f: Callable[..., Tensor], params: Tree, v: Tree, *args: Any, **kwargs: A
     with differentiable_kernels():
         inspection = record(f, params, args, kwargs)
         refuse_fused_attention(inspection, "hvp")
-        if inspection.forward_hazard is not None:
-            return torch.func.vjp(lambda p: grad_f(p, *args, **kwargs), params)[1](v)[0]
+        if inspection.forward_hazard is None:
+            try:
+                return torch.func.jvp(lambda p: grad_f(p, *args, **kwargs), (params,), (v,))[1]
+            except RuntimeError as err:
+                if not is_forward_ad_gap(err):
+                    raise
         try:
-            return torch.func.jvp(lambda p: grad_f(p, *args, **kwargs), (params,), (v,))[1]
-        except RuntimeError as err:
-            if not is_forward_ad_gap(err):
-                raise
             return torch.func.vjp(lambda p: grad_f(p, *args, **kwargs), params)[1](v)[0]
+        except (RuntimeError, NotImplementedError) as err:
+            if missing_second_derivative(err) is None:
+                raise
+            raise no_second_derivative(err, "hvp") from err
 
 
 class Matvec:
@@ -126,7 +141,16 @@ class Matvec:
             if _has_inference(v):
                 v = pytree.tree_map(_usable, v)
             with self._product.routing():
-                return self._product(v)
+                try:
+                    return self._product(v)
+                except (RuntimeError, NotImplementedError) as err:
+                    # the stored graph's build needs first derivatives only: a missing
+                    # second one shows at the first product, in torch's words
+                    if self.mode == "gradient-difference" or missing_second_derivative(err) is None:
+                        raise
+                    named = f"mode='auto' (running {self.mode!r})" if isinstance(self._product, AutoProduct) \
+                        else f"mode={self.mode!r}"
+                    raise no_second_derivative(err, named) from err
 
     def __repr__(self) -> str:
         return f"Matvec(mode={self.mode!r})"
@@ -253,7 +277,10 @@ def hvp_fn(
             ``mode="linearize"`` for an f it would crash on, or whose traced map does not
             replay bit for bit or disagrees with an independent mode;
             ``mode="compiled"`` and ``torch.compile`` fails on f or disagrees with the
-            eager product.
+            eager product; and, from the matvec's first call, PyTorch has no derivative
+            for the backward of an operation in f (``nn.Hardsigmoid``,
+            ``nn.MultiMarginLoss``, ``nn.EmbeddingBag`` in torch 2.13), which the exact
+            modes need: ``mode="gradient-difference"`` does not.
 
     Example:
         >>> import torch, hvpfunc as hf

@@ -5,8 +5,9 @@ broken forward-mode formulas)."""
 from __future__ import annotations
 
 import contextlib
+import re
 import warnings
-from typing import Any, Callable, ContextManager, Iterator
+from typing import Any, Callable, ContextManager, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -258,6 +259,33 @@ def is_forward_ad_gap(err: BaseException) -> bool:
     (or that torch.func, which forward-over-reverse runs under, cannot run f)."""
     text = str(err).lower()
     return any(pattern in text for pattern in FORWARD_AD_GAPS)
+
+
+# torch's words for a backward formula that has no derivative of its own: "derivative for
+# aten::hardsigmoid_backward is not implemented" (RuntimeError), "the derivative for
+# '_embedding_bag_backward' is not implemented." (NotImplementedError)
+_NO_DERIVATIVE = re.compile(r"derivative for '?(?:aten::)?([\w.]+?)'? is not implemented")
+
+
+def missing_second_derivative(err: BaseException) -> Optional[str]:
+    """The operation named where ``err`` says that PyTorch has no derivative for it (for
+    a product's error: the backward of an operation in f, whose second derivative the
+    exact modes need), else None."""
+    found = _NO_DERIVATIVE.search(str(err))
+    return found.group(1) if found else None
+
+
+def no_second_derivative(err: BaseException, mode: str) -> RuntimeError:
+    """The error a product raises where PyTorch has no derivative for an operation's
+    backward (torch 2.13: multi_margin_loss, multilabel_margin_loss, hardsigmoid,
+    embedding_bag): what is missing, and the mode that needs none. ``mode``: how the
+    message names the mode (``"mode='auto' (running ...)"``)."""
+    return RuntimeError(
+        f"{mode}: PyTorch has no derivative for {missing_second_derivative(err)} (the backward of an "
+        "operation in f), which every exact mode needs for the second derivative. "
+        "mode='gradient-difference' (of hf.hvp_fn or hf.model_hvp_fn) computes H·v from two gradients "
+        "instead (central differences: about 1e-5 relative accuracy in float32, 1e-10 in float64)."
+    )
 
 
 def is_transform_gap(err: BaseException) -> bool:
