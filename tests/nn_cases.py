@@ -129,6 +129,38 @@ class _Similarity(nn.Module):
         return torch.stack([nn.CosineSimilarity()(u, v), nn.PairwiseDistance()(u, v), (u * v).sum(1)], 1)
 
 
+class _Unpool(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.pool, self.unpool = nn.Conv2d(2, 2, 3), nn.MaxPool2d(2, return_indices=True), nn.MaxUnpool2d(2)
+        self.head = nn.Linear(32, 2)
+
+    def forward(self, x):
+        y, where = self.pool(torch.tanh(self.conv(x)))
+        return self.head(torch.tanh(self.unpool(y, where)).flatten(1))
+
+
+class _Transformer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.t = nn.Transformer(4, 2, 1, 1, 8, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.t(x, x.flip(1)).mean(1))
+
+
+class _AdaptiveSoftmax(nn.Module):
+    """AdaptiveLogSoftmaxWithLoss' log-probabilities (its clusters' parameters are the model's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.adaptive = nn.Linear(3, 4), nn.AdaptiveLogSoftmaxWithLoss(4, 6, [3])
+
+    def forward(self, x):
+        return self.adaptive.log_prob(torch.tanh(self.lin(x)))
+
+
 def _head(d):
     return [nn.Tanh(), nn.Flatten(), nn.Linear(d, 2)]
 
@@ -209,8 +241,8 @@ def _initialized(out):
 def _more():
     """The rest of torch.nn that has a double backward: losses of several inputs (a
     plain callable splits the output), the other activations, RMS/instance/local response
-    norms, 1d/3d convolutions, pools, padding, resampling, fold, cells, EmbeddingBag's
-    neighbours, a decoder layer, similarities."""
+    norms, 1d/3d convolutions, pools and unpooling, padding, resampling, fold, cells, a
+    decoder layer and a whole Transformer, adaptive softmax, similarities, a lazy layer."""
     out = {}
     g = _g(3)
     x = torch.randn(6, 3, generator=g, dtype=DT)
@@ -309,6 +341,15 @@ def _more():
         out[f"rnn:{type(cell).__name__}"] = (_Cell(cell), nn.CrossEntropyLoss(), (steps, ys))
     out["attention:TransformerDecoderLayer"] = (_Decoder(), nn.CrossEntropyLoss(),
                                                 (torch.randn(4, 5, 4, generator=g, dtype=DT), ys))
+    out["attention:Transformer"] = (_Transformer().eval(), nn.CrossEntropyLoss(),
+                                    (torch.randn(4, 5, 4, generator=g, dtype=DT), ys))
+    out["conv:MaxPool2d+MaxUnpool2d"] = (_Unpool(), nn.CrossEntropyLoss(), (images, yi))
+    out["loss:AdaptiveLogSoftmaxWithLoss"] = (_AdaptiveSoftmax(), nn.NLLLoss(),
+                                              (x, torch.randint(0, 6, (6,), generator=g)))
+    out["act:AlphaDropout(eval)"] = (_mlp(nn.AlphaDropout(0.3), out=3).eval(), nn.CrossEntropyLoss(), (x, labels))
+    lazy = nn.Sequential(nn.LazyLinear(4), nn.Tanh(), nn.Linear(4, 3)).double()
+    lazy(x)  # materialized by its first call, as in training
+    out["layer:LazyLinear"] = (lazy, nn.CrossEntropyLoss(), (x, labels))
     return out
 
 
@@ -335,4 +376,7 @@ def without_second_derivative():
         "MultiLabelMarginLoss": (_mlp(nn.Tanh(), out=3), nn.MultiLabelMarginLoss(reduction="sum"), (x, several)),
         "Hardsigmoid": (_mlp(nn.Hardsigmoid(), out=3), nn.CrossEntropyLoss(), (x, labels)),
         "EmbeddingBag": (_Bag("mean"), nn.CrossEntropyLoss(), (idx, ys)),
+        "CTCLoss": (nn.Sequential(nn.Linear(3, 4), nn.LogSoftmax(-1)),  # (time, batch, classes) log-probabilities
+                    lambda o, t: nn.CTCLoss()(o, t, torch.tensor([5, 5]), torch.tensor([2, 2])),
+                    (torch.randn(5, 2, 3, generator=g, dtype=DT), torch.tensor([[1, 2], [3, 1]]))),
     })
