@@ -148,8 +148,8 @@ class Matvec:
                     # second one shows at the first product, in torch's words
                     if self.mode == "gradient-difference" or missing_second_derivative(err) is None:
                         raise
-                    named = f"mode='auto' (running {self.mode!r})" if isinstance(self._product, AutoProduct) \
-                        else f"mode={self.mode!r}"
+                    auto = isinstance(self._product, AutoProduct)
+                    named = f"mode='auto' (running {self.mode!r})" if auto else f"mode={self.mode!r}"
                     raise no_second_derivative(err, named) from err
 
     def __repr__(self) -> str:
