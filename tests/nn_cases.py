@@ -109,14 +109,16 @@ class _Bag(nn.Module):
         return self.head(torch.tanh(self.bag(idx)))
 
 
-class _Decoder(nn.Module):
-    def __init__(self):
+class _SequenceToSequence(nn.Module):
+    """A layer of two sequences (a decoder layer, a Transformer) on the tokens and their
+    reversal, averaged, through a linear head."""
+
+    def __init__(self, layer):
         super().__init__()
-        self.dec = nn.TransformerDecoderLayer(4, 2, dim_feedforward=8, dropout=0.0, batch_first=True)
-        self.head = nn.Linear(4, 2)
+        self.layer, self.head = layer, nn.Linear(4, 2)
 
     def forward(self, t):
-        return self.head(self.dec(t, t.flip(1)).mean(1))
+        return self.head(self.layer(t, t.flip(1)).mean(1))
 
 
 class _Similarity(nn.Module):
@@ -138,16 +140,6 @@ class _Unpool(nn.Module):
     def forward(self, x):
         y, where = self.pool(torch.tanh(self.conv(x)))
         return self.head(torch.tanh(self.unpool(y, where)).flatten(1))
-
-
-class _Transformer(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.t = nn.Transformer(4, 2, 1, 1, 8, dropout=0.0, batch_first=True)
-        self.head = nn.Linear(4, 2)
-
-    def forward(self, x):
-        return self.head(self.t(x, x.flip(1)).mean(1))
 
 
 class _AdaptiveSoftmax(nn.Module):
@@ -339,9 +331,10 @@ def _more():
     ys = torch.randint(0, 2, (4,), generator=g)
     for cell in (nn.RNNCell(3, 4), nn.GRUCell(3, 4), nn.LSTMCell(3, 4)):
         out[f"rnn:{type(cell).__name__}"] = (_Cell(cell), nn.CrossEntropyLoss(), (steps, ys))
-    out["attention:TransformerDecoderLayer"] = (_Decoder(), nn.CrossEntropyLoss(),
-                                                (torch.randn(4, 5, 4, generator=g, dtype=DT), ys))
-    out["attention:Transformer"] = (_Transformer().eval(), nn.CrossEntropyLoss(),
+    layers = {"TransformerDecoderLayer": nn.TransformerDecoderLayer(4, 2, dim_feedforward=8, dropout=0.0, batch_first=True),
+              "Transformer": nn.Transformer(4, 2, 1, 1, 8, dropout=0.0, batch_first=True)}
+    for name, layer in layers.items():
+        out[f"attention:{name}"] = (_SequenceToSequence(layer).eval(), nn.CrossEntropyLoss(),
                                     (torch.randn(4, 5, 4, generator=g, dtype=DT), ys))
     out["conv:MaxPool2d+MaxUnpool2d"] = (_Unpool(), nn.CrossEntropyLoss(), (images, yi))
     out["loss:AdaptiveLogSoftmaxWithLoss"] = (_AdaptiveSoftmax(), nn.NLLLoss(),
