@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._operator import norm, total
+from ._operator import Operator, norm, total
 
 
 def empty_basis(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -161,6 +161,13 @@ def reorthogonalize(
             break
         before = beta
     return w, total_d, beta
+
+
+def step_rounding(op: Operator) -> float:
+    """One step's rounding relative to ‖H‖, ``STEP_ROUNDING · ε``, with ε that of the less
+    precise of the vectors and the products: the loss of orthogonality a step may cause
+    (Simon's estimates) and the floor of a reported eigenvalue error."""
+    return STEP_ROUNDING * max(torch.finfo(op.dtype).eps, op.layout.product_eps)
 
 
 def symmetry_slack(product_eps: float) -> float:

@@ -14,7 +14,6 @@ import torch
 from torch import Tensor
 
 from .._krylov import (
-    STEP_ROUNDING,
     cancelled,
     check_symmetric,
     empty_basis,
@@ -22,6 +21,7 @@ from .._krylov import (
     lanczos_step,
     orthogonalize,
     reorthogonalize,
+    step_rounding,
     symmetry_slack,
     three_term,
 )
@@ -259,7 +259,7 @@ def lanczos(
     ctx = _Options(
         which=which, tol=tol, stop=stop, eps=eps, budget=budget, generator=generator,
         slack=symmetry_slack(op.layout.product_eps),
-        rounding=STEP_ROUNDING * max(eps, op.layout.product_eps), allsum=op.allsum, start=x0,
+        rounding=step_rounding(op), allsum=op.allsum, start=x0,
     )
     find_copies = k > 1 if find_copies is None else bool(find_copies)
     if block_size != 1:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._krylov import STEP_ROUNDING
+from .._krylov import step_rounding
 from .._operator import Operator, check_count, check_start, eigen_tol, isfinite, norm
 from .._outcome import finish
 from .._precision import in_plain_autograd
@@ -148,8 +148,7 @@ def power_iteration(
     vector = run.vector / norm(run.vector, op.allsum)
     # |λ − θ| ≤ ‖r‖ for the operator the products apply, which differs from H by their
     # rounding (as lanczos reports it; run.norm is ‖H − σI‖'s estimate, at most 2‖H‖)
-    eps = max(torch.finfo(op.dtype).eps, op.layout.product_eps)
-    rounding = STEP_ROUNDING * eps * max(abs(run.eigenvalue), run.norm) if math.isfinite(run.eigenvalue) else 0.0
+    rounding = step_rounding(op) * max(abs(run.eigenvalue), run.norm) if math.isfinite(run.eigenvalue) else 0.0
     result = EigResult(
         eigenvalues=torch.tensor([run.eigenvalue], dtype=op.dtype, device=op.device),
         eigenvectors=op.layout.unflatten(vector[None]),

@@ -14,12 +14,12 @@ from torch import Tensor
 
 from .._eigen.lanczos import lanczos
 from .._krylov import (
-    STEP_ROUNDING,
     cancelled,
     check_symmetric,
     empty_basis,
     orthogonality_estimate,
     reorthogonalize,
+    step_rounding,
     symmetry_slack,
     three_term,
 )
@@ -281,7 +281,7 @@ def _lockstep(op: Operator, index: List[Tensor], sizes: List[int], k: int, tol: 
     estimate; the whole basis is read only where it nears √ε).
     """
     eps = torch.finfo(op.dtype).eps
-    rounding = STEP_ROUNDING * max(eps, op.layout.product_eps)
+    rounding = step_rounding(op)
     local = sum(op.layout.sizes)  # this rank's entries of a sharded vector, else all
     limits = [min(size, max(_LOCKSTEP_STEPS, 4 * k + 20)) for size in sizes]
     start = op.probes(1, generator)[0]

@@ -10,12 +10,12 @@ import torch
 from torch import Tensor
 
 from .._krylov import (
-    STEP_ROUNDING,
     cancelled,
     check_symmetric,
     empty_basis,
     orthogonality_estimate,
     reorthogonalize,
+    step_rounding,
     symmetry_slack,
     three_term,
 )
@@ -181,7 +181,7 @@ def _tridiagonalize(
     """
     b, n = Z.shape
     eps = torch.finfo(op.dtype).eps
-    rounding = STEP_ROUNDING * max(eps, op.layout.product_eps)
+    rounding = step_rounding(op)
     Q = empty_basis((b, steps, n), op.dtype, op.device)  # row j is written before it is read
     alpha = np.zeros((b, steps))
     beta = np.zeros((b, steps))
