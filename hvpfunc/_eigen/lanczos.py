@@ -561,8 +561,7 @@ def _run(
         _time_step(state, time.perf_counter() - start)
         if op.num_matvecs >= ctx.budget:
             return state, Status.MAX_ITERS, f"max_iters={ctx.budget} products reached"
-        _advance(state, w, ritz, invariant=invariant, k=k, which=ctx.which, generator=ctx.generator,
-                 allsum=ctx.allsum, avoid=ctx.start)
+        _advance(state, w, ritz, ctx, invariant=invariant, k=k)
 
 
 class _Carried(NamedTuple):
@@ -610,7 +609,7 @@ def _check_copies(
             return pairs, Status.CONVERGED, "", held
         kth = float(pairs.values[-1])
         floor = float(_threshold(np.array([kth]), ctx.tol, ctx.eps, norm_estimate)[0])
-        beyond = {"LA": kth + floor, "SA": kth - floor, "LM": abs(kth) + floor}[ctx.which]
+        beyond = _beyond(kth, floor, ctx.which)
         tied = False  # whether this run ended on a copy of the k-th
 
         def done(state: _State, ritz: _Ritz, invariant: bool) -> bool:
@@ -758,13 +757,17 @@ def _resolved(state: _State, pairs: _Pairs, ctx: _Options) -> Tensor:
     return _orthonormal_rows(torch.cat([pairs.vectors, G]), ctx.allsum)
 
 
+def _beyond(kth: float, floor: float, which: str) -> float:
+    """The point past which an eigenvalue is preferred to the k-th by more than its
+    tolerance ``floor``: above it for ``"LA"``, below for ``"SA"``, above it in
+    magnitude for ``"LM"``."""
+    return {"LA": kth + floor, "SA": kth - floor, "LM": abs(kth) + floor}[which]
+
+
 def _better(value: float, kth: float, floor: float, which: str) -> bool:
     """Whether ``value`` is preferred to the k-th eigenvalue by more than its tolerance."""
-    if which == "LA":
-        return value > kth + floor
-    if which == "SA":
-        return value < kth - floor
-    return abs(value) > abs(kth) + floor
+    t = _beyond(kth, floor, which)
+    return value < t if which == "SA" else (abs(value) if which == "LM" else value) > t
 
 
 def _tied(value: float, residual: float, kth: float, floor: float, which: str) -> bool:
@@ -818,7 +821,7 @@ def _expand(state: _State, op: Operator, ctx: _Options, deflate: Optional[Tensor
     j = state.j
     start = time.perf_counter()
     # the product goes straight into the next row (free: the basis holds m + 1 rows and
-    # j < m here), where the step orthogonalizes and _advance normalizes it in place
+    # j < m here), where the step orthogonalizes and normalizes it in place
     product = _product(op, state.V[j], out=state.V[j + 1])
     if product.is_cuda and state.V.shape[0] - 1 < state.cap:
         # the timing decides whether the basis grows: only then is a synchronization worth it
@@ -976,15 +979,12 @@ def _gaps(theta: np.ndarray, wanted: np.ndarray, every: np.ndarray) -> np.ndarra
     return others.min(axis=1)
 
 
-def _advance(
-    state: _State, w: Tensor, ritz: _Ritz, *, invariant: bool, k: int, which: str,
-    generator: torch.Generator, allsum: Optional[Callable[[Tensor], Tensor]] = None,
-    avoid: Optional[Tensor] = None,
-) -> None:
+def _advance(state: _State, w: Tensor, ritz: _Ritz, ctx: _Options, *, invariant: bool, k: int) -> None:
     """Put the next basis vector in place: w (already w/β, from :func:`_expand`), or a
-    fresh random direction after an invariant subspace. When the basis is full it grows
-    if :func:`_grown` allows, else restarts keeping the Ritz vectors :func:`_kept` chooses."""
-    j, m = state.j, state.V.shape[0] - 1
+    fresh random direction from ``ctx.generator`` after an invariant subspace. When the
+    basis is full it grows if :func:`_grown` allows, else restarts keeping the Ritz
+    vectors :func:`_kept` chooses."""
+    j, m, allsum = state.j, state.V.shape[0] - 1, ctx.allsum
     if j == m:
         grown = _grown(state)
         if allsum is not None:
@@ -1005,7 +1005,7 @@ def _advance(
             relation[: m + 1] = state.relation
             state.V, state.T, state.omega, state.relation, m = V, T, omega, relation, grown
     if invariant:
-        nxt = _fresh_direction(state.V[:j], generator, allsum, avoid=avoid)
+        nxt = _fresh_direction(state.V[:j], ctx.generator, allsum, avoid=ctx.start)
         state.omega[j, :j] = state.omega[:j, j] = 0.0
         state.krylov = False
     else:
@@ -1014,7 +1014,7 @@ def _advance(
         state.T[j, j - 1] = state.beta  # vᵀ_{j-1}Hv_j must come back equal: the symmetry check
     state.plain = not invariant and j != m
     if j == m:
-        _restart(state, ritz, _kept(ritz.theta, k, which), nxt, allsum)
+        _restart(state, ritz, _kept(ritz.theta, k, ctx.which), nxt, allsum)
     elif invariant:
         state.V[j] = nxt
 
