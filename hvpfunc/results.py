@@ -161,8 +161,12 @@ class TraceResult(NamedTuple):
         stderr: standard error of ``estimate`` (its standard deviation estimated from
             the probes, widened by Student's t for few probes so that ±1.96·stderr is a
             95% interval; for Hutch++ the low-rank part is exact given its sketch, so the
-            error is the stochastic remainder's; XTrace's is optimistic, see
-            :func:`hvpfunc.trace`).
+            error is the stochastic remainder's; XTrace's is the jackknife's, see
+            :func:`hvpfunc.trace`). Never below the products' rounding, 10·ε·Σ‖x‖‖Hx‖
+            over the forms xᵀHx that make the estimate (ε of the less precise of the
+            vectors and the products): where every probe gives the same value (a
+            diagonal H with Rademacher probes, a sketch that spans range(H)) the spread
+            is zero but the value is not exact.
         num_matvecs: products with the operator spent.
         status: ``"converged"`` (every product was finite), or ``"non_finite"``: the
             estimate then comes from the probes before the first non-finite product
@@ -180,7 +184,9 @@ class TraceResult(NamedTuple):
 class DiagonalResult(NamedTuple):
     """A stochastic estimate of diag(H), as trees shaped like the parameters.
 
-    ``status`` and ``message`` as in :class:`TraceResult`.
+    ``stderr`` per entry, as in :class:`TraceResult`, its rounding floor 10·ε times the
+    entry's mean |x ⊙ Hx| over the probes (and the sketch's basis for XDiag). ``status``
+    and ``message`` as in :class:`TraceResult`.
     """
 
     estimate: Any
@@ -245,7 +251,8 @@ class BlockSpectra(NamedTuple):
     Attributes:
         groups: the groups' names, in the order of their first parameter.
         traces: tr H_bb per group (Hutchinson, shared probes), shape ``(groups,)``.
-        stderrs: their standard errors (±1.96·stderr is a 95% interval).
+        stderrs: their standard errors (±1.96·stderr is a 95% interval; never below the
+            rounding of the products, as :class:`TraceResult`'s, from each group's Σ|z ⊙ Hz|).
         shares: each trace over their sum (the whole trace's estimate).
         sizes: parameters per group.
         top: the top ``k`` eigenvalues of each block, shape ``(groups, k)``, float64;

@@ -30,7 +30,7 @@ from .._progress import Progress
 from .._types import ChunkSize, MatvecFn, ProgressArg, Tree
 from ..results import BlockSpectra, ConvergenceWarning, Status
 from ..tree import leaves_with_paths
-from .trace import _t975
+from .trace import _floored, _t975
 
 Groups = Union[None, Callable[[str], str], Mapping]
 
@@ -122,6 +122,7 @@ def block_spectra(
     op.expect(num_probes)
     bar = Progress(progress, total=num_probes, desc="block traces")
     samples: List[Tensor] = []
+    magnitudes: List[Tensor] = []  # per group, Σ |z ⊙ Hz|: the rounding scale of its trace
     finite = True
     try:
         for Z, HZ in op.probe_blocks(num_probes, generator, chunk_size):
@@ -130,6 +131,8 @@ def block_spectra(
             per_group.index_add_(1, owner, forms)
             per_group, finite = finite_rows(op.total(per_group))
             samples.append(per_group)
+            magnitude = torch.zeros(Z.shape[0], len(names), dtype=op.dtype, device=op.device)
+            magnitudes.append(op.total(magnitude.index_add_(1, owner, forms.abs_()))[: per_group.shape[0]])
             if not finite:
                 break
     finally:
@@ -137,7 +140,8 @@ def block_spectra(
     values = torch.cat(samples)
     count = values.shape[0]
     traces = values.mean(dim=0) if count else torch.full((len(names),), math.nan, dtype=op.dtype)
-    stderrs = (values.std(dim=0) / math.sqrt(count) * _t975(count - 1) / 1.96 if count >= 2
+    stderrs = (_floored(values.std(dim=0) / math.sqrt(count) * _t975(count - 1) / 1.96, op,
+                        torch.cat(magnitudes).mean(dim=0)) if count >= 2
                else torch.full((len(names),), math.nan, dtype=op.dtype, device=op.device))
     trace_products = op.num_matvecs
     top, converged, eig_products = _block_eigenvalues(op, owner, params, members, len(names), k, tol, generator,

@@ -8,6 +8,7 @@ from typing import Callable, NamedTuple, Optional, Tuple, get_args
 import torch
 from torch import Tensor
 
+from .._krylov import step_rounding
 from .._operator import Operator, check_count, finite_rows, rowdot
 from .._outcome import finish, probes_outcome
 from .._precision import in_plain_autograd
@@ -104,10 +105,11 @@ def trace(
         :class:`~hvpfunc.TraceResult`: ``estimate``, ``stderr`` (the standard deviation
         of the estimate, from the probes' sample variance, widened by Student's t so
         that a ±1.96·stderr band holds the trace 95% of the time however few the
-        probes; see XTrace above), ``num_matvecs``, and ``status``: ``"converged"``,
-        ``"max_iters"`` (``tol`` not met within the budget), or ``"non_finite"`` when a
-        product was nan or inf (no more probes are drawn; the
-        estimate uses the probes before it, nan if none, and a
+        probes; see XTrace above; never below the products' rounding, so never exactly
+        0 for a nonzero H: :class:`~hvpfunc.TraceResult`), ``num_matvecs``, and
+        ``status``: ``"converged"``, ``"max_iters"`` (``tol`` not met within the
+        budget), or ``"non_finite"`` when a product was nan or inf (no more probes are
+        drawn; the estimate uses the probes before it, nan if none, and a
         :class:`~hvpfunc.ConvergenceWarning` is issued).
 
     Raises:
@@ -213,8 +215,8 @@ def _round(
     used, whether every product was finite)."""
     nan = torch.tensor(math.nan, dtype=op.dtype, device=op.device)
     if method == "hutchinson":
-        samples, finite = _quadratic_forms(op, count, generator, chunk_size, bar)
-        return _mean(samples), _stderr(samples), samples.shape[0], finite
+        samples, scales, finite = _quadratic_forms(op, count, generator, chunk_size, bar)
+        return _mean(samples), _floored(_stderr(samples), op, _mean(scales)), samples.shape[0], finite
     if method == "xtrace":
         samples, stderr, finite = _xtrace(op, count // 2, generator, chunk_size, bar)
         return _mean(samples), stderr, samples.shape[0], finite
@@ -226,16 +228,18 @@ def _round(
     if method == "auto":
         if not _deflation_pays(op, S, HS, count):
             forms = op.total(rowdot(S, HS))  # the sketch's probes are Hutchinson samples too
-            rest, finite = _quadratic_forms(op, count - sketch, generator, chunk_size, bar)
+            rest, scales, finite = _quadratic_forms(op, count - sketch, generator, chunk_size, bar)
             samples = torch.cat([forms, rest])
-            return _mean(samples), _stderr(samples), samples.shape[0], finite
+            scale = _mean(torch.cat([_norms(op, S) * _norms(op, HS), scales]))
+            return _mean(samples), _floored(_stderr(samples), op, scale), samples.shape[0], finite
     Q = _orthonormal_rows(HS, op.allsum)  # a basis of range(HS)
     HQ = op.batch(Q, chunk_size=chunk_size, bar=bar)
     exact = op.total((Q * HQ).sum())
     if not bool(torch.isfinite(exact)):
         return nan, nan, 0, False
-    samples, finite = _quadratic_forms(op, count - 2 * sketch, generator, chunk_size, bar, deflate=Q)
-    return exact + _mean(samples), _stderr(samples), samples.shape[0], finite
+    samples, scales, finite = _quadratic_forms(op, count - 2 * sketch, generator, chunk_size, bar, deflate=Q)
+    scale = _norms(op, HQ).sum() + _mean(scales)  # the exact part's s forms, then the remainder's
+    return exact + _mean(samples), _floored(_stderr(samples), op, scale), samples.shape[0], finite
 
 
 def _deflation_pays(op: Operator, S: Tensor, HS: Tensor, count: int) -> bool:
@@ -361,7 +365,8 @@ def squared_frobenius_norm(
         bar.close()
     values = torch.cat(samples)
     status, message = probes_outcome(finite, values.shape[0], num_probes)
-    result = TraceResult(_mean(values), _stderr(values), op.num_matvecs, status, message)
+    estimate = _mean(values)  # each sample ‖Hz‖² is a form of H², its own rounding scale
+    result = TraceResult(estimate, _floored(_stderr(values), op, estimate), op.num_matvecs, status, message)
     return finish(result, "squared_frobenius_norm")
 
 
@@ -414,8 +419,10 @@ def _xtrace(
         return empty, torch.tensor(math.nan, dtype=op.dtype, device=op.device), False
     W, HW, Q, HQ, S = sketch
     M = op.total(Q @ HQ.T)  # QᵀHQ
+    projected_scale = _norms(op, HQ).sum()  # tr(QᵀHQ): a form per row of Q
     if S is None:  # the remainder (I − QQᵀ)H(I − QQᵀ) vanishes: tr(QᵀHQ) is the trace
-        return torch.trace(M).expand(s), torch.zeros((), dtype=op.dtype, device=op.device), True
+        zero = torch.zeros((), dtype=op.dtype, device=op.device)
+        return torch.trace(M).expand(s), _floored(zero, op, projected_scale), True
     projected = torch.trace(M) - torch.einsum("ai,ab,bi->i", S, M, S)  # tr(Q₋ᵢᵀHQ₋ᵢ)
 
     def deflated(C: Tensor) -> Tensor:  # row i of C times (I − sᵢsᵢᵀ)
@@ -424,7 +431,8 @@ def _xtrace(
     HPW = HW - deflated(op.total(W @ Q.T)) @ HQ  # row i: H(I − Q₋ᵢQ₋ᵢᵀ)wᵢ
     PHPW = HPW - deflated(op.total(HPW @ Q.T)) @ Q  # row i: (I − Q₋ᵢQ₋ᵢᵀ)H(I − Q₋ᵢQ₋ᵢᵀ)wᵢ
     samples = projected + op.total((W * PHPW).sum(dim=1))
-    return samples, _jackknife_stderr(op, W, HW, Q, HQ, M, S), True
+    scale = projected_scale + _mean(_norms(op, W) * _norms(op, HW))
+    return samples, _floored(_jackknife_stderr(op, W, HW, Q, HQ, M, S), op, scale), True
 
 
 def _jackknife_stderr(op: Operator, W: Tensor, HW: Tensor, Q: Tensor, HQ: Tensor, M: Tensor, S: Tensor) -> Tensor:
@@ -483,13 +491,14 @@ def _xdiag(
         return nan, nan, False
     W, HW, Q, HQ, S = sketch
     projected = (Q * HQ).sum(dim=0)  # diag(QQᵀH)
-    if S is None:
-        return projected, torch.zeros_like(projected), True  # range(H) inside span(Q): exact
+    if S is None:  # range(H) inside span(Q): exact but for rounding
+        return projected, _floored(torch.zeros_like(projected), op, (Q * HQ).abs().sum(dim=0)), True
     QS, HQS = S.T @ Q, S.T @ HQ  # rows i: Qsᵢ and HQsᵢ
     T = op.total(HQ @ W.T)  # column i: tᵢ
     c = (S * T).sum(dim=0)  # sᵢᵀtᵢ
     samples = projected - QS * HQS + W * (HW - T.T @ Q + c[:, None] * QS)
-    return samples.mean(dim=0), _diagonal_jackknife(W, HW, Q, HQ, S, T, projected), True
+    scale = (Q * HQ).abs().sum(dim=0) + (W * HW).abs().mean(dim=0)
+    return samples.mean(dim=0), _floored(_diagonal_jackknife(W, HW, Q, HQ, S, T, projected), op, scale), True
 
 
 def _diagonal_jackknife(W: Tensor, HW: Tensor, Q: Tensor, HQ: Tensor, A: Tensor, T: Tensor,
@@ -534,20 +543,22 @@ def _quadratic_forms(
     chunk_size: ChunkSize,
     bar: Progress,
     deflate: Optional[Tensor] = None,
-) -> Tuple[Tensor, bool]:
+) -> Tuple[Tensor, Tensor, bool]:
     """zᵀHz for ``count`` Rademacher z (projected off the rows of ``deflate``), drawn a
-    block at a time so that memory holds one block of probes, not all of them; and
-    whether every product was finite (if not, the samples before the first one that
-    was not, and no more products)."""
-    samples = []
+    block at a time so that memory holds one block of probes, not all of them; their
+    rounding scales ‖z‖‖Hz‖ (:func:`_floored`); and whether every product was finite (if
+    not, the samples before the first one that was not, and no more products)."""
+    samples, scales = [], []
     for Z, HZ in op.probe_blocks(count, generator, chunk_size):
         if deflate is not None:
             Z = Z - op.total(Z @ deflate.T) @ deflate
-        forms, finite = finite_rows(op.total(rowdot(Z, op.batch(Z, chunk_size=chunk_size, bar=bar, out=HZ))))
+        products = op.batch(Z, chunk_size=chunk_size, bar=bar, out=HZ)
+        forms, finite = finite_rows(op.total(rowdot(Z, products)))
         samples.append(forms)
+        scales.append((_norms(op, Z) * _norms(op, products))[: forms.shape[0]])
         if not finite:
-            return torch.cat(samples), False
-    return torch.cat(samples), True
+            return torch.cat(samples), torch.cat(scales), False
+    return torch.cat(samples), torch.cat(scales), True
 
 
 @in_plain_autograd
@@ -634,6 +645,7 @@ def _diagonal(op: Operator, num_probes: int, method: str, generator: Optional[to
     # Running mean and sum of squared deviations, merged chunk by chunk (Chan et al.),
     # so memory holds one chunk of probes and the variance does not cancel.
     count, mean, m2 = 0, torch.zeros(sum(op.layout.sizes), dtype=op.dtype, device=op.device), None
+    magnitude = torch.zeros_like(mean)  # Σ |z ⊙ Hz|, the rounding scale (:func:`_floored`)
     all_finite = True
     for Z, HZ in op.probe_blocks(num_probes, generator, chunk_size):
         samples, finite = finite_rows(op.batch(Z, chunk_size=chunk_size, bar=bar, out=HZ).mul_(Z))
@@ -642,6 +654,7 @@ def _diagonal(op: Operator, num_probes: int, method: str, generator: Optional[to
         if c == 0:
             break
         c_mean = samples.mean(dim=0)
+        magnitude += samples.abs().sum(dim=0)
         c_m2 = ((samples - c_mean) ** 2).sum(dim=0)
         delta = c_mean - mean
         total = count + c
@@ -653,7 +666,8 @@ def _diagonal(op: Operator, num_probes: int, method: str, generator: Optional[to
     if count == 0:
         mean = torch.full_like(mean, math.nan)
     if count > 1:
-        stderr = torch.sqrt(m2 / (count - 1)) / math.sqrt(count) * (_t975(count - 1) / _Z975)
+        stderr = _floored(torch.sqrt(m2 / (count - 1)) / math.sqrt(count) * (_t975(count - 1) / _Z975), op,
+                          magnitude / count)
     else:
         stderr = torch.full_like(mean, math.nan)
     status, message = probes_outcome(all_finite, count, num_probes)
@@ -684,6 +698,22 @@ def _stderr(samples: Tensor) -> Tensor:
 
 
 _Z975 = 1.959963984540054
+
+
+def _norms(op: Operator, rows: Tensor) -> Tensor:
+    """The 2-norm of every row (over all ranks for sharded vectors)."""
+    return op.total(rowdot(rows, rows)).sqrt()
+
+
+def _floored(stderr: Tensor, op: Operator, scale: Tensor) -> Tensor:
+    """``stderr``, but never below the products' rounding, ``STEP_ROUNDING · ε · scale``
+    (ε of the less precise of the vectors and the products), ``scale`` summing ‖x‖‖Hx‖
+    over the forms xᵀHx that make up the estimate (per entry for a diagonal: |x ⊙ Hx|).
+    Where every probe gives the same value (a diagonal H with Rademacher probes, a
+    sketch that spans range(H)) the sample spread is exactly zero, but the value still
+    carries the rounding of H's products and of their sums: in float32 with ‖H‖ = 1e6,
+    XTrace was 0.28 off with a standard error of 0. A nan standard error stays nan."""
+    return torch.maximum(stderr, step_rounding(op) * scale.to(stderr.dtype))
 
 
 def _t975(dof: int) -> float:
