@@ -31,7 +31,7 @@ _RUNS = 3  # one warm-up, then the median of two
 # hvpfunc against PyHessian, called alternately (one warm-up round): on this shared
 # machine, whose speed drifts by ±20% between minutes, the median of the rounds' ratios
 # compares like with like; more rounds where a round takes under two seconds
-_ROUNDS_SHORT, _ROUNDS_LONG = 8, 3
+_ROUNDS_SHORT, _ROUNDS_LONG = 8, 4
 
 
 class _Block(nn.Module):
@@ -136,7 +136,7 @@ def _pyhessian_accuracy(model: nn.Module, x, y, top: float, seeds: int) -> Optio
 def _versus(rows: list, job: str, ours: Callable, how: str, describe_ours: Callable, theirs: Callable,
             their_how: str, describe_theirs: Callable, device: torch.device) -> None:
     """hvpfunc's row and a peer's (``theirs`` returns (result, products)) for one job,
-    timed alternately: each round runs both, seeded with the round's number
+    timed alternately: each round runs both (the peer first in odd rounds), seeded with the round's number
     (``ours(seed)``, ``theirs(seed)``), so that both sample their start vectors or probes
     over the same rounds on every run of the benchmark (PyHessian's come from the global
     generator, whose state otherwise depends on whatever ran before: its top-eigenvalue
@@ -152,25 +152,29 @@ def _versus(rows: list, job: str, ours: Callable, how: str, describe_ours: Calla
     rounds = _ROUNDS_LONG
     round_ = 0
     while round_ <= rounds:
-        sync(device)
-        began = time.perf_counter()
-        mine = ours(round_)
-        sync(device)
-        mid = time.perf_counter()
-        if failure is None:
-            try:
-                result, count = theirs(round_)
-                sync(device)
-            except Exception as err:
-                failure = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:70]}"
-        end = time.perf_counter()
-        if round_ == 0 and end - began < 2.0:
+        # odd rounds run the peer first: each job inherits the allocator state the other
+        # left (a CNN product faulted in 3k-60k fresh pages depending on what ran before)
+        order = ("ours", "theirs") if round_ % 2 == 0 else ("theirs", "ours")
+        took = {}
+        for who in order:
+            sync(device)
+            began = time.perf_counter()
+            if who == "ours":
+                mine = ours(round_)
+            elif failure is None:
+                try:
+                    result, count = theirs(round_)
+                except Exception as err:
+                    failure = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:70]}"
+            sync(device)
+            took[who] = time.perf_counter() - began
+        if round_ == 0 and sum(took.values()) < 2.0:
             rounds = _ROUNDS_SHORT
         elif round_:
-            ours_times.append(mid - began)
+            ours_times.append(took["ours"])
             ours_counts.append(mine.num_matvecs)
             if failure is None:
-                their_times.append(end - mid)
+                their_times.append(took["theirs"])
                 their_counts.append(count)
         round_ += 1
     seconds = statistics.median(ours_times)
