@@ -192,10 +192,11 @@ _MINIMUM = {"hutchinson": 2, "hutch++": 4, "xtrace": 4, "auto": 4}
 def _combined(estimates: Tensor, variances: Tensor) -> Tuple[Tensor, Tensor]:
     """Independent unbiased estimates combined by inverse-variance weights, and the
     combination's standard error. The weights are taken relative to the smallest
-    variance, so that none overflows; rounds with zero variance (a diagonal H gives
-    every Rademacher probe zᵀHz = tr H) are exact, and only they are averaged. With
-    weights 1/max(v, tiny) such a round weighed 4.5e307 and the estimate came back inf,
-    marked converged."""
+    variance, so that none overflows: a round whose probes all agree (a diagonal H gives
+    every Rademacher probe zᵀHz = tr H) has only the rounding floor's variance
+    (:func:`_floored`), and with weights 1/max(v, tiny) such a round once weighed
+    4.5e307 and the estimate came back inf, marked converged. Rounds with zero variance
+    (H = 0, whose products are exactly 0) are exact, and only they are averaged."""
     if not bool(torch.isfinite(variances).all()):  # a round too small for a standard error
         return estimates.mean(), torch.tensor(math.nan, dtype=estimates.dtype, device=estimates.device)
     smallest = variances.min()
