@@ -767,7 +767,9 @@ def _beyond(kth: float, floor: float, which: str) -> float:
 def _better(value: float, kth: float, floor: float, which: str) -> bool:
     """Whether ``value`` is preferred to the k-th eigenvalue by more than its tolerance."""
     t = _beyond(kth, floor, which)
-    return value < t if which == "SA" else (abs(value) if which == "LM" else value) > t
+    if which == "SA":
+        return value < t
+    return (abs(value) if which == "LM" else value) > t
 
 
 def _tied(value: float, residual: float, kth: float, floor: float, which: str) -> bool:
