@@ -2,7 +2,7 @@
 
     python -m benchmarks                      # CPU, small models
     python -m benchmarks --device cuda --size large
-    python -m benchmarks --only jobs          # or: products, solvers, estimators, sharded
+    python -m benchmarks --only jobs          # or: products, solvers, choices, estimators, sharded
 
 Peers (PyHessian, hessian-eigenthings, curvlinops) are compared where installed:
 pip install -e ".[bench]".
@@ -11,12 +11,18 @@ pip install -e ".[bench]".
 from __future__ import annotations
 
 import argparse
+from typing import Iterator
 
 import torch
 
-from . import estimators, jobs, peers, products, sharded, solvers
+from . import choices, estimators, jobs, peers, products, sharded, solvers
 from .harness import describe
 from .models import build
+
+
+def _stream(parts: Iterator[str]) -> None:
+    for part in parts:
+        print(part, flush=True)
 
 
 def main() -> None:
@@ -25,7 +31,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--size", default=None, choices=["tiny", "small", "large"],
                         help="model sizes (default: small on CPU, large on CUDA)")
-    parser.add_argument("--only", choices=["jobs", "products", "solvers", "estimators", "sharded"], default=None)
+    parser.add_argument("--only", choices=["jobs", "products", "solvers", "choices", "estimators", "sharded"], default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
     size = args.size or ("large" if device.type == "cuda" else "small")
@@ -37,13 +43,16 @@ def main() -> None:
           "the operator and one product, as a multiple of a gradient's.\n")
     if args.only in (None, "jobs"):
         print("## Jobs, end to end (construction included)\n")
-        print(jobs.run(device, tiny=size == "tiny"))
+        _stream(jobs.tables(device, tiny=size == "tiny"))
     if args.only in (None, "products"):
         print("## Hessian-vector products\n")
-        print(products.run(build(size, device), device))
+        _stream(products.tables(build(size, device), device))
     if args.only in (None, "solvers"):
         print("## Solvers\n")
         print(solvers.run(device, tiny=size == "tiny"))
+    if args.only in (None, "choices"):
+        print("## Choices by device: each default against its alternatives\n")
+        _stream(choices.tables(build(size, device), device, tiny=size == "tiny"))
     if args.only in (None, "estimators"):
         print("## Products per answer (dense operators, float64)\n")
         print(estimators.run(tiny=size == "tiny"))

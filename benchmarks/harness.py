@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -90,16 +90,29 @@ def paired_medians(fn: Callable[[], object], reference: Callable[[], object], de
 
 def peak_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
     """Peak GPU memory allocated during ``fn()`` above what was allocated before it
-    (None on CPU, where PyTorch keeps no such counter)."""
+    (None on CPU, where PyTorch keeps no such counter); its result is freed."""
+    return peak_during(fn, device)[1]
+
+
+def peak_during(fn: Callable[[], object], device: torch.device) -> Tuple[object, Optional[int]]:
+    """(``fn()``, the peak GPU memory allocated during it above what was allocated before
+    it; None on CPU)."""
     if device.type != "cuda":
-        return None
+        return fn(), None
     sync(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
     out = fn()
     sync(device)
-    del out
-    return torch.cuda.max_memory_allocated(device) - base
+    return out, torch.cuda.max_memory_allocated(device) - base
+
+
+def memory_cells(peaks: List[Optional[int]]) -> List[str]:
+    """A table's peak-memory cell (the median, in MiB) where the device counts it, else
+    no cell: CPU tables keep their columns."""
+    if not peaks or any(p is None for p in peaks):
+        return []
+    return [f"{statistics.median(peaks) / 2**20:.1f}"]
 
 
 def describe(device: torch.device) -> str:

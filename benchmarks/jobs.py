@@ -16,7 +16,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from torch import nn
 import hvpfunc as hf
 
 from . import peers
-from .harness import sync, table, timed_runs
+from .harness import memory_cells, peak_during, sync, table, timed_runs
 
 _RUNS = 3  # one warm-up, then the median of two
 # hvpfunc against PyHessian, called alternately (one warm-up round): on this shared
@@ -71,6 +71,19 @@ def _models(tiny: bool, device: torch.device):
 
 def _timed(fn: Callable, device: torch.device):
     return timed_runs(fn, device, runs=_RUNS)
+
+
+def _timed_peak(fn: Callable, device: torch.device):
+    """(result, median seconds, the peak-memory cell of the timed runs: none on CPU)."""
+    peaks: List[Optional[int]] = []
+
+    def run():
+        out, peak = peak_during(fn, device)
+        peaks.append(peak)
+        return out
+
+    out, seconds = _timed(run, device)
+    return out, seconds, memory_cells(peaks[1:])
 
 
 def _pyhessian_counted(fn: Callable) -> Callable:
@@ -148,6 +161,7 @@ def _versus(rows: list, job: str, ours: Callable, how: str, describe_ours: Calla
     their_times: List[float] = []
     ours_counts: List[int] = []
     their_counts: List[int] = []
+    peaks: Dict[str, List[Optional[int]]] = {"ours": [], "theirs": []}
     failure = None
     rounds = _ROUNDS_LONG
     round_ = 0
@@ -159,15 +173,18 @@ def _versus(rows: list, job: str, ours: Callable, how: str, describe_ours: Calla
         for who in order:
             sync(device)
             began = time.perf_counter()
+            peak = None
             if who == "ours":
-                mine = ours(round_)
+                mine, peak = peak_during(lambda: ours(round_), device)
             elif failure is None:
                 try:
-                    result, count = theirs(round_)
+                    (result, count), peak = peak_during(lambda: theirs(round_), device)
                 except Exception as err:
                     failure = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:70]}"
             sync(device)
             took[who] = time.perf_counter() - began
+            if round_:
+                peaks[who].append(peak)
         if round_ == 0 and sum(took.values()) < 2.0:
             rounds = _ROUNDS_SHORT
         elif round_:
@@ -180,8 +197,8 @@ def _versus(rows: list, job: str, ours: Callable, how: str, describe_ours: Calla
     seconds = statistics.median(ours_times)
     products = statistics.median(ours_counts)
     if failure is not None:
-        rows.append([job, how, f"{seconds:.3f}", f"{products:g}", describe_ours(mine), ""])
-        rows.append([job, their_how, "fails", "", failure, ""])
+        rows.append([job, how, f"{seconds:.3f}", f"{products:g}", describe_ours(mine), "", *memory_cells(peaks["ours"])])
+        rows.append([job, their_how, "fails", "", failure, "", *(["—"] if device.type == "cuda" else [])])
         return
     ratio = statistics.median(a / b for a, b in zip(ours_times, their_times))
     theirs_products = statistics.median(their_counts)
@@ -192,9 +209,9 @@ def _versus(rows: list, job: str, ours: Callable, how: str, describe_ours: Calla
         per_product = statistics.median((a / na) / (b / nb) for a, na, b, nb
                                         in zip(ours_times, ours_counts, their_times, their_counts))
         paired += f" ({per_product:.2f} per product)"
-    rows.append([job, how, f"{seconds:.3f}", f"{products:g}", describe_ours(mine), paired])
+    rows.append([job, how, f"{seconds:.3f}", f"{products:g}", describe_ours(mine), paired, *memory_cells(peaks["ours"])])
     rows.append([job, their_how, f"{statistics.median(their_times):.3f}", f"{theirs_products:g}",
-                 describe_theirs(result), "1.00"])
+                 describe_theirs(result), "1.00", *memory_cells(peaks["theirs"])])
 
 
 def _attempt(rows: list, job: str, how: str, device: torch.device, fn: Callable, describe: Callable) -> None:
@@ -202,11 +219,12 @@ def _attempt(rows: list, job: str, how: str, device: torch.device, fn: Callable,
     model (PyHessian on default attention kernels, or its density's removed torch.eig)
     gets a row that says so."""
     try:
-        (result, count), seconds = _timed(fn, device)
+        (result, count), seconds, memory = _timed_peak(fn, device)
     except Exception as err:
-        rows.append([job, how, "fails", "", f"{type(err).__name__}: {str(err).strip().splitlines()[0][:70]}", ""])
+        rows.append([job, how, "fails", "", f"{type(err).__name__}: {str(err).strip().splitlines()[0][:70]}", "",
+                     *(["—"] if device.type == "cuda" else [])])
         return
-    rows.append([job, how, f"{seconds:.3f}", count, describe(result), ""])
+    rows.append([job, how, f"{seconds:.3f}", count, describe(result), "", *memory])
 
 
 # One job in a fresh interpreter: the model and data are built and the library imported
@@ -283,7 +301,12 @@ def _first_answers(device: torch.device, tiny: bool, tops: Dict[str, float], pee
 
 
 def run(device: torch.device, *, tiny: bool = False) -> str:
-    out = []
+    return "\n".join(tables(device, tiny=tiny))
+
+
+def tables(device: torch.device, *, tiny: bool = False) -> Iterator[str]:
+    """Each model's table as soon as it is measured (a run cut short keeps them), then
+    the first answers and the hypergradient."""
     found = peers.installed()
     tops: Dict[str, float] = {}
     for name, (model, x, y) in _models(tiny, device).items():
@@ -322,8 +345,8 @@ def run(device: torch.device, *, tiny: bool = False) -> str:
             if found[peer]:
                 _versus(rows, job, ours, how, describe_ours, theirs, their_how, describe_theirs, device)
             else:
-                res, seconds = _timed(ours, device)
-                rows.append([job, how, f"{seconds:.3f}", res.num_matvecs, describe_ours(res), ""])
+                res, seconds, memory = _timed_peak(ours, device)
+                rows.append([job, how, f"{seconds:.3f}", res.num_matvecs, describe_ours(res), "", *memory])
 
         def against_pyhessian(job: str, ours: Callable, how: str, describe_ours: Callable, theirs: Callable,
                               their_how: str, describe_theirs: Callable) -> None:
@@ -383,19 +406,19 @@ def run(device: torch.device, *, tiny: bool = False) -> str:
             _attempt(rows, "top-5", "hessian-eigenthings lanczos(k=5), defaults (tol 1e-4)", device, he_top5,
                      lambda result: rel5(np.asarray(result.eigenvalues)))
 
-        res, seconds = _timed(from_model(lambda mv, params, seed: hf.spectral_density(mv, params, num_probes=1, num_iters=90, generator=seeded(seed))), device)
+        res, seconds, memory = _timed_peak(from_model(lambda mv, params, seed: hf.spectral_density(mv, params, num_probes=1, num_iters=90, generator=seeded(seed))), device)
         rows.append(["SLQ density", "hvpfunc spectral_density(1 probe, 90 steps)", f"{seconds:.3f}", res.num_matvecs,
-                     f"{rel(float(res.nodes.max()))} (top node)", ""])
+                     f"{rel(float(res.nodes.max()))} (top node)", "", *memory])
         if found["PyHessian"]:
             torch.manual_seed(0)
             _attempt(rows, "SLQ density", "PyHessian density(iter=90, n_v=1)", device,
                      _pyhessian_counted(lambda: peers.pyhessian(model, (x, y)).density(iter=90, n_v=1)),
                      lambda out: f"{rel(float(np.max(out[0][0])))} (top node)")
-        out += [f"### {name} ({n:,} parameters, batch {x.shape[0]}; top eigenvalue {top:.6g})\n",
-                table(["job", "how", "seconds", "products", "error", "× peer (paired)"], rows), ""]
-    out += _first_answers(device, tiny, tops, found["PyHessian"])
-    out += _hypergradient_job(device, tiny)
-    return "\n".join(out)
+        yield "\n".join([f"### {name} ({n:,} parameters, batch {x.shape[0]}; top eigenvalue {top:.6g})\n",
+                table(["job", "how", "seconds", "products", "error", "× peer (paired)",
+                       *(["peak MiB"] if device.type == "cuda" else [])], rows), ""])
+    yield "\n".join(_first_answers(device, tiny, tops, found["PyHessian"]))
+    yield "\n".join(_hypergradient_job(device, tiny))
 
 
 def _hypergradient_job(device: torch.device, tiny: bool) -> List[str]:

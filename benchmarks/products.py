@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -68,7 +68,11 @@ def _measure(build: Callable[[], Callable], arg, device, gradient: Callable[[], 
 
 
 def run(models: Dict[str, tuple], device: torch.device, *, vectors: int = 16) -> str:
-    out = []
+    return "\n".join(tables(models, device, vectors=vectors))
+
+
+def tables(models: Dict[str, tuple], device: torch.device, *, vectors: int = 16) -> Iterator[str]:
+    """Each model's table as soon as it is measured (a run cut short keeps them)."""
     for name, (model, x, y) in models.items():
         params = [p for p in model.parameters()]
         names = [k for k, _ in model.named_parameters()]
@@ -127,7 +131,5 @@ def run(models: Dict[str, tuple], device: torch.device, *, vectors: int = 16) ->
             add(f"{vectors} vectors: curvlinops H @ V, per vector",
                 lambda: peers.curvlinops_operator(model, (x, y)).__matmul__, V_flat, vectors)
         n = sum(p.numel() for p in params)
-        out.append(f"### {name} ({n:,} parameters, batch {x.shape[0]}): one gradient = {t_grad * 1e3:.2f} ms\n")
-        out.append(table(["way to compute H·v", "time / gradient", "peak memory / gradient", "note"], rows))
-        out.append("")
-    return "\n".join(out)
+        yield "\n".join([f"### {name} ({n:,} parameters, batch {x.shape[0]}): one gradient = {t_grad * 1e3:.2f} ms\n",
+                         table(["way to compute H·v", "time / gradient", "peak memory / gradient", "note"], rows), ""])

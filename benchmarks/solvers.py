@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import sys
 import warnings
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ import hvpfunc as hf
 from hvpfunc.testing import dense_matrix
 
 from . import peers
-from .harness import median_seconds, outside_products, table, timed_runs
+from .harness import median_seconds, memory_cells, outside_products, peak_during, table, timed_runs
 
 
 def _problem(device: torch.device, tiny: bool):
@@ -50,9 +50,18 @@ _CG_DAMPING = 1.0  # makes the network Hessian positive definite, so CG runs all
 
 
 def _timed(fn: Callable, device: torch.device):
-    """(result of the last run, median seconds of runs 2–4); product counters wrapped
-    around ``fn`` see ``_RUNS`` runs and are divided by it."""
-    return timed_runs(fn, device, runs=_RUNS)
+    """(result of the last run, median seconds of runs 2–4, the peak-memory cell of
+    those runs: none on CPU); product counters wrapped around ``fn`` see ``_RUNS`` runs
+    and are divided by it."""
+    peaks: List[Optional[int]] = []
+
+    def run():
+        out, peak = peak_during(fn, device)
+        peaks.append(peak)
+        return out
+
+    out, seconds = timed_runs(run, device, runs=_RUNS)
+    return out, seconds, memory_cells(peaks[1:])
 
 
 def run(device: torch.device, *, tiny: bool = False) -> str:
@@ -73,8 +82,8 @@ def run(device: torch.device, *, tiny: bool = False) -> str:
 
     rows = []
     v0 = hf.tree.random_like(params, generator=torch.Generator().manual_seed(0), kind="gaussian")
-    res, seconds = _timed(lambda: hf.lanczos(mv, v0, k=5, tol=1e-6), device)
-    rows.append(["hvpfunc lanczos(k=5, tol=1e-6)", f"{seconds:.3f}", res.num_matvecs, err(res.eigenvalues.cpu())])
+    res, seconds, memory = _timed(lambda: hf.lanczos(mv, v0, k=5, tol=1e-6), device)
+    rows.append(["hvpfunc lanczos(k=5, tol=1e-6)", f"{seconds:.3f}", res.num_matvecs, err(res.eigenvalues.cpu()), *memory])
 
     if peers.installed()["PyHessian"]:
         ph = sys.modules["pyhessian.hessian"]  # the package's `hessian` class shadows the module
@@ -84,44 +93,45 @@ def run(device: torch.device, *, tiny: bool = False) -> str:
         try:
             torch.manual_seed(0)
             h = peers.pyhessian(model, (x, y))
-            values, seconds = _timed(lambda: h.eigenvalues(top_n=5)[0], device)
+            values, seconds, memory = _timed(lambda: h.eigenvalues(top_n=5)[0], device)
         finally:
             ph.hessian_vector_product = original
-        rows.append(["PyHessian eigenvalues(top_n=5), defaults (tol 1e-3)", f"{seconds:.3f}", counter["n"] // _RUNS, err(values)])
+        rows.append(["PyHessian eigenvalues(top_n=5), defaults (tol 1e-3)", f"{seconds:.3f}", counter["n"] // _RUNS, err(values), *memory])
     if peers.installed()["hessian-eigenthings"]:
         from hessian_eigenthings import lanczos as he_lanczos
 
         op = peers.eigenthings_operator(copy.deepcopy(model), (x, y))
         counter = {}
         op.matvec = peers.counted(op.matvec, counter)
-        result, seconds = _timed(lambda: he_lanczos(op, k=5, which="LA", seed=0), device)
+        result, seconds, memory = _timed(lambda: he_lanczos(op, k=5, which="LA", seed=0), device)
         rows.append(["hessian-eigenthings lanczos(k=5), defaults", f"{seconds:.3f}", counter["n"] // _RUNS,
-                     err(result.eigenvalues.cpu())])
+                     err(result.eigenvalues.cpu()), *memory])
     if peers.installed()["curvlinops"]:
         from scipy.sparse.linalg import LinearOperator, eigsh
 
         H_op = peers.curvlinops_operator(copy.deepcopy(model), (x, y)).to_scipy()
         counter = {}
         A = LinearOperator(H_op.shape, matvec=peers.counted(H_op.matvec, counter), dtype=H_op.dtype)
-        vals, seconds = _timed(lambda: eigsh(A, k=5, which="LA", tol=1e-6)[0], device)
-        rows.append(["curvlinops + scipy eigsh(k=5, tol=1e-6)", f"{seconds:.3f}", counter["n"] // _RUNS, err(vals)])
+        vals, seconds, memory = _timed(lambda: eigsh(A, k=5, which="LA", tol=1e-6)[0], device)
+        rows.append(["curvlinops + scipy eigsh(k=5, tol=1e-6)", f"{seconds:.3f}", counter["n"] // _RUNS, err(vals), *memory])
 
     # ARPACK's product count on the same float64 operator, tolerance 1e-8
     from scipy.sparse.linalg import LinearOperator, eigsh
 
     v064 = hf.tree.random_like(params64, generator=torch.Generator().manual_seed(0), kind="gaussian")
-    res64, seconds = _timed(lambda: hf.lanczos(mv64, v064, k=5, tol=1e-8), device)
-    rows.append(["hvpfunc lanczos(k=5, tol=1e-8), float64", f"{seconds:.3f}", res64.num_matvecs, err(res64.eigenvalues.cpu())])
+    res64, seconds, memory = _timed(lambda: hf.lanczos(mv64, v064, k=5, tol=1e-8), device)
+    rows.append(["hvpfunc lanczos(k=5, tol=1e-8), float64", f"{seconds:.3f}", res64.num_matvecs, err(res64.eigenvalues.cpu()), *memory])
     A64 = hf.to_scipy(mv64, params64)
     counter = {}
     B = LinearOperator(A64.shape, matvec=peers.counted(A64.matvec, counter), dtype=np.float64)
-    vals, seconds = _timed(lambda: eigsh(B, k=5, which="LA", tol=1e-8)[0], device)
-    rows.append(["scipy eigsh (ARPACK) on hf.to_scipy, tol=1e-8, float64", f"{seconds:.3f}", counter["n"] // _RUNS, err(vals)])
+    vals, seconds, memory = _timed(lambda: eigsh(B, k=5, which="LA", tol=1e-8)[0], device)
+    rows.append(["scipy eigsh (ARPACK) on hf.to_scipy, tol=1e-8, float64", f"{seconds:.3f}", counter["n"] // _RUNS, err(vals), *memory])
 
     out = [f"### Top-5 eigenvalues of an MLP Hessian ({n:,} parameters, batch 512)\n",
            f"Error: max relative error of the 5 eigenvalues against eigvalsh of the dense float64 Hessian. "
            f"One product: {t_product * 1e3:.2f} ms.\n",
-           table(["solver", "seconds", "products", "max rel. error"], rows), ""]
+           table(["solver", "seconds", "products", "max rel. error", *(["peak MiB"] if device.type == "cuda" else [])],
+                 rows), ""]
 
     rows = []
     seeds = range(5)
@@ -132,11 +142,11 @@ def run(device: torch.device, *, tiny: bool = False) -> str:
     for label, options in runs:
         errs, times = [], []
         for s in seeds:
-            res, seconds = _timed(lambda: hf.trace(mv, params, num_probes=100, generator=torch.Generator().manual_seed(s),
+            res, seconds, memory = _timed(lambda: hf.trace(mv, params, num_probes=100, generator=torch.Generator().manual_seed(s),
                                                    **options), device)
             errs.append(abs(float(res.estimate) - exact_trace) / abs(exact_trace))
             times.append(seconds)
-        rows.append([label, f"{np.mean(times):.3f}", 100, f"{np.mean(errs):.1e}"])
+        rows.append([label, f"{np.mean(times):.3f}", 100, f"{np.mean(errs):.1e}", *memory])
     if peers.installed()["PyHessian"]:
         ph = sys.modules["pyhessian.hessian"]
         original = ph.hessian_vector_product
@@ -150,16 +160,17 @@ def run(device: torch.device, *, tiny: bool = False) -> str:
                     h = peers.pyhessian(model, (x, y))
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
-                        samples, seconds = _timed(lambda h=h, tol=tol: h.trace(maxIter=100, tol=tol), device)
+                        samples, seconds, memory = _timed(lambda h=h, tol=tol: h.trace(maxIter=100, tol=tol), device)
                 finally:
                     ph.hessian_vector_product = original
                 errs.append(abs(float(np.mean(samples)) - exact_trace) / abs(exact_trace))
                 times.append(seconds)
                 counts.append(counter["n"] / _RUNS)
             rows.append([f"PyHessian trace(maxIter=100), {label}", f"{np.mean(times):.3f}",
-                         f"{np.mean(counts):.0f}", f"{np.mean(errs):.1e}"])
+                         f"{np.mean(counts):.0f}", f"{np.mean(errs):.1e}", *memory])
     out += [f"### Trace of the same Hessian (exact {exact_trace:.4g}; mean over {len(seeds)} seeds)\n",
-            table(["estimator", "seconds", "products", "mean rel. error"], rows), ""]
+            table(["estimator", "seconds", "products", "mean rel. error", *(["peak MiB (last seed)"] if device.type == "cuda" else [])],
+                  rows), ""]
 
     # Time outside the products, the products timed inside each solve. CG's recurrence
     # is shared with cg_batched (rows of (K, n) tensors); its cost per iteration is also
@@ -181,7 +192,7 @@ def run(device: torch.device, *, tiny: bool = False) -> str:
                          f"{100 * outside / seconds:.0f}% of it outside them ({1e6 * outside / res.num_matvecs:.0f} µs "
                          f"per product: {what}).\n")
         diag = torch.linspace(1.0, 1e4, 4096, device=device)
-        free, free_seconds = _timed(lambda: hf.cg(lambda v: diag * v, torch.ones_like(diag), tol=3e-7, max_iters=100),
+        free, free_seconds, _ = _timed(lambda: hf.cg(lambda v: diag * v, torch.ones_like(diag), tol=3e-7, max_iters=100),
                                     device)
     out += ["### Solver overhead\n", *lines,
             f"hvpfunc cg on an operator whose product is almost free (a diagonal of size 4096): "

@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import estimators, jobs, products, sharded, solvers
+from benchmarks import choices, estimators, jobs, products, sharded, solvers
 from benchmarks.models import build
 
 
@@ -22,6 +22,28 @@ def test_product_tables_on_tiny_models():
     assert "hvpfunc auto (chose" in text and "4 vectors: hvpfunc vmap(auto)" in text
     rows = [line.split("|") for line in text.splitlines() if line.startswith("| construction: hvpfunc")]
     assert len(rows) == 3 and all(float(r[2].strip().rstrip("×")) > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_choice_tables_on_a_tiny_mlp():
+    models = {"MLP": build("tiny", torch.device("cpu"))["MLP"]}
+    text = choices.run(models, torch.device("cpu"), tiny=True)
+    for title in ("mode='auto' against", "chunk_size", "Block Lanczos", "SLQ grouping", "Recurrent layers",
+                  "Mixed precision"):
+        assert f"### {title}" in text
+    def rows(section: str) -> dict:
+        body = text.split(f"### {section}")[1].split("\n### ")[0]
+        return {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+                for line in body.splitlines() if line.startswith("| ")}
+
+    auto = rows("mode='auto' against")["auto"]
+    assert auto[-1].startswith("ends in ") and float(auto[1].rstrip("×")) >= 1.0
+    # every block size answers the same top eigenvalue, converged
+    blocks = rows("Block Lanczos")
+    assert [blocks[b][2] for b in ("1", "4", "8")] == ["CONVERGED"] * 3
+    assert len({blocks[b][3] for b in ("1", "4", "8")}) == 1
+    assert float(rows("chunk_size")["16"][0]) > 0
+    assert float(rows("Recurrent layers")["product, mode='auto'"][0]) > 0
 
 
 @pytest.mark.slow
