@@ -185,11 +185,29 @@ def check_symmetric(forward: np.ndarray, backward: np.ndarray, scale: np.ndarray
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         f, b = np.atleast_1d(forward)[i], np.atleast_1d(backward)[i]
+        relative = float(np.atleast_1d(gap)[i] / np.atleast_1d(scale)[i])
         raise ValueError(
             f"the matvec is not symmetric: for consecutive Lanczos vectors, <v_j-1, H v_j> = "
             f"{f:.6g} but <H v_j-1, v_j> = {b:.6g}. Lanczos, power iteration, CG and SLQ "
             "need a symmetric operator (check it with hvpfunc.testing.assert_symmetric)."
+            + _half_precision_hint(relative, slack)
         )
+
+
+def _half_precision_hint(relative: float, slack: float) -> str:
+    """What to do when the gap is no larger than one bfloat16 rounding of the operator's
+    norm and the check assumed finer products: a matvec that computes in a lower
+    precision than its vectors (a bfloat16 model behind float32 vectors, a float32 one
+    behind float64) looks asymmetric at the vectors' slack."""
+    half = torch.finfo(torch.bfloat16).eps
+    if relative >= half or slack >= symmetry_slack(half):
+        return ""
+    return (
+        f" The gap, {relative:.1e} of the operator's norm, is within the rounding of low-precision products: "
+        "if the matvec computes in a lower precision than its vectors (a bfloat16 model behind float32 "
+        "vectors, say), give it vectors of its own precision: the solvers still work in float32, and their "
+        "checks then allow for that rounding."
+    )
 
 
 def orthogonality_estimate(

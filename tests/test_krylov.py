@@ -59,3 +59,25 @@ def test_empty_basis_gives_aligned_writable_rows_of_any_dtype(dtype):
     V.fill_(2)
     assert torch.equal(V[2, 4], torch.full((7,), 2, dtype=dtype))
     assert empty_basis((2, 3), dtype, torch.device("meta")).device.type == "meta"
+
+
+def test_an_asymmetry_at_low_precision_rounding_says_what_to_do():
+    # a bfloat16 matvec behind float32 vectors: symmetric up to bfloat16's rounding,
+    # which the float32 check refuses; the error names the way out, which works
+    import hvpfunc as hf
+
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(200, 200, generator=gen)
+    H16 = ((A + A.T) / 2).to(torch.bfloat16)
+    eigenvalues = torch.linalg.eigvalsh(H16.double())
+    with pytest.raises(ValueError, match="not symmetric.*lower precision than its vectors") as raised:
+        hf.lanczos(lambda v: (H16 @ v.to(torch.bfloat16)).float(), torch.ones(200), tol=3e-2)
+    assert "vectors of its own precision" in str(raised.value)
+    res = hf.lanczos(lambda v: H16 @ v, torch.ones(200, dtype=torch.bfloat16), tol=3e-2)
+    # at tol 3e-2 the bound is a residual's: an eigenvalue lies within the reported error
+    assert res.status == "converged"
+    assert float((eigenvalues - float(res.eigenvalues[0])).abs().min()) <= float(res.errors[0])
+    # an operator that is plainly not symmetric gets no such hint
+    with pytest.raises(ValueError, match="not symmetric") as raised:
+        hf.lanczos(lambda v: A @ v, torch.ones(200), tol=3e-2)
+    assert "lower precision" not in str(raised.value)
