@@ -2,8 +2,11 @@
 # Issue 16's GPU run, prepared to fit one short call on a machine with a GPU:
 #
 #     bash benchmarks/wheels.sh                          # here, once: the peers' wheels
-#     bash benchmarks/gpu.sh                             # there (carry .whl)
+#     bash benchmarks/gpu.sh                             # there (carry .whl; about 8 min)
 #     bash benchmarks/gpu.sh jobs:300 choices:200        # rerun what ran out of time
+#
+# With this workplace's device tool: run(command="bash benchmarks/gpu.sh", carry=[".whl"],
+# timeout_s=540); its files come back from $OUT.
 #
 # The device tests first (correctness on CUDA before any timing), then each benchmark
 # section under its own time limit (seconds after the colon), printing each model's table
@@ -27,7 +30,7 @@ fi
     python3 -c "import torch; print('torch', torch.__version__, '| CUDA', torch.version.cuda, '|', torch.cuda.get_device_name())"
 } > "$out/gpu.txt" 2>&1
 sections=("$@")
-[ ${#sections[@]} -gt 0 ] || sections=(tests:60 products:100 jobs:120 choices:90 solvers:30)
+[ ${#sections[@]} -gt 0 ] || sections=(tests:60 products:90 jobs:180 choices:120 solvers:30)
 for section in "${sections[@]}"; do
     name=${section%%:*}
     limit=${section##*:}
