@@ -260,10 +260,10 @@ def _more():
         "CrossEntropyLoss(weight, label_smoothing)": (lambda r: nn.CrossEntropyLoss(
             torch.tensor([1.0, 2.0, 0.5], dtype=DT), label_smoothing=0.1, reduction=r), nn.Identity(), 3, labels),
         "CrossEntropyLoss(probabilities)": (lambda r: nn.CrossEntropyLoss(reduction=r), nn.Identity(), 3, probabilities),
-        # its own weight (a constant here: model_hvp_fn differentiates the model's)
-        "LinearCrossEntropyLoss": (lambda r: _constant(nn.LinearCrossEntropyLoss(4, 3, reduction=r, dtype=DT)),
-                                   nn.Identity(), 4, labels),
     }
+    if hasattr(nn, "LinearCrossEntropyLoss"):  # torch >= 2.13; its own weight a constant here
+        losses["LinearCrossEntropyLoss"] = (
+            lambda r: _constant(nn.LinearCrossEntropyLoss(4, 3, reduction=r, dtype=DT)), nn.Identity(), 4, labels)
     for name, (make, last, width, target) in losses.items():
         for r in ("mean", "sum"):
             out[f"loss:{name}:{r}"] = (nn.Sequential(_mlp(nn.Tanh(), out=width), last), make(r), (x, target))
