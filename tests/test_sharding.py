@@ -253,3 +253,55 @@ def test_hypergradient_with_sharded_parameters(tmp_path):
         r = torch.load(tmp_path / f"hyper{rank}.pt", weights_only=False)
         assert r["status"] == "converged" and r["x_is_sharded"] == 3
         assert torch.allclose(r["grad"], want, rtol=1e-9)
+
+
+def _probe_worker(rank: int, init_file: str, out_dir: str) -> None:
+    with gloo_group(rank, init_file):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        from hvpfunc._products import sharded
+
+        model = _fsdp_model()
+        fully_shard(model, mesh=init_device_mesh("cpu", (2,)))
+        x, y = _fsdp_data()
+        real = sharded.gathered
+
+        class _Cut(torch.autograd.Function):
+            # torch 2.11's all-gather: a backward that is not itself differentiable
+            @staticmethod
+            def forward(ctx, u):
+                return u.clone()
+
+            @staticmethod
+            def backward(ctx, g):
+                return g.detach()
+
+        sharded.gathered = lambda t: _Cut.apply(real(t)) if t is not None and hasattr(t, "device_mesh") else real(t)
+        params = {k: p.detach() for k, p in model.named_parameters()}
+        refused = {}
+        try:
+            for how, build in (("model_hvp_fn", lambda: hf.model_hvp_fn(model, nn.functional.cross_entropy, (x, y))),
+                               ("hvp_fn", lambda: hf.hvp_fn(lambda p: sum((t.full_tensor() ** 2).sum()
+                                                                          for t in p.values()), params))):
+                try:
+                    build()
+                    refused[how] = ""
+                except RuntimeError as err:
+                    refused[how] = str(err)
+        finally:
+            sharded.gathered = real
+        hf.hvp_fn(lambda p: sum((t.full_tensor() ** 2).sum() for t in p.values()), params, mode="gradient-difference")
+        torch.save(refused, Path(out_dir) / f"probe{rank}.pt")
+
+
+@pytest.mark.slow
+def test_exact_products_are_refused_where_the_all_gather_has_no_second_derivative(tmp_path):
+    # torch 2.11: the backward of DTensor's all-gather is not differentiable, and every
+    # exact product of an FSDP2 model came back as zeros, marked converged by the solvers
+    mp.spawn(_probe_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        refused = torch.load(tmp_path / f"probe{rank}.pt")
+        for how in ("model_hvp_fn", "hvp_fn"):
+            assert "second derivative of DTensor's all-gather" in refused[how], how
+            assert "mode='gradient-difference'" in refused[how], how

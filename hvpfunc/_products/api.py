@@ -12,7 +12,7 @@ from torch.utils import _pytree as pytree
 from .._precision import plain_autograd
 from .._types import MatvecFn, Mode, Tree
 from ..tree import check_like, check_tree
-from . import difference
+from . import difference, sharded
 from .auto import AutoProduct, signature
 from .checks import check_product, inspect, record, refuse_fused_attention
 from .compiled import compiled_matvec
@@ -280,7 +280,9 @@ def hvp_fn(
             eager product; and, from the matvec's first call, PyTorch has no derivative
             for the backward of an operation in f (``nn.Hardsigmoid``,
             ``nn.MultiMarginLoss``, ``nn.EmbeddingBag`` in torch 2.13), which the exact
-            modes need: ``mode="gradient-difference"`` does not.
+            modes need: ``mode="gradient-difference"`` does not. The same for sharded
+            (DTensor) params where DTensor's all-gather has no second derivative (torch
+            2.11: every exact product would be zero), raised at construction.
 
     Example:
         >>> import torch, hvpfunc as hf
@@ -305,6 +307,8 @@ def build(f, params, args, kwargs, *, mode: str, cache: Optional[dict] = None,
     with plain_autograd():
         params, args, kwargs = usable(params), usable(args), usable(kwargs)
         f = scalar_fn(f)
+        if mode != "gradient-difference":
+            sharded.check_twice_differentiable(pytree.tree_leaves(params))
         inspection = inspect(f, params, args, kwargs, again=mode != "auto")
         refuse_fused_attention(inspection, mode)
         if mode == "auto":

@@ -286,6 +286,7 @@ def _sharded(model: nn.Module, loss_fn: Any, single: Optional[Batch], batches: L
     if mode not in sharded.MODES:
         raise ValueError(f"mode={mode!r} is not available for a model with sharded (DTensor) parameters: "
                          f"use one of {sharded.MODES}")
+    sharded.check_twice_differentiable(params.values())
     constants = {k: sharded.gathered(t).detach() for k, t in frozen.items()}
 
     def forward(p: Dict[str, Tensor], x: Any) -> Any:

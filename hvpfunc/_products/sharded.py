@@ -17,8 +17,9 @@ and activations (as a training step holds them without resharding), once per mat
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Dict, Iterator, List
+from typing import Any, Callable, Dict, Iterable, Iterator, List
 
+import torch
 from torch import Tensor, nn
 
 from .._sharding import is_dtensor
@@ -62,6 +63,30 @@ def gathered(t: Any) -> Any:
 
     mesh = t.device_mesh
     return t.redistribute(mesh, [Replicate()] * mesh.ndim).to_local(grad_placements=[Partial("avg")] * mesh.ndim)
+
+
+def check_twice_differentiable(leaves: Iterable[Tensor]) -> None:
+    """Raise unless DTensor's all-gather (``gathered``) has a second derivative in this
+    torch, where any of ``leaves`` is a DTensor: in torch 2.11 its backward is not
+    itself differentiable, so every exact product through it came back as zeros
+    (autograd reported the parameters unused), with no error. Probed on the smallest
+    sharded leaf with ½‖u‖², whose Hessian is the identity: one all-gather and two
+    reduce-scatters, on every rank alike (every rank builds the matvec)."""
+    sharded = [t for t in leaves if is_dtensor(t)]
+    if not sharded:
+        return
+    t = min(sharded, key=lambda t: t.numel())
+    x = t.detach().requires_grad_(True)
+    with torch.enable_grad():
+        u = gathered(x)
+        (g,) = torch.autograd.grad((u * u).sum() / 2, x, create_graph=True)
+        (h,) = torch.autograd.grad(g, x, torch.ones_like(g), allow_unused=True) if g.requires_grad else (None,)
+    if h is None:
+        raise RuntimeError(
+            f"exact Hessian-vector products with sharded (DTensor) parameters need a second "
+            f"derivative of DTensor's all-gather, which torch {torch.__version__} does not have (its products "
+            "would be zero). Use mode='gradient-difference' (first derivatives only), or torch 2.13 or later."
+        )
 
 
 def matvec(loss: Callable[[Dict[str, Tensor]], Tensor], params: Dict[str, Tensor], mode: str) -> Callable[[Tree], Tree]:
