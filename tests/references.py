@@ -123,6 +123,12 @@ def scipy_iterative_cases() -> dict:
 
 COLLECTIVE_TIMEOUT = timedelta(seconds=60)
 
+# torch 2.11's DTensor all-gather has no second derivative, and hvpfunc refuses exact
+# products of sharded parameters there (tests/test_sharding.py emulates it on any torch)
+DTENSOR_SECOND_DERIVATIVE = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
+NEEDS_EXACT_SHARDED_PRODUCTS = ("exact sharded products need a second derivative of DTensor's all-gather: torch 2.13 "
+                                "has one, 2.11 has none (2.12 untried)")
+
 
 @contextlib.contextmanager
 def gloo_group(rank: int, init_file: str, world_size: int = 2) -> Iterator[None]:

@@ -10,6 +10,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from references import DTENSOR_SECOND_DERIVATIVE, NEEDS_EXACT_SHARDED_PRODUCTS
+
 from benchmarks import choices, estimators, jobs, products, sharded, solvers
 from benchmarks.models import build
 
@@ -97,6 +99,7 @@ def test_estimator_tables_run():
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not DTENSOR_SECOND_DERIVATIVE, reason=NEEDS_EXACT_SHARDED_PRODUCTS)
 def test_sharded_memory_table_on_a_tiny_model():
     text = sharded.run(tiny=True)
     for how in ("training gradient", "exact product", "gradient-difference product", "Lanczos basis"):

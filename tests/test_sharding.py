@@ -14,7 +14,7 @@ from torch import nn
 import hvpfunc as hf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from references import DT, gloo_group
+from references import DT, DTENSOR_SECOND_DERIVATIVE, NEEDS_EXACT_SHARDED_PRODUCTS, gloo_group
 
 N_A, SHAPE_B = 7, (5, 3)  # 22 parameters; rank 0 holds 4 + 9, rank 1 holds 3 + 6
 
@@ -173,6 +173,7 @@ def _fsdp_data():
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not DTENSOR_SECOND_DERIVATIVE, reason=NEEDS_EXACT_SHARDED_PRODUCTS)
 def test_fsdp2_model_exact_products_and_gradient_differences(tmp_path):
     # FSDP2's hooks have no double backward (pytorch#172543): the exact modes run the
     # module hook-free with gathered parameters; gradient differences run its hooks.
@@ -196,6 +197,7 @@ def test_fsdp2_model_exact_products_and_gradient_differences(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not DTENSOR_SECOND_DERIVATIVE, reason=NEEDS_EXACT_SHARDED_PRODUCTS)
 def test_example_runs_under_torchrun():
     import subprocess
 
@@ -242,6 +244,7 @@ def _hypergradient_worker(rank: int, init_file: str, out_dir: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not DTENSOR_SECOND_DERIVATIVE, reason=NEEDS_EXACT_SHARDED_PRODUCTS)
 def test_hypergradient_with_sharded_parameters(tmp_path):
     mp.spawn(_hypergradient_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     X, y, Xv, yv = _ridge()
