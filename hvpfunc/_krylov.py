@@ -190,11 +190,11 @@ def check_symmetric(forward: np.ndarray, backward: np.ndarray, scale: np.ndarray
             f"the matvec is not symmetric: for consecutive Lanczos vectors, <v_j-1, H v_j> = "
             f"{f:.6g} but <H v_j-1, v_j> = {b:.6g}. Lanczos, power iteration, CG and SLQ "
             "need a symmetric operator (check it with hvpfunc.testing.assert_symmetric)."
-            + _half_precision_hint(relative, slack)
+            + _low_precision_hint(relative, slack)
         )
 
 
-def _half_precision_hint(relative: float, slack: float) -> str:
+def _low_precision_hint(relative: float, slack: float) -> str:
     """What to do when the gap is no larger than one bfloat16 rounding of the operator's
     norm and the check assumed finer products: a matvec that computes in a lower
     precision than its vectors (a bfloat16 model behind float32 vectors, a float32 one
