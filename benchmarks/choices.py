@@ -21,27 +21,19 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Tuple
 
 import torch
 from torch import Tensor, nn
 
 import hvpfunc as hf
 
-from .harness import median_seconds, peak_bytes, table, timed_runs
-from .products import MODES
+from .harness import median_seconds, mib, peak_bytes, table, timed_runs
+from .products import MODES, _loss
 
 _JOB_LENGTHS = (10, 200)
 _TINY_JOB_LENGTHS = (2, 10)
 _CHUNKS = (1, 4, 16, 64)
-
-
-def _loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    return nn.functional.cross_entropy(model(x), y)
-
-
-def _mib(value: Optional[int]) -> str:
-    return "n/a" if value is None else f"{value / 2**20:.1f}"
 
 
 def _job(f: Callable, tree: dict, v: dict, mode: str, products: int) -> Callable[[], int]:
@@ -83,7 +75,7 @@ def modes(models: Dict[str, tuple], device: torch.device, *, lengths: Tuple[int,
                 for products in lengths:
                     chose, took = timed_runs(_job(f, tree, v, mode, products), device, runs=2)
                     times.append(took)
-                memory[mode] = _mib(peak_bytes(lambda mode=mode: hf.hvp_fn(f, tree, mode=mode)(v), device))
+                memory[mode] = mib(peak_bytes(lambda mode=mode: hf.hvp_fn(f, tree, mode=mode)(v), device))
             except Exception as err:  # a mode that cannot run f says so in its row
                 notes[mode] = f"fails: {type(err).__name__}: {str(err).splitlines()[0][:50]}"
                 continue
@@ -99,7 +91,7 @@ def modes(models: Dict[str, tuple], device: torch.device, *, lengths: Tuple[int,
             rows.append([mode, *cells, memory[mode], notes[mode]])
         n = sum(p.numel() for p in params)
         headers = [h for p in lengths for h in (f"{p} products (s)", "× fastest")]
-        yield "\n".join([f"#### {name} ({n:,} parameters): one gradient {gradient * 1e3:.2f} ms, {_mib(gradient_mib)} MiB\n",
+        yield "\n".join([f"#### {name} ({n:,} parameters): one gradient {gradient * 1e3:.2f} ms, {mib(gradient_mib)} MiB\n",
                           table(["mode", *headers, "peak MiB (build + 1 product)", "note"], rows), ""])
 
 
@@ -121,7 +113,7 @@ def chunks(models: Dict[str, tuple], device: torch.device, *, probes: int = 64) 
             except Exception as err:
                 rows.append([str(chunk), "fails", "", f"{type(err).__name__}: {str(err).splitlines()[0][:60]}"])
                 continue
-            rows.append([str(chunk), f"{1e3 * seconds / probes:.2f}", _mib(memory), ""])
+            rows.append([str(chunk), f"{1e3 * seconds / probes:.2f}", mib(memory), ""])
         yield "\n".join([f"#### {name}: trace, {probes} Hutchinson probes\n",
                           table(["chunk_size", "ms per probe", "peak MiB", "note"], rows), ""])
 
@@ -158,7 +150,7 @@ def grouping(models: Dict[str, tuple], device: torch.device, *, probes: int = 8,
             except Exception as err:
                 rows.append([str(chunk), "fails", "", "", f"{type(err).__name__}: {str(err).splitlines()[0][:60]}"])
                 continue
-            rows.append([str(chunk), f"{seconds:.3f}", res.num_matvecs, _mib(memory), ""])
+            rows.append([str(chunk), f"{seconds:.3f}", res.num_matvecs, mib(memory), ""])
         yield "\n".join([f"#### {name}: spectral_density({probes} probes, {steps} steps)\n",
                           table(["chunk_size", "seconds", "products", "peak MiB", "note"], rows), ""])
 
@@ -198,13 +190,13 @@ def recurrent(device: torch.device, *, tiny: bool = False) -> str:
 
     for label, fn in (("gradient, cuDNN (training mode)", gradient(True)),
                       ("gradient, PyTorch's kernels", gradient(False))):
-        rows.append([label, f"{1e3 * median_seconds(fn, device):.2f}", _mib(peak_bytes(fn, device)), ""])
+        rows.append([label, f"{1e3 * median_seconds(fn, device):.2f}", mib(peak_bytes(fn, device)), ""])
     for mode in ("auto", "reverse-over-reverse", "forward-over-reverse", "gradient-difference"):
         mv, tree = hf.model_hvp_fn(model, nn.CrossEntropyLoss(), (x, y), mode=mode)
         v = hf.tree.random_like(tree, generator=torch.Generator().manual_seed(1), kind="gaussian")
         try:
             rows.append([f"product, mode={mode!r}", f"{1e3 * median_seconds(lambda mv=mv, v=v: mv(v), device):.2f}",
-                         _mib(peak_bytes(lambda mv=mv, v=v: mv(v), device)), ""])
+                         mib(peak_bytes(lambda mv=mv, v=v: mv(v), device)), ""])
         except Exception as err:
             rows.append([f"product, mode={mode!r}", "fails", "", f"{type(err).__name__}: {str(err).splitlines()[0][:60]}"])
     n = sum(p.numel() for p in params)

@@ -107,12 +107,36 @@ def peak_during(fn: Callable[[], object], device: torch.device) -> Tuple[object,
     return out, torch.cuda.max_memory_allocated(device) - base
 
 
+def timed_peak_runs(fn: Callable[[], object], device: torch.device, *, runs: int) -> Tuple[object, float, List[str]]:
+    """:func:`timed_runs` with the peak-memory cell of runs 2..runs (:func:`memory_cells`)."""
+    peaks: List[Optional[int]] = []
+
+    def run():
+        out, peak = peak_during(fn, device)
+        peaks.append(peak)
+        return out
+
+    out, seconds = timed_runs(run, device, runs=runs)
+    return out, seconds, memory_cells(peaks[1:])
+
+
+def mib(value: Optional[int]) -> str:
+    """Bytes as MiB, one decimal ("n/a" where the device keeps no counter)."""
+    return "n/a" if value is None else f"{value / 2**20:.1f}"
+
+
 def memory_cells(peaks: List[Optional[int]]) -> List[str]:
     """A table's peak-memory cell (the median, in MiB) where the device counts it, else
     no cell: CPU tables keep their columns."""
     if not peaks or any(p is None for p in peaks):
         return []
-    return [f"{statistics.median(peaks) / 2**20:.1f}"]
+    return [mib(statistics.median(peaks))]
+
+
+def memory_column(device: torch.device, cell: str) -> List[str]:
+    """``[cell]`` where the device counts memory (a header, or the mark of a row that has
+    no measurement), else nothing, matching :func:`memory_cells`."""
+    return [cell] if device.type == "cuda" else []
 
 
 def describe(device: torch.device) -> str:

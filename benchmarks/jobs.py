@@ -25,7 +25,7 @@ from torch import nn
 import hvpfunc as hf
 
 from . import peers
-from .harness import memory_cells, peak_during, sync, table, timed_runs
+from .harness import memory_cells, memory_column, peak_during, sync, table, timed_peak_runs, timed_runs
 
 _RUNS = 3  # one warm-up, then the median of two
 # hvpfunc against PyHessian, called alternately (one warm-up round): on this shared
@@ -75,15 +75,7 @@ def _timed(fn: Callable, device: torch.device):
 
 def _timed_peak(fn: Callable, device: torch.device):
     """(result, median seconds, the peak-memory cell of the timed runs: none on CPU)."""
-    peaks: List[Optional[int]] = []
-
-    def run():
-        out, peak = peak_during(fn, device)
-        peaks.append(peak)
-        return out
-
-    out, seconds = _timed(run, device)
-    return out, seconds, memory_cells(peaks[1:])
+    return timed_peak_runs(fn, device, runs=_RUNS)
 
 
 def _pyhessian_counted(fn: Callable) -> Callable:
@@ -198,7 +190,7 @@ def _versus(rows: list, job: str, ours: Callable, how: str, describe_ours: Calla
     products = statistics.median(ours_counts)
     if failure is not None:
         rows.append([job, how, f"{seconds:.3f}", f"{products:g}", describe_ours(mine), "", *memory_cells(peaks["ours"])])
-        rows.append([job, their_how, "fails", "", failure, "", *(["—"] if device.type == "cuda" else [])])
+        rows.append([job, their_how, "fails", "", failure, "", *memory_column(device, "—")])
         return
     ratio = statistics.median(a / b for a, b in zip(ours_times, their_times))
     theirs_products = statistics.median(their_counts)
@@ -222,7 +214,7 @@ def _attempt(rows: list, job: str, how: str, device: torch.device, fn: Callable,
         (result, count), seconds, memory = _timed_peak(fn, device)
     except Exception as err:
         rows.append([job, how, "fails", "", f"{type(err).__name__}: {str(err).strip().splitlines()[0][:70]}", "",
-                     *(["—"] if device.type == "cuda" else [])])
+                     *memory_column(device, "—")])
         return
     rows.append([job, how, f"{seconds:.3f}", count, describe(result), "", *memory])
 
@@ -416,7 +408,7 @@ def tables(device: torch.device, *, tiny: bool = False) -> Iterator[str]:
                      lambda out: f"{rel(float(np.max(out[0][0])))} (top node)")
         yield "\n".join([f"### {name} ({n:,} parameters, batch {x.shape[0]}; top eigenvalue {top:.6g})\n",
                 table(["job", "how", "seconds", "products", "error", "× peer (paired)",
-                       *(["peak MiB"] if device.type == "cuda" else [])], rows), ""])
+                       *memory_column(device, "peak MiB")], rows), ""])
     yield "\n".join(_first_answers(device, tiny, tops, found["PyHessian"]))
     yield "\n".join(_hypergradient_job(device, tiny))
 

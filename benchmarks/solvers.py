@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import sys
 import warnings
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ import hvpfunc as hf
 from hvpfunc.testing import dense_matrix
 
 from . import peers
-from .harness import median_seconds, memory_cells, outside_products, peak_during, table, timed_runs
+from .harness import median_seconds, memory_column, outside_products, table, timed_peak_runs
 
 
 def _problem(device: torch.device, tiny: bool):
@@ -53,15 +53,7 @@ def _timed(fn: Callable, device: torch.device):
     """(result of the last run, median seconds of runs 2–4, the peak-memory cell of
     those runs: none on CPU); product counters wrapped around ``fn`` see ``_RUNS`` runs
     and are divided by it."""
-    peaks: List[Optional[int]] = []
-
-    def run():
-        out, peak = peak_during(fn, device)
-        peaks.append(peak)
-        return out
-
-    out, seconds = timed_runs(run, device, runs=_RUNS)
-    return out, seconds, memory_cells(peaks[1:])
+    return timed_peak_runs(fn, device, runs=_RUNS)
 
 
 def run(device: torch.device, *, tiny: bool = False) -> str:
@@ -130,7 +122,7 @@ def run(device: torch.device, *, tiny: bool = False) -> str:
     out = [f"### Top-5 eigenvalues of an MLP Hessian ({n:,} parameters, batch 512)\n",
            f"Error: max relative error of the 5 eigenvalues against eigvalsh of the dense float64 Hessian. "
            f"One product: {t_product * 1e3:.2f} ms.\n",
-           table(["solver", "seconds", "products", "max rel. error", *(["peak MiB"] if device.type == "cuda" else [])],
+           table(["solver", "seconds", "products", "max rel. error", *memory_column(device, "peak MiB")],
                  rows), ""]
 
     rows = []
@@ -169,7 +161,7 @@ def run(device: torch.device, *, tiny: bool = False) -> str:
             rows.append([f"PyHessian trace(maxIter=100), {label}", f"{np.mean(times):.3f}",
                          f"{np.mean(counts):.0f}", f"{np.mean(errs):.1e}", *memory])
     out += [f"### Trace of the same Hessian (exact {exact_trace:.4g}; mean over {len(seeds)} seeds)\n",
-            table(["estimator", "seconds", "products", "mean rel. error", *(["peak MiB (last seed)"] if device.type == "cuda" else [])],
+            table(["estimator", "seconds", "products", "mean rel. error", *memory_column(device, "peak MiB (last seed)")],
                   rows), ""]
 
     # Time outside the products, the products timed inside each solve. CG's recurrence
