@@ -45,10 +45,9 @@ class CompiledProduct:
                 # for the whole process: every later product through a checkpoint
                 # raised "torch.func... don't yet support saved tensor hooks".
                 torch._C._autograd._saved_tensors_hooks_enable()
-            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
             raise RuntimeError(
                 f"mode='compiled': torch.compile could not compile the product "
-                f"({type(err).__name__}: {first}). Use mode='auto', or "
+                f"({type(err).__name__}: {_first_line(err)}). Use mode='auto', or "
                 "mode='forward-over-reverse' for the same product uncompiled."
             ) from err
         try:
@@ -57,10 +56,9 @@ class CompiledProduct:
             # torch 2.11 compiles torch.func over activation checkpointing, which the
             # eager product it is checked against cannot run ("torch.func... don't yet
             # support saved tensor hooks"): unchecked, the compiled product is not trusted
-            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
             raise RuntimeError(
                 f"mode='compiled': the eager product that checks the compiled one failed "
-                f"({type(err).__name__}: {first}). Use mode='auto'."
+                f"({type(err).__name__}: {_first_line(err)}). Use mode='auto'."
             ) from err
         # Compiled kernels fuse and reorder reductions, so the last bits differ; a wrong
         # compiled graph is off by far more than the square root of the rounding unit.
@@ -86,6 +84,11 @@ def compiled_matvec(f, params, args, kwargs, cache: Optional[dict] = None, inspe
     if "compiled" not in cache:
         cache["compiled"] = CompiledProduct(f, params, args, kwargs, inspection)
     return cache["compiled"].matvec(params, args, kwargs)
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def _own_code(fn: Callable) -> Callable:
