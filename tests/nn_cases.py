@@ -23,7 +23,7 @@ def _cls(n=6, d=3, classes=3, seed=0):
     return torch.randn(n, d, generator=g, dtype=DT), torch.randint(0, classes, (n,), generator=g)
 
 
-class _Pick(nn.Module):
+class LastStep(nn.Module):
     """A recurrent layer's last output, through a linear head."""
 
     def __init__(self, rnn, hidden, out):
@@ -189,7 +189,7 @@ def cases():
     seq = torch.randn(4, 5, 3, generator=g, dtype=DT)
     y = torch.randint(0, 2, (4,), generator=g)
     for cls in (nn.RNN, nn.GRU, nn.LSTM):
-        out[f"rnn:{cls.__name__}"] = (_Pick(cls(3, 4, batch_first=True), 4, 2), nn.CrossEntropyLoss(), (seq, y))
+        out[f"rnn:{cls.__name__}"] = (LastStep(cls(3, 4, batch_first=True), 4, 2), nn.CrossEntropyLoss(), (seq, y))
         out[f"rnn:{cls.__name__}(PackedSequence)"] = (_Packed(cls(3, 4, batch_first=True), 4, 2),
                                                       nn.CrossEntropyLoss(), packed_batch(3))
     tokens = torch.randn(4, 5, 4, generator=g, dtype=DT)

@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+from nn_cases import LastStep
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -17,16 +18,6 @@ import hvpfunc as hf
 from hvpfunc.testing import dense_hessian, dense_matrix
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-class _Recurrent(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lstm = nn.LSTM(3, 5, batch_first=True)
-        self.head = nn.Linear(5, 3)
-
-    def forward(self, x):
-        return self.head(self.lstm(x)[0][:, -1])
 
 
 class _Attention(nn.Module):
@@ -48,7 +39,7 @@ def _problem(kind: str, device: str):
         model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
         x = torch.randn(32, 6, generator=gen)
     elif kind == "lstm":
-        model = _Recurrent()
+        model = LastStep(nn.LSTM(3, 5, batch_first=True), 5, 3)
         x = torch.randn(16, 4, 3, generator=gen)
     else:
         model = _Attention()
